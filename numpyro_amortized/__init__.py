@@ -1,0 +1,34 @@
+"""numpyro_amortized: amortized Bayesian inference for NumPyro models."""
+
+from numpyro_amortized.diagnostics import c2st
+from numpyro_amortized.guide import AutoAmortizedFlow, Simulations
+from numpyro_amortized.losses import NPE, AmortizedELBO
+from numpyro_amortized.simulation import inspect_model, simulate
+from numpyro_amortized.training import (
+    FitResult,
+    StepInfo,
+    Trainer,
+    TrainState,
+    default_optimizer,
+    fit,
+    trainer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmortizedELBO",
+    "AutoAmortizedFlow",
+    "FitResult",
+    "NPE",
+    "Simulations",
+    "StepInfo",
+    "TrainState",
+    "Trainer",
+    "c2st",
+    "default_optimizer",
+    "fit",
+    "inspect_model",
+    "simulate",
+    "trainer",
+]

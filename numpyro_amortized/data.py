@@ -1,0 +1,136 @@
+"""Observed sites -> the input of the summary network.
+
+Observed sites inside the data plate become a *set*: one feature row per observation,
+``(N, F)``, with a mask so that datasets of different sizes share one padded shape. Observed
+sites outside the plate are flattened into one *flat* vector ``(G,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["DataSpec", "DataBatch", "DataLayout"]
+
+
+class DataSpec(NamedTuple):
+    """Sizes of the network input: set features per observation, largest set, flat features."""
+
+    set_features: int
+    max_set_size: int
+    flat_features: int
+
+
+class DataBatch(NamedTuple):
+    """A batch of encoded datasets.
+
+    :param set: ``(B, N, F)`` set-valued data (zeros where masked), or ``None``.
+    :param mask: ``(B, N)`` booleans, ``True`` for real observations, or ``None``.
+    :param flat: ``(B, G)`` fixed-size data, or ``None``.
+    """
+
+    set: jax.Array | None
+    mask: jax.Array | None
+    flat: jax.Array | None
+
+    @property
+    def num_datasets(self) -> int:
+        x = self.flat if self.flat is not None else self.set
+        return x.shape[0]
+
+
+class DataLayout:
+    """Encodes a dict of observed values into a :class:`DataBatch` and checks shapes.
+
+    :param observed: a sequence of :class:`~numpyro_amortized.simulation.ObservedSite`.
+    :param max_set_size: size of the data plate in the traced model (the padded size).
+    """
+
+    def __init__(self, observed, max_set_size=None):
+        self.sites = tuple(observed)
+        self.set_sites = tuple(s for s in self.sites if s.plate_axis is not None)
+        self.flat_sites = tuple(s for s in self.sites if s.plate_axis is None)
+        self.max_set_size = int(max_set_size or 0)
+        set_features = sum(
+            math.prod(s.shape) // s.shape[s.plate_axis] for s in self.set_sites
+        )
+        flat_features = sum(math.prod(s.shape) for s in self.flat_sites)
+        self.spec = DataSpec(set_features, self.max_set_size if self.set_sites else 0,
+                             flat_features)
+
+    def set_size(self, data: dict, batch_ndim: int = 0) -> int | None:
+        """Number of observations in the data plate, checking all sites agree."""
+        sizes = {s.name: data[s.name].shape[batch_ndim + s.plate_axis] for s in self.set_sites}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Observed sites disagree on the size of the data plate: {sizes}.")
+        return next(iter(sizes.values()), None)
+
+    def check(self, data: dict, batch_ndim: int = 0, allow_other_sizes: bool = True):
+        """Raise a clear error for missing sites, wrong shapes, or non-finite values."""
+        for s in self.sites:
+            if s.name not in data or data[s.name] is None:
+                raise ValueError(
+                    f"No value for observed site '{s.name}'. The guide reads the data from the "
+                    f"model's arguments: pass '{s.name}' as you would to the model."
+                )
+            shape = tuple(np.shape(data[s.name]))[batch_ndim:]
+            expected = list(s.shape)
+            if s.plate_axis is not None and allow_other_sizes and len(shape) == len(expected):
+                expected[s.plate_axis] = shape[s.plate_axis]
+            if shape != tuple(expected):
+                extra = (
+                    f" (any size along axis {s.plate_axis}, the data plate)"
+                    if s.plate_axis is not None and allow_other_sizes else ""
+                )
+                raise ValueError(
+                    f"Observed site '{s.name}' has shape {shape} but the guide was built for "
+                    f"shape {tuple(s.shape)}{extra}. Pass data shaped like the data the guide "
+                    "was trained on, or build and train a guide for this shape."
+                )
+        self.set_size(data, batch_ndim)
+        for s in self.sites:
+            value = data[s.name]
+            if isinstance(value, jax.core.Tracer):
+                continue
+            value = np.asarray(value)
+            bad = ~np.isfinite(value)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"Observed site '{s.name}' has {int(bad.sum())} non-finite value(s) "
+                    f"(NaN or infinity), the first at index {first}. Remove or impute them "
+                    "before inference; the guide cannot condition on them."
+                )
+
+    def encode(self, data: dict, num_obs=None, pad_to: int | None = None) -> DataBatch:
+        """Encode observed values with one leading dataset axis into a :class:`DataBatch`.
+
+        :param data: observed values, each of shape ``(B, *site_shape)`` (the set size may be
+            smaller than the trained maximum).
+        :param num_obs: optional ``(B,)`` integer array: observations beyond it are padding.
+        :param pad_to: set size to pad to (default: the trained maximum).
+        """
+        set_x = mask = flat = None
+        if self.set_sites:
+            rows = []
+            for s in self.set_sites:
+                v = jnp.moveaxis(jnp.asarray(data[s.name]), 1 + s.plate_axis, 1)
+                rows.append(jnp.reshape(v, v.shape[:2] + (-1,)))
+            set_x = jnp.concatenate(rows, axis=-1).astype(jnp.result_type(float))
+            b, n = set_x.shape[:2]
+            size = max(n, pad_to or self.max_set_size)
+            set_x = jnp.pad(set_x, ((0, 0), (0, size - n), (0, 0)))
+            counts = jnp.full((b,), n) if num_obs is None else jnp.minimum(num_obs, n)
+            mask = jnp.arange(size)[None, :] < jnp.asarray(counts)[:, None]
+            set_x = jnp.where(mask[..., None], set_x, 0.0)
+        if self.flat_sites:
+            parts = [
+                jnp.reshape(jnp.asarray(data[s.name]), (-1, math.prod(s.shape)))
+                for s in self.flat_sites
+            ]
+            flat = jnp.concatenate(parts, axis=-1).astype(jnp.result_type(float))
+        return DataBatch(set_x, mask, flat)

@@ -1,0 +1,20 @@
+"""Summary networks and conditional normalizing flows (Flax NNX)."""
+
+from numpyro_amortized.networks.flows import (
+    ConditionalFlow,
+    affine_flow,
+    coupling_flow,
+    spline_flow,
+)
+from numpyro_amortized.networks.summary import DeepSet, Identity, MLPSummary, default_summary_net
+
+__all__ = [
+    "ConditionalFlow",
+    "DeepSet",
+    "Identity",
+    "MLPSummary",
+    "affine_flow",
+    "coupling_flow",
+    "default_summary_net",
+    "spline_flow",
+]

@@ -1,0 +1,25 @@
+"""Conditional normalizing flows: one bijection per file, and factories that stack them."""
+
+from numpyro_amortized.networks.flows.actnorm import ActNorm
+from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
+from numpyro_amortized.networks.flows.flow import (
+    ConditionalFlow,
+    affine_flow,
+    coupling_flow,
+    spline_flow,
+)
+from numpyro_amortized.networks.flows.permutation import Permutation
+from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
+from numpyro_amortized.networks.flows.standardize import Standardize
+
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "ConditionalFlow",
+    "Permutation",
+    "SplineCoupling",
+    "Standardize",
+    "affine_flow",
+    "coupling_flow",
+    "spline_flow",
+]

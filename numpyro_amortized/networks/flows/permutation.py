@@ -1,0 +1,34 @@
+"""A fixed permutation of coordinates (log-det zero)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["Permutation"]
+
+
+class Permutation(nnx.Module):
+    """Permute coordinates by a fixed random permutation drawn at construction.
+
+    :param dim: dimension of the flow.
+    :param rngs: ``nnx.Rngs``; the permutation is drawn from its ``params`` stream.
+
+    **Example**::
+
+        perm = Permutation(3, rngs=nnx.Rngs(0))
+        y, _ = perm.transform_and_log_det(jnp.arange(3.0)[None])
+    """
+
+    def __init__(self, dim, *, rngs: nnx.Rngs):
+        perm = np.asarray(jax.random.permutation(rngs.params(), dim))
+        self.perm = tuple(int(i) for i in perm)
+        self.inverse_perm = tuple(int(i) for i in np.argsort(perm))
+
+    def transform_and_log_det(self, x, condition=None):
+        return x[..., np.array(self.perm)], jnp.zeros(x.shape[:-1], x.dtype)
+
+    def inverse_and_log_det(self, y, condition=None):
+        return y[..., np.array(self.inverse_perm)], jnp.zeros(y.shape[:-1], y.dtype)

@@ -1,0 +1,52 @@
+"""The amortized posterior network: standardize the data, summarize it, condition the flow."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from numpyro_amortized.data import DataBatch
+from numpyro_amortized.networks.layers import Buffer, buffer_value
+
+__all__ = ["AmortizedPosterior"]
+
+
+class AmortizedPosterior(nnx.Module):
+    """``q(u | x) = flow(u | summary_net(standardize(x)))``.
+
+    :param summary_net: a summary network (``__call__(DataBatch) -> (B, summary_dim)``).
+    :param flow: a :class:`~numpyro_amortized.networks.flows.ConditionalFlow`.
+    :param data_stats: ``(set_loc, set_scale, flat_loc, flat_scale)`` from prior simulations;
+        entries are ``None`` where the data have no such part.
+    """
+
+    def __init__(self, summary_net, flow, data_stats):
+        self.summary_net = summary_net
+        self.flow = flow
+        set_loc, set_scale, flat_loc, flat_scale = data_stats
+        self.set_loc = Buffer(jnp.asarray(set_loc if set_loc is not None else jnp.zeros(0)))
+        self.set_scale = Buffer(jnp.asarray(set_scale if set_scale is not None else jnp.ones(0)))
+        self.flat_loc = Buffer(jnp.asarray(flat_loc if flat_loc is not None else jnp.zeros(0)))
+        self.flat_scale = Buffer(
+            jnp.asarray(flat_scale if flat_scale is not None else jnp.ones(0))
+        )
+
+    def embed(self, data: DataBatch):
+        """Summary vectors ``(B, summary_dim)`` of a batch of datasets."""
+        set_x, flat = data.set, data.flat
+        if set_x is not None:
+            z = (set_x - buffer_value(self.set_loc)) / buffer_value(self.set_scale)
+            set_x = jnp.where(data.mask[..., None], z, 0.0)
+        if flat is not None:
+            flat = (flat - buffer_value(self.flat_loc)) / buffer_value(self.flat_scale)
+        return self.summary_net(DataBatch(set_x, data.mask, flat))
+
+    def log_prob(self, u, data: DataBatch):
+        """``log q(u | x)`` for ``u`` of shape ``(B, ..., D)`` (dataset axis first)."""
+        c = self.embed(data)
+        c = jnp.reshape(c, c.shape[:1] + (1,) * (u.ndim - 2) + c.shape[1:])
+        return self.flow.log_prob(u, c)
+
+    def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):
+        """Samples ``(*sample_shape, B, D)`` and their ``log q``."""
+        return self.flow.sample_and_log_prob(rng_key, self.embed(data), sample_shape)

@@ -1,0 +1,232 @@
+"""The NumPyro model as a simulator.
+
+Everything here is built from NumPyro's effect handlers: a trace of the model finds its latent
+and observed sample sites (:func:`inspect_model`), and ``trace(seed(uncondition(model)))``
+vectorized with :func:`jax.vmap` draws (latents, observations) from the prior predictive
+(:func:`simulate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import biject_to, constraints
+from numpyro.handlers import block, seed, trace, uncondition
+
+__all__ = ["LatentSite", "ObservedSite", "ModelStructure", "inspect_model", "simulate"]
+
+
+class LatentSite(NamedTuple):
+    """A latent sample site: its name, value shape, support and unconstrained shape."""
+
+    name: str
+    shape: tuple
+    support: Any
+    unconstrained_shape: tuple
+
+
+class ObservedSite(NamedTuple):
+    """An observed sample site.
+
+    ``plate_axis`` is the axis of the site's value that runs over the data plate (the
+    exchangeable observations), or ``None`` if the site is not inside it.
+    """
+
+    name: str
+    shape: tuple
+    plate_axis: int | None
+
+
+class ModelStructure(NamedTuple):
+    """What the amortized guide needs to know about a model.
+
+    :param latents: the latent sites, in model order.
+    :param observed: the observed sites (what the summary network sees), in model order.
+    :param data_plate: name of the plate that holds exchangeable observations, or ``None``.
+    :param data_plate_size: its size in the traced arguments (the largest dataset size).
+    """
+
+    latents: tuple
+    observed: tuple
+    data_plate: str | None
+    data_plate_size: int | None
+
+    def fingerprint(self) -> str:
+        """A short hash of the latent and observed structure (names, shapes, supports)."""
+        desc = {
+            "latents": [(s.name, list(s.shape), _support_name(s.support)) for s in self.latents],
+            "observed": [(s.name, list(s.shape), s.plate_axis) for s in self.observed],
+            "data_plate": self.data_plate,
+        }
+        return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+
+def _support_name(support) -> str:
+    return type(support).__name__.lstrip("_")
+
+
+def _model_trace(model, rng_key, args, kwargs):
+    with block():
+        return trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+
+
+def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> ModelStructure:
+    """Find the latent and observed sites of ``model`` called with ``*args, **kwargs``.
+
+    Observed sites are the sample sites given a value (``obs=``) in these arguments, plus any
+    named in ``observed``. Covariates written as observed sample sites
+    (``numpyro.sample("x", dist.Normal(0, 1), obs=x)``) are observed sites too: they are part
+    of the data the summary network sees.
+
+    :param model: a NumPyro model.
+    :param observed: optional names of sites to treat as observed even if ``obs`` is ``None``.
+    :param data_plate: name of the plate that holds the exchangeable observations; ``"auto"``
+        picks the largest plate that contains observed sites and no latent site; ``None`` means
+        the data are one fixed-size vector.
+    :return: a :class:`ModelStructure`.
+    :raises ValueError: for a discrete latent, a model with nothing observed, a latent inside
+        the data plate, or a latent whose support depends on another latent.
+
+    **Example**::
+
+        def model(y=None):
+            mu = numpyro.sample("mu", dist.Normal(0, 1))
+            with numpyro.plate("N", 10):
+                numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+
+        structure = inspect_model(model, y=jnp.zeros(10))
+        assert [s.name for s in structure.latents] == ["mu"]
+    """
+    observed = set(observed or ())
+    tr = _model_trace(model, jax.random.PRNGKey(0), args, kwargs)
+    sites = [s for s in tr.values() if s["type"] == "sample"]
+    names = {s["name"] for s in sites}
+    unknown = observed - names
+    if unknown:
+        raise ValueError(
+            f"observed={sorted(unknown)} names no sample site of the model; "
+            f"its sample sites are {sorted(names)}."
+        )
+    obs_sites = [s for s in sites if s["is_observed"] or s["name"] in observed]
+    lat_sites = [
+        s
+        for s in sites
+        if not (s["is_observed"] or s["name"] in observed)
+        and not s.get("infer", {}).get("is_auxiliary", False)
+    ]
+    if not obs_sites:
+        raise ValueError(
+            "The model has no observed site, so there is nothing to condition the posterior on. "
+            "Call it with data for its observed sites (numpyro.sample(name, d, obs=value)) as "
+            "you would for MCMC, or name them with observed=[...]."
+        )
+    if not lat_sites:
+        raise ValueError("The model has no latent sample site: there is no posterior to learn.")
+    for s in lat_sites:
+        if s["fn"].support.is_discrete:
+            raise ValueError(
+                f"Latent site '{s['name']}' has a discrete support ({type(s['fn']).__name__}). "
+                "A normalizing flow models continuous latents only: marginalize the discrete "
+                "variable out of the model (sum its values with jax.nn.logsumexp and add the "
+                "result with numpyro.factor), or make it observed."
+            )
+    _check_static_supports(model, args, kwargs, lat_sites)
+
+    plate_sizes = {s["name"]: s["args"][0] for s in tr.values() if s["type"] == "plate"}
+    latent_plates = {f.name for s in lat_sites for f in s["cond_indep_stack"]}
+    if data_plate == "auto":
+        candidates = {f.name for s in obs_sites for f in s["cond_indep_stack"]} - latent_plates
+        data_plate = max(sorted(candidates), key=lambda p: plate_sizes[p], default=None)
+    elif data_plate is not None:
+        if data_plate not in plate_sizes:
+            raise ValueError(
+                f"data_plate='{data_plate}' is not a plate of the model; its plates are "
+                f"{sorted(plate_sizes)}."
+            )
+        if data_plate in latent_plates:
+            bad = [s["name"] for s in lat_sites if data_plate in _plates(s)]
+            raise ValueError(
+                f"Latent site(s) {bad} sit inside plate '{data_plate}', which holds the data. "
+                "The amortized guide learns global latents only: move per-observation latents "
+                "out of the model (marginalize them) or use a different data_plate."
+            )
+
+    latents = []
+    for s in lat_sites:
+        shape = tuple(jnp.shape(s["value"]))
+        t = biject_to(s["fn"].support)
+        latents.append(LatentSite(s["name"], shape, s["fn"].support, tuple(t.inverse_shape(shape))))
+    obs = []
+    for s in obs_sites:
+        value = s["value"]
+        if value is None:
+            raise ValueError(f"Observed site '{s['name']}' has no value in these arguments.")
+        shape = tuple(jnp.shape(value))
+        axis = None
+        for f in s["cond_indep_stack"]:
+            if f.name == data_plate:
+                axis = len(shape) - s["fn"].event_dim + f.dim
+                if not (0 <= axis < len(shape)) or shape[axis] != f.size:
+                    raise ValueError(
+                        f"Observed site '{s['name']}' with shape {shape} does not have plate "
+                        f"'{data_plate}' (size {f.size}) at dim {f.dim}; check the plate's dim."
+                    )
+        obs.append(ObservedSite(s["name"], shape, axis))
+    if data_plate is not None and all(o.plate_axis is None for o in obs):
+        data_plate = None
+    size = plate_sizes[data_plate] if data_plate is not None else None
+    return ModelStructure(tuple(latents), tuple(obs), data_plate, size)
+
+
+def _plates(site):
+    return {f.name for f in site["cond_indep_stack"]}
+
+
+def _check_static_supports(model, args, kwargs, lat_sites):
+    """The flow lives in one fixed unconstrained space, so supports must not move with latents."""
+    other = _model_trace(model, jax.random.PRNGKey(1), args, kwargs)
+    for s in lat_sites:
+        a = jax.tree.leaves(s["fn"].support)
+        b = jax.tree.leaves(other[s["name"]]["fn"].support)
+        same = len(a) == len(b) and all(
+            np.shape(x) == np.shape(y) and np.allclose(x, y) for x, y in zip(a, b)
+        )
+        if not same:
+            raise ValueError(
+                f"The support of latent site '{s['name']}' ({s['fn'].support}) changes with the "
+                "values of other latents. Reparametrize it with a fixed support, e.g. "
+                "x = lower + (upper - lower) * numpyro.sample('u', dist.Uniform(0, 1)) "
+                "recorded with numpyro.deterministic."
+            )
+        if s["fn"].support is constraints.real and not jnp.issubdtype(
+            jnp.result_type(s["value"]), jnp.floating
+        ):
+            raise ValueError(f"Latent site '{s['name']}' is not floating point.")
+
+
+def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
+    """Draw ``num_simulations`` joint samples from the prior predictive of ``model``.
+
+    Runs ``trace(seed(uncondition(model), key))`` under :func:`jax.vmap` over keys, so it is
+    one vectorized computation (jit it, or call it inside a jitted function).
+
+    :return: a dict from every sample site name to its values, with a leading axis of size
+        ``num_simulations``.
+
+    **Example**::
+
+        sims = simulate(model, jax.random.PRNGKey(0), 1000, y=jnp.zeros(10))
+        sims["mu"].shape  # (1000,)
+    """
+
+    def one(key):
+        tr = trace(seed(uncondition(model), key)).get_trace(*args, **kwargs)
+        return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
+
+    with block():
+        return jax.vmap(one)(jax.random.split(rng_key, num_simulations))

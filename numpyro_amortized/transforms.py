@@ -1,0 +1,66 @@
+"""Constrained latents <-> one flat unconstrained vector, with the log-det Jacobian.
+
+The flow lives in R^D. Each latent site is mapped to the reals by
+``numpyro.distributions.biject_to(site.support)`` (positive, interval, simplex, ordered,
+Cholesky factors, ... anything NumPyro can biject), flattened, and concatenated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from numpyro.distributions import biject_to
+from numpyro.distributions.util import sum_rightmost
+
+__all__ = ["LatentLayout"]
+
+
+class LatentLayout:
+    """Packs latent sites into a flat unconstrained vector and back.
+
+    :param latents: a sequence of :class:`~numpyro_amortized.simulation.LatentSite`.
+
+    **Example**::
+
+        layout = LatentLayout(inspect_model(model, y=y).latents)
+        u = layout.unconstrain({"sigma": jnp.array([1.0, 2.0])})   # shape (2, 1)
+        values, log_det = layout.constrain(u)
+    """
+
+    def __init__(self, latents):
+        self.sites = tuple(latents)
+        self.transforms = tuple(biject_to(s.support) for s in self.sites)
+        self.sizes = tuple(math.prod(s.unconstrained_shape) for s in self.sites)
+        self.dim = sum(self.sizes)
+
+    def unconstrain(self, latents: dict):
+        """Map constrained latent values (leading batch dims allowed) to ``(..., dim)``."""
+        parts = []
+        for site, t in zip(self.sites, self.transforms):
+            value = jnp.asarray(latents[site.name])
+            batch = value.shape[: value.ndim - len(site.shape)]
+            parts.append(jnp.reshape(t.inv(value), batch + (-1,)))
+        return jnp.concatenate(parts, axis=-1)
+
+    def constrain(self, u):
+        """Map ``u`` of shape ``(..., dim)`` to constrained values and ``log|det d theta/d u|``.
+
+        :return: ``(latents, log_det)`` where ``log_det`` has shape ``u.shape[:-1]``.
+        """
+        batch = u.shape[:-1]
+        values, log_det, start = {}, jnp.zeros(batch), 0
+        for site, t, size in zip(self.sites, self.transforms, self.sizes):
+            x = jnp.reshape(u[..., start : start + size], batch + site.unconstrained_shape)
+            y = t(x)
+            ld = t.log_abs_det_jacobian(x, y)
+            log_det = log_det + sum_rightmost(ld, jnp.ndim(ld) - len(batch))
+            values[site.name] = y
+            start += size
+        return values, log_det
+
+    def unconstrain_with_log_det(self, latents: dict):
+        """``u`` for the given latents and ``log|det d theta/d u|`` at ``u``."""
+        u = self.unconstrain(latents)
+        _, log_det = self.constrain(u)
+        return u, log_det

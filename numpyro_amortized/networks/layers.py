@@ -14,12 +14,17 @@ class Buffer(nnx.Variable):
 
 
 class MLP(nnx.Module):
-    """A multilayer perceptron with SiLU activations.
+    """A multilayer perceptron with SiLU activations and a linear skip path.
+
+    ``MLP(x) = out(hidden(x)) + skip(x)``: the linear path lets the network represent the
+    linear part of a map exactly (posterior locations are often close to linear in the data's
+    summaries), the hidden layers learn the rest.
 
     :param in_features: input width.
     :param hidden: widths of the hidden layers.
     :param out_features: output width.
-    :param zero_init: initialize the last layer to zero (so couplings start as the identity).
+    :param zero_init: initialize the output and skip layers to zero (so couplings start as the
+        identity).
     :param rngs: ``nnx.Rngs``.
     """
 
@@ -30,11 +35,14 @@ class MLP(nnx.Module):
         )
         init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
         self.out = nnx.Linear(sizes[-1], out_features, kernel_init=init, rngs=rngs)
+        self.skip = nnx.Linear(in_features, out_features, use_bias=False,
+                               kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
     def __call__(self, x):
+        h = x
         for layer in self.hidden:
-            x = jax.nn.silu(layer(x))
-        return self.out(x)
+            h = jax.nn.silu(layer(h))
+        return self.out(h) + self.skip(x)
 
 
 def buffer_value(b: Buffer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
@@ -72,8 +73,9 @@ class DeepSet(nnx.Module):
     """A masked DeepSet for exchangeable observations (Zaheer et al. 2017).
 
     With ``moments=True`` (default) each dataset is first standardized by its own masked mean
-    and sd per feature; those means and log-sds are passed to the outer network exactly, and the
-    inner network sees the within-dataset standardized observations. This keeps within-dataset
+    and sd per feature; those means and log-sds, and the correlations between features (for up
+    to 16 features), are passed to the outer network exactly, and the inner network sees the
+    within-dataset standardized observations. This keeps within-dataset
     structure (a residual scale, a correlation) visible when datasets differ a lot in location
     and scale. Each observation then goes through an inner MLP; the masked mean over
     observations, ``log n`` and any fixed-size data go through an outer MLP. Padding (mask
@@ -101,7 +103,8 @@ class DeepSet(nnx.Module):
         f = spec.set_features
         self.moments = moments
         self.inner = MLP(f, (hidden,) * depth, hidden, rngs=rngs)
-        outer_in = hidden + 1 + spec.flat_features + (2 * f if moments else 0)
+        self.num_corr = f * (f - 1) // 2 if moments and f <= 16 else 0
+        outer_in = hidden + 1 + spec.flat_features + (2 * f + self.num_corr if moments else 0)
         self.outer = MLP(outer_in, (hidden,) * depth, summary_dim, rngs=rngs)
         self.summary_dim = summary_dim
 
@@ -117,6 +120,10 @@ class DeepSet(nnx.Module):
             sd = jnp.sqrt(var + 1e-6)
             x = (x - mean[..., None, :]) / sd[..., None, :] * m
             parts += [mean, jnp.log(sd)]
+            if self.num_corr:
+                corr = jnp.einsum("...ni,...nj->...ij", x, x) / n_safe[..., None]
+                i, j = np.triu_indices(x.shape[-1], k=1)
+                parts.append(corr[..., i, j])
         h = jax.nn.silu(self.inner(x))
         parts = [jnp.sum(h * m, axis=-2) / n_safe, jnp.log(n_safe)] + parts
         if data.flat is not None:

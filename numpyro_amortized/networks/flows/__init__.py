@@ -2,6 +2,7 @@
 
 from numpyro_amortized.networks.flows.actnorm import ActNorm
 from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
+from numpyro_amortized.networks.flows.conditional_affine import ConditionalAffine
 from numpyro_amortized.networks.flows.flow import (
     ConditionalFlow,
     affine_flow,
@@ -15,6 +16,7 @@ from numpyro_amortized.networks.flows.standardize import Standardize
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "ConditionalAffine",
     "ConditionalFlow",
     "Permutation",
     "SplineCoupling",

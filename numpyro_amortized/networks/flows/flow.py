@@ -17,6 +17,7 @@ from flax import nnx
 
 from numpyro_amortized.networks.flows.actnorm import ActNorm
 from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
+from numpyro_amortized.networks.flows.conditional_affine import ConditionalAffine
 from numpyro_amortized.networks.flows.permutation import Permutation
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
@@ -91,33 +92,44 @@ class ConditionalFlow(nnx.Module):
 
 
 def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(128, 128),
-                  num_bins=8, bound=5.0, loc=None, scale=None, rngs: nnx.Rngs):
+                  num_bins=8, bound=5.0, conditional_affine=False, loc=None, scale=None,
+                  rngs: nnx.Rngs):
     """Stack ``num_layers`` of [coupling, ActNorm, permutation], then a fixed standardization.
 
     :param dim: dimension of the latents.
     :param context_dim: length of the summary vector.
-    :param transformer: ``"spline"`` (rational-quadratic, the default) or ``"affine"``.
+    :param transformer: ``"spline"`` (rational-quadratic, the default), ``"affine"``, or
+        ``"mixed"`` (affine and spline couplings alternating).
     :param num_layers: coupling layers (default 5 for splines, 6 for affine).
     :param hidden: conditioner widths.
     :param num_bins: spline bins; :param bound: spline interval ``[-bound, bound]``.
+    :param conditional_affine: end with a :class:`ConditionalAffine` layer (a per-dataset
+        location and scale), so the flow's tails contract with the posterior.
     :param loc: prior mean of the unconstrained latents; :param scale: their sd.
 
     **Example**::
 
         flow = coupling_flow(3, 8, transformer="affine", num_layers=4, rngs=nnx.Rngs(0))
     """
+    spline = lambda: SplineCoupling(dim, context_dim, num_bins=num_bins, bound=bound,  # noqa: E731
+                                    hidden=hidden, rngs=rngs)
+    affine = lambda: AffineCoupling(dim, context_dim, hidden=hidden, rngs=rngs)  # noqa: E731
     if transformer == "spline":
-        make = lambda: SplineCoupling(dim, context_dim, num_bins=num_bins, bound=bound,  # noqa: E731
-                                      hidden=hidden, rngs=rngs)
-        num_layers = 5 if num_layers is None else num_layers
+        makers, default_layers = [spline], 5
     elif transformer == "affine":
-        make = lambda: AffineCoupling(dim, context_dim, hidden=hidden, rngs=rngs)  # noqa: E731
-        num_layers = 6 if num_layers is None else num_layers
+        makers, default_layers = [affine], 6
+    elif transformer == "mixed":
+        makers, default_layers = [affine, spline], 6
     else:
-        raise ValueError(f"transformer must be 'spline' or 'affine', got {transformer!r}.")
+        raise ValueError(
+            f"transformer must be 'spline', 'affine' or 'mixed', got {transformer!r}."
+        )
+    num_layers = default_layers if num_layers is None else num_layers
     layers = []
-    for _ in range(num_layers):
-        layers += [make(), ActNorm(dim), Permutation(dim, rngs=rngs)]
+    for i in range(num_layers):
+        layers += [makers[i % len(makers)](), ActNorm(dim), Permutation(dim, rngs=rngs)]
+    if conditional_affine:
+        layers.append(ConditionalAffine(dim, context_dim, hidden=hidden, rngs=rngs))
     loc = jnp.zeros(dim) if loc is None else loc
     scale = jnp.ones(dim) if scale is None else scale
     layers.append(Standardize(loc, scale))

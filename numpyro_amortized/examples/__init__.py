@@ -4,6 +4,14 @@ from numpyro_amortized.examples.models import (
     gaussian_linear,
     gaussian_linear_posterior,
     linear_regression,
+    two_moons,
+    two_moons_reference_posterior,
 )
 
-__all__ = ["gaussian_linear", "gaussian_linear_posterior", "linear_regression"]
+__all__ = [
+    "gaussian_linear",
+    "gaussian_linear_posterior",
+    "linear_regression",
+    "two_moons",
+    "two_moons_reference_posterior",
+]

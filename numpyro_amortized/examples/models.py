@@ -2,17 +2,30 @@
 
 - :func:`gaussian_linear`: sbibm's gaussian_linear task, with the exact posterior
   :func:`gaussian_linear_posterior`.
+- :func:`two_moons`: sbibm's two_moons task (a bimodal, crescent-shaped posterior), with an
+  exact reference sampler :func:`two_moons_reference_posterior`.
 - :func:`linear_regression`: the linear regression of the BayesFlow tutorial, with a covariate
   written as an observed sample site and a variable number of observations.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 
-__all__ = ["gaussian_linear", "gaussian_linear_posterior", "linear_regression"]
+__all__ = [
+    "gaussian_linear",
+    "gaussian_linear_posterior",
+    "linear_regression",
+    "two_moons",
+    "two_moons_reference_posterior",
+]
 
 
 def gaussian_linear(x=None, dim=10, prior_var=0.1, noise_var=0.1):
@@ -56,3 +69,69 @@ def linear_regression(x, y=None):
     with numpyro.plate("N", jnp.shape(x)[0]):
         x = numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
         numpyro.sample("y", dist.Normal(beta[0] + beta[1] * x, sigma), obs=y)
+
+
+class TwoMoonsNoise(dist.Distribution):
+    """x = p + (-|t1 + t2| / sqrt 2, (t2 - t1) / sqrt 2), p = (r cos a + 0.25, r sin a),
+    a ~ U(-pi/2, pi/2), r ~ N(0.1, 0.01): the two_moons simulator with its exact density."""
+
+    support = constraints.real_vector
+
+    def __init__(self, theta):
+        self.theta = theta
+        super().__init__(batch_shape=jnp.shape(theta)[:-1], event_shape=(2,))
+
+    def _shift(self):
+        t1, t2 = self.theta[..., 0], self.theta[..., 1]
+        return jnp.stack([-jnp.abs(t1 + t2) / math.sqrt(2), (t2 - t1) / math.sqrt(2)], -1)
+
+    def sample(self, key, sample_shape=()):
+        shape = tuple(sample_shape) + self.batch_shape
+        k1, k2 = jax.random.split(key)
+        a = jax.random.uniform(k1, shape, minval=-math.pi / 2, maxval=math.pi / 2)
+        r = 0.1 + 0.01 * jax.random.normal(k2, shape)
+        p = jnp.stack([r * jnp.cos(a) + 0.25, r * jnp.sin(a)], -1)
+        return p + self._shift()
+
+    def log_prob(self, value):
+        p = value - self._shift() - jnp.array([0.25, 0.0])
+        r = jnp.linalg.norm(p, axis=-1)
+        a = jnp.arctan2(p[..., 1], p[..., 0])
+        inside = jnp.abs(a) <= math.pi / 2
+        lp = dist.Normal(0.1, 0.01).log_prob(r) - math.log(math.pi) - jnp.log(r)
+        return jnp.where(inside, lp, -jnp.inf)
+
+
+def two_moons(x=None):
+    """sbibm two_moons: theta ~ U(-1, 1)^2 and the crescent-shaped simulator above.
+
+    **Example**::
+
+        guide = AutoAmortizedFlow(two_moons)
+        fit(guide, key, x=jnp.zeros(2), num_simulations=10_000)
+    """
+    theta = numpyro.sample("theta", dist.Uniform(-jnp.ones(2), jnp.ones(2)).to_event(1))
+    numpyro.sample("x", TwoMoonsNoise(theta), obs=x)
+
+
+def two_moons_reference_posterior(x, num_samples, rng):
+    """Exact draws from the two_moons posterior given ``x``.
+
+    For each (a, r) drawn from their prior the simulator is inverted to the two values of
+    theta it can come from (the map has unit Jacobian); one is picked at random and kept if it
+    lies in the prior box. This is exact rejection sampling.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty((0, 2))
+    while len(out) < num_samples:
+        n = 4 * num_samples
+        a = rng.uniform(-np.pi / 2, np.pi / 2, n)
+        r = rng.normal(0.1, 0.01, n)
+        q = x - np.column_stack([r * np.cos(a) + 0.25, r * np.sin(a)])
+        s = -q[:, 0] * np.sqrt(2)
+        d = q[:, 1] * np.sqrt(2)
+        s = s * rng.choice([-1.0, 1.0], n)
+        theta = np.column_stack([(s - d) / 2, (s + d) / 2])
+        ok = (q[:, 0] <= 0) & np.all(np.abs(theta) <= 1, axis=1)
+        out = np.concatenate([out, theta[ok]])
+    return out[:num_samples]

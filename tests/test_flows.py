@@ -10,6 +10,7 @@ from flax import nnx
 from numpyro_amortized.networks.flows import (
     ActNorm,
     AffineCoupling,
+    ConditionalAffine,
     Permutation,
     SplineCoupling,
     Standardize,
@@ -26,6 +27,8 @@ def make(name, dim):
         return AffineCoupling(dim, CONTEXT, hidden=(16, 16), rngs=rngs)
     if name == "spline":
         return SplineCoupling(dim, CONTEXT, num_bins=6, bound=3.0, hidden=(16, 16), rngs=rngs)
+    if name == "conditional_affine":
+        return ConditionalAffine(dim, CONTEXT, hidden=(16,), rngs=rngs)
     if name == "actnorm":
         return ActNorm(dim)
     if name == "permutation":
@@ -34,7 +37,7 @@ def make(name, dim):
         return Standardize(jnp.linspace(-1, 1, dim), jnp.linspace(0.5, 2.0, dim))
 
 
-BIJECTIONS = ["affine", "spline", "actnorm", "permutation", "standardize"]
+BIJECTIONS = ["affine", "spline", "conditional_affine", "actnorm", "permutation", "standardize"]
 
 
 @pytest.mark.parametrize("name", BIJECTIONS)
@@ -59,7 +62,7 @@ def test_invertible_and_log_det_matches_jacobian(name, dim):
 
 def test_perturbed_bijections_are_not_identity():
     """The test above would be vacuous on identity maps."""
-    for name in ["affine", "spline", "actnorm", "standardize"]:
+    for name in ["affine", "spline", "conditional_affine", "actnorm", "standardize"]:
         b = perturb(make(name, 3), scale=0.3)
         x = jnp.ones((2, 3))
         y, _ = b.transform_and_log_det(x, jnp.ones((2, CONTEXT)))

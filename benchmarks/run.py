@@ -72,15 +72,15 @@ def gaussian_datasets(num, rng):
 
 
 TASKS = {
-    "linear_regression": dict(
-        model=linear_regression, guide_kwargs=dict(set_sizes=(5, 15)),
-        template=dict(x=jnp.zeros(15), y=jnp.zeros(15)), datasets=regression_datasets,
-        flatten=lambda d: np.column_stack([d["beta"], d["sigma"]]),
-    ),
-    "gaussian_linear": dict(
-        model=gaussian_linear, guide_kwargs={}, template=dict(x=jnp.zeros(10)),
-        datasets=gaussian_datasets, flatten=lambda d: np.asarray(d["theta"]),
-    ),
+    "linear_regression": {
+        "model": linear_regression, "guide_kwargs": {"set_sizes": (5, 15)},
+        "template": {"x": jnp.zeros(15), "y": jnp.zeros(15)}, "datasets": regression_datasets,
+        "flatten": lambda d: np.column_stack([d["beta"], d["sigma"]]),
+    },
+    "gaussian_linear": {
+        "model": gaussian_linear, "guide_kwargs": {}, "template": {"x": jnp.zeros(10)},
+        "datasets": gaussian_datasets, "flatten": lambda d: np.asarray(d["theta"]),
+    },
 }
 
 
@@ -146,7 +146,7 @@ def bench_task(name, task, *, num_steps, train_repeats, num_nuts, quick):
         nuts_times.append(seconds)
         draws = guide.sample_posterior(jax.random.PRNGKey(i), params, sample_shape=(4000,), **data)
         scores.append(c2st(task["flatten"](ref), task["flatten"](draws),
-                           classifier_kwargs=dict(early_stopping=True)))
+                           classifier_kwargs={"early_stopping": True}))
     nuts_per_dataset = float(np.median(nuts_times))
     nuts_compile = float(np.median([run_nuts(d, jax.random.PRNGKey(7), 1, 1)[1]
                                     for d in datasets[:2]]))
@@ -174,8 +174,8 @@ def bench_task(name, task, *, num_steps, train_repeats, num_nuts, quick):
 
 def markdown(results, info):
     lines = [
-        f"Measured on {info['processor']}, {info['cpu_count']} cores, devices "
-        f"{', '.join(info['devices'])}, JAX {info['jax']} (`python benchmarks/run.py`).",
+        (f"Measured on {info['processor']}, {info['cpu_count']} cores, devices "
+        f"{', '.join(info['devices'])}, JAX {info['jax']} (`python benchmarks/run.py`)."),
         "",
         "| | " + " | ".join(results) + " |",
         "| --- | " + " | ".join("---" for _ in results) + " |",
@@ -239,7 +239,7 @@ def main():
     print(json.dumps(info, indent=1))
     results = {}
     for name in args.tasks:
-        steps = 200 if quick else (10_000 if name == "linear_regression" else 3000)
+        steps = 200 if quick else (15_000 if name == "linear_regression" else 3000)
         results[name] = bench_task(name, TASKS[name], num_steps=steps,
                                    train_repeats=1 if quick else 3,
                                    num_nuts=2 if quick else 5, quick=quick)

@@ -24,7 +24,7 @@ QUICK = os.environ.get("QUICK", "") not in ("", "0")
 
 
 def main():
-    num_steps = 300 if QUICK else 10_000
+    num_steps = 300 if QUICK else 15_000
     # 1. Train once, on simulations from the model. The arguments fix the largest dataset.
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15))
     result = fit(guide, jax.random.PRNGKey(0), x=jnp.zeros(15), y=jnp.zeros(15),
@@ -68,7 +68,7 @@ def main():
               f"{np.quantile(b, .05):7.3f} {np.quantile(b, .95):7.3f}")
     ref = np.column_stack([nuts["beta"], nuts["sigma"]])
     ours = np.column_stack([draws["beta"], draws["sigma"]])[: len(ref)]
-    score = c2st(ref, ours, classifier_kwargs=dict(early_stopping=True))
+    score = c2st(ref, ours, classifier_kwargs={"early_stopping": True})
     print(f"\nC2ST amortized vs NUTS: {score:.3f} (0.5 = indistinguishable)")
     print(f"time per dataset: amortized {1e3 * t_amortized:.1f} ms, NUTS {t_nuts:.2f} s "
           f"({t_nuts / t_amortized:,.0f}x faster)")

@@ -17,10 +17,10 @@ from numpyro_amortized.training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "NPE",
     "AmortizedELBO",
     "AutoAmortizedFlow",
     "FitResult",
-    "NPE",
     "Simulations",
     "StepInfo",
     "TrainState",

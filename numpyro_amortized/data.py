@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DataSpec", "DataBatch", "DataLayout"]
+__all__ = ["DataBatch", "DataLayout", "DataSpec"]
 
 
 class DataSpec(NamedTuple):

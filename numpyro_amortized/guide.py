@@ -252,7 +252,7 @@ class AutoAmortizedFlow(AutoGuide):
             if x is not None:
                 finite.append(jnp.all(jnp.isfinite(x.reshape(num_simulations, -1)), axis=-1))
         valid = functools.reduce(jnp.logical_and, finite)
-        clean = lambda x: jnp.where(  # noqa: E731
+        clean = lambda x: jnp.where(
             jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)
         )
         u = clean(u)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from numpyro.infer.elbo import ELBO
 
-__all__ = ["AmortizedLoss", "NPE", "AmortizedELBO", "masked_mean"]
+__all__ = ["NPE", "AmortizedELBO", "AmortizedLoss", "masked_mean"]
 
 
 def masked_mean(values, valid):

@@ -18,7 +18,7 @@ import numpy as np
 from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 
-__all__ = ["LatentSite", "ObservedSite", "ModelStructure", "inspect_model", "simulate"]
+__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "simulate"]
 
 
 class LatentSite(NamedTuple):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from numpyro_amortized.losses import NPE, masked_mean
 
-__all__ = ["TrainState", "StepInfo", "Trainer", "FitResult", "default_optimizer", "trainer", "fit"]
+__all__ = ["FitResult", "StepInfo", "TrainState", "Trainer", "default_optimizer", "fit", "trainer"]
 
 
 class TrainState(NamedTuple):
@@ -72,7 +73,7 @@ class FitResult(NamedTuple):
     train_time: float
 
 
-def default_optimizer(num_steps, learning_rate=1e-3):
+def default_optimizer(num_steps, learning_rate=2e-3):
     """Adam with a cosine-decayed learning rate and gradient clipping at global norm 1."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1), alpha=0.01)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
@@ -131,7 +132,7 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None)
         ok = jnp.isfinite(value) & _all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
             keep(params, state.params),
             keep(opt_state, state.opt_state),
@@ -146,7 +147,7 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None)
 
 
 def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimizer=None,
-        learning_rate=1e-3, num_simulations=None, validation_size=1024, progress_bar=True,
+        learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=100, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_runs():
     env = dict(os.environ, QUICK="1")
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                         check=False, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "C2ST amortized vs NUTS" in out.stdout

@@ -52,8 +52,8 @@ def test_invertible_and_log_det_matches_jacobian(name, dim):
     x_back, ld_inv = b.inverse_and_log_det(y, c)
     np.testing.assert_allclose(x_back, x, atol=2e-4)
     np.testing.assert_allclose(ld + ld_inv, 0.0, atol=2e-4)
-    fwd = lambda v, ci: b.transform_and_log_det(v[None], ci[None])[0][0]  # noqa: E731
-    inv = lambda v, ci: b.inverse_and_log_det(v[None], ci[None])[0][0]  # noqa: E731
+    fwd = lambda v, ci: b.transform_and_log_det(v[None], ci[None])[0][0]
+    inv = lambda v, ci: b.inverse_and_log_det(v[None], ci[None])[0][0]
     jac = jax.jit(jax.vmap(jax.jacobian(fwd)))(x, c)
     jac_inv = jax.jit(jax.vmap(jax.jacobian(inv)))(y, c)
     np.testing.assert_allclose(ld, jnp.linalg.slogdet(jac)[1], atol=2e-3)
@@ -82,7 +82,7 @@ def test_coupling_layers_start_as_identity():
     for cls in (AffineCoupling, SplineCoupling):
         layer = cls(4, CONTEXT, rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
-        y, ld = layer.transform_and_log_det(x, jnp.ones((5, CONTEXT)))
+        y, _ld = layer.transform_and_log_det(x, jnp.ones((5, CONTEXT)))
         np.testing.assert_allclose(y, x, atol=5e-3)
 
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from numpyro.infer import MCMC, NUTS, SVI
 
 from numpyro_amortized import NPE, AmortizedELBO, AutoAmortizedFlow, c2st, fit
@@ -21,7 +20,7 @@ from numpyro_amortized.examples import (
 )
 from numpyro_amortized.networks.flows import ActNorm, coupling_flow
 
-C2ST_KWARGS = dict(early_stopping=True)
+C2ST_KWARGS = {"early_stopping": True}
 NUM_STEPS = 3000
 X = jnp.zeros(10)
 
@@ -84,7 +83,7 @@ def test_amortized_elbo_fit_matches_exact_posterior():
 def test_numpyro_svi_trains_the_guide(loss):
     guide = AutoAmortizedFlow(gaussian_linear)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adam(optax.cosine_decay_schedule(1e-3, NUM_STEPS, 0.01)))
+                            optax.adam(optax.cosine_decay_schedule(2e-3, NUM_STEPS, 0.01)))
     svi = SVI(gaussian_linear, guide, optimizer, loss=loss)
     run = svi.run(jax.random.PRNGKey(2), NUM_STEPS, x=X, progress_bar=False)
     assert np.isfinite(run.losses).all()
@@ -98,11 +97,11 @@ def test_checks_fail_for_wrong_posteriors(npe_guide):
         m, s = gaussian_linear_posterior(x)
         return m + shift * s + scale * s * jax.random.normal(key, (10000, 10))
 
-    mean_err, _, _ = errors_against_exact(lambda k, x: exact(k, x, shift=0.2))
+    mean_err, _, _ = errors_against_exact(lambda k, x: exact(k, x, shift=0.2), n=2)
     assert mean_err > 0.1
-    _, sd_err, scores = errors_against_exact(lambda k, x: exact(k, x, scale=0.75))
+    _, sd_err, scores = errors_against_exact(lambda k, x: exact(k, x, scale=0.75), n=2)
     assert sd_err > 0.1 and max(scores) > 0.55
-    _, _, scores = errors_against_exact(lambda k, x: exact(k, x, shift=0.5))
+    _, _, scores = errors_against_exact(lambda k, x: exact(k, x, shift=0.5), n=2)
     assert max(scores) > 0.55
     # and the exact posterior passes
     assert_matches_exact(exact)
@@ -142,7 +141,7 @@ def test_variable_size_regression_against_nuts():
     """One guide, trained on N from 5 to 15, against NUTS on datasets of five sizes."""
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15))
     result = fit(guide, jax.random.PRNGKey(0), x=jnp.zeros(15), y=jnp.zeros(15),
-                 num_steps=10_000, progress_bar=False)
+                 num_steps=15_000, progress_bar=False)
     rng = np.random.default_rng(1)
     scores = {}
     for n in (5, 7, 10, 12, 15):
@@ -156,4 +155,5 @@ def test_variable_size_regression_against_nuts():
                                    sample_shape=(2000,))
         draws = np.column_stack([d["beta"], d["sigma"]])
         scores[n] = c2st(ref, draws, classifier_kwargs=C2ST_KWARGS)
+    print("C2ST against NUTS by dataset size:", scores)
     assert max(scores.values()) <= 0.6, scores

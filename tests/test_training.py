@@ -59,14 +59,15 @@ def flaky_model(y=None):
 
 def test_non_finite_simulations_are_dropped_and_counted():
     guide = AutoAmortizedFlow(flaky_model)
-    result = fit(guide, KEY, y=jnp.zeros(5), num_steps=200, batch_size=128, progress_bar=False)
-    expected = 200 * 128 * float(1 - jax.scipy.stats.norm.cdf(1.5))
+    result = fit(guide, KEY, y=jnp.zeros(5), num_steps=600, batch_size=128, progress_bar=False)
+    expected = 600 * 128 * float(1 - jax.scipy.stats.norm.cdf(1.5))
     assert 0.8 * expected < result.num_dropped < 1.2 * expected
     assert result.num_skipped == 0
     assert np.isfinite(result.losses).all()
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(result.params))
     draws = guide.sample_posterior(KEY, result.params, y=jnp.full(5, 0.5), sample_shape=(2000,))
-    assert abs(float(draws["mu"].mean()) - 0.5 * 5 / 6) < 0.15  # mostly-right posterior mean
+    # exact posterior N(5 * 0.5 / 6, 1 / 6); mass above 1.5 (never simulated) is negligible
+    assert abs(float(draws["mu"].mean()) - 0.5 * 5 / 6) < 0.25 * (1 / 6) ** 0.5
 
 
 def test_model_that_mostly_fails_is_rejected():

@@ -43,8 +43,8 @@ def c2st(reference, samples, *, seed=1, n_folds=5, z_score=True, classifier_kwar
         sd = np.where(sd > 0, sd, 1.0)
         x, y = (x - loc) / sd, (y - loc) / sd
     dim = x.shape[1]
-    kwargs = dict(hidden_layer_sizes=(10 * dim, 10 * dim), activation="relu", solver="adam",
-                  max_iter=10000, random_state=seed)
+    kwargs = {"hidden_layer_sizes": (10 * dim, 10 * dim), "activation": "relu", "solver": "adam",
+                  "max_iter": 10000, "random_state": seed}
     kwargs.update(classifier_kwargs or {})
     clf = MLPClassifier(**kwargs)
     data = np.concatenate([x, y])

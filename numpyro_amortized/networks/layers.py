@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Buffer", "MLP"]
+__all__ = ["MLP", "Buffer"]
 
 
 class Buffer(nnx.Variable):
@@ -31,7 +33,7 @@ class MLP(nnx.Module):
     def __init__(self, in_features, hidden, out_features, *, zero_init=False, rngs):
         sizes = [in_features, *hidden]
         self.hidden = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+            [nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)]
         )
         init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.lecun_normal()
         self.out = nnx.Linear(sizes[-1], out_features, kernel_init=init, rngs=rngs)

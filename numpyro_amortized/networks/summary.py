@@ -16,7 +16,7 @@ from flax import nnx
 from numpyro_amortized.data import DataBatch, DataSpec
 from numpyro_amortized.networks.layers import MLP
 
-__all__ = ["Identity", "MLPSummary", "DeepSet", "default_summary_net"]
+__all__ = ["DeepSet", "Identity", "MLPSummary", "default_summary_net"]
 
 
 def _flatten_all(data: DataBatch):

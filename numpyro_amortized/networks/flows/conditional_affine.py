@@ -33,7 +33,7 @@ class ConditionalAffine(nnx.Module):
         y, log_det = layer.transform_and_log_det(jnp.ones((2, 3)), jnp.ones((2, 8)))
     """
 
-    def __init__(self, dim, context_dim, *, hidden=(128, 128), rngs: nnx.Rngs):
+    def __init__(self, dim, context_dim, *, hidden=(64, 64), rngs: nnx.Rngs):
         self.net = MLP(context_dim, hidden, 2 * dim, zero_init=True, rngs=rngs)
         self.dim = dim
 

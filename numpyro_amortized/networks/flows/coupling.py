@@ -26,7 +26,7 @@ class Coupling(nnx.Module):
 
     params_per_dim: int = 2
 
-    def __init__(self, dim, context_dim, *, hidden=(128, 128), rngs: nnx.Rngs):
+    def __init__(self, dim, context_dim, *, hidden=(64, 64), rngs: nnx.Rngs):
         self.dim = dim
         self.num_transformed = dim - dim // 2
         in_features = dim - self.num_transformed + context_dim

@@ -22,7 +22,7 @@ from numpyro_amortized.networks.flows.permutation import Permutation
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
 
-__all__ = ["ConditionalFlow", "coupling_flow", "spline_flow", "affine_flow"]
+__all__ = ["ConditionalFlow", "affine_flow", "coupling_flow", "spline_flow"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -91,7 +91,7 @@ class ConditionalFlow(nnx.Module):
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
 
-def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(128, 128),
+def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(64, 64),
                   num_bins=8, bound=5.0, conditional_affine=False, loc=None, scale=None,
                   rngs: nnx.Rngs):
     """Stack ``num_layers`` of [coupling, ActNorm, permutation], then a fixed standardization.
@@ -111,9 +111,9 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
 
         flow = coupling_flow(3, 8, transformer="affine", num_layers=4, rngs=nnx.Rngs(0))
     """
-    spline = lambda: SplineCoupling(dim, context_dim, num_bins=num_bins, bound=bound,  # noqa: E731
+    spline = lambda: SplineCoupling(dim, context_dim, num_bins=num_bins, bound=bound,
                                     hidden=hidden, rngs=rngs)
-    affine = lambda: AffineCoupling(dim, context_dim, hidden=hidden, rngs=rngs)  # noqa: E731
+    affine = lambda: AffineCoupling(dim, context_dim, hidden=hidden, rngs=rngs)
     if transformer == "spline":
         makers, default_layers = [spline], 5
     elif transformer == "affine":

@@ -100,7 +100,7 @@ class SplineCoupling(Coupling):
         y, log_det = layer.transform_and_log_det(jnp.ones((2, 4)), jnp.ones((2, 8)))
     """
 
-    def __init__(self, dim, context_dim, *, num_bins=8, bound=5.0, hidden=(128, 128), rngs):
+    def __init__(self, dim, context_dim, *, num_bins=8, bound=5.0, hidden=(64, 64), rngs):
         self.params_per_dim = 3 * num_bins - 1
         self.num_bins = num_bins
         self.bound = float(bound)

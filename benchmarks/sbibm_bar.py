@@ -1,0 +1,133 @@
+"""Where the package defaults stand against the bar: two_moons and gaussian_linear.
+
+Trains ``AutoAmortizedFlow`` with its defaults on a budget of 10^4 simulations (offline), and
+online for a wall-clock budget, then scores the posterior of each observation with the exact
+sbibm C2ST recipe (10,000 draws per side, MLPClassifier max_iter=10000, 5-fold) against the
+exact reference posterior. Observations are drawn from the prior predictive with a fixed seed
+(sbibm's stored observations are not shipped with this package). Wall time counts everything a
+user waits for: set-up, compilation, simulation and training.
+
+    python benchmarks/sbibm_bar.py                       # 10 observations per task
+    python benchmarks/sbibm_bar.py --num-observations 3  # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from run import write_markdown  # benchmarks/run.py, next to this script
+
+from numpyro_amortized import AutoAmortizedFlow, c2st, fit
+from numpyro_amortized.examples import (
+    gaussian_linear,
+    gaussian_linear_posterior,
+    two_moons,
+    two_moons_reference_posterior,
+)
+from numpyro_amortized.simulation import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR = {  # published figures quoted in the developers' brief: (seconds, C2ST) at 10^4 sims
+    "two_moons": {"sbi": (125, 0.572), "BayesFlow": (42, 0.715), "flowjax NPE": (27, 0.588),
+                  "JAX online lax.scan": (15, 0.53)},
+    "gaussian_linear": {"BayesFlow": (39, 0.522), "sbi": (44, 0.530), "flowjax NPE": (19, 0.573)},
+}
+
+
+def observations(model, template, num, seed):
+    sims = simulate(model, jax.random.PRNGKey(seed), num, **template)
+    return np.asarray(sims["x"])
+
+
+def reference(task, x, num, rng):
+    if task == "two_moons":
+        return two_moons_reference_posterior(x, num, rng)
+    m, s = map(np.asarray, gaussian_linear_posterior(x))
+    return m + s * rng.normal(size=(num, len(m)))
+
+
+TASKS = {
+    "two_moons": (two_moons, {"x": jnp.zeros(2)}),
+    "gaussian_linear": (gaussian_linear, {"x": jnp.zeros(10)}),
+}
+
+
+def run(task, mode, num_obs, num_draws, steps, batch_size):
+    model, template = TASKS[task]
+    guide = AutoAmortizedFlow(model)
+    t0 = time.perf_counter()
+    if mode == "offline":
+        result = fit(guide, jax.random.PRNGKey(0), num_steps=steps, batch_size=batch_size,
+                     num_simulations=10_000, progress_bar=False, **template)
+    else:
+        result = fit(guide, jax.random.PRNGKey(0), num_steps=steps, batch_size=batch_size,
+                     progress_bar=False, **template)
+    jax.block_until_ready(result.params)
+    wall = time.perf_counter() - t0
+    xs = observations(model, template, num_obs, seed=2026)
+    draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
+                                         {"x": jnp.asarray(xs)}, sample_shape=(num_draws,))
+    scores = []
+    for i, x in enumerate(xs):
+        ref = reference(task, x, num_draws, np.random.default_rng(i))
+        t = time.perf_counter()
+        scores.append(c2st(ref, np.asarray(draws["theta"][i])))
+        print(f"  {task} {mode} obs {i}: C2ST {scores[-1]:.3f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    return {"task": task, "mode": mode, "wall_time_s": wall, "train_time_s": result.train_time,
+            "compile_time_s": result.compile_time, "num_simulations": result.num_simulations,
+            "steps": steps, "batch_size": batch_size,
+            "simulations_per_s": steps * batch_size / result.train_time,
+            "c2st_mean": float(np.mean(scores)), "c2st": scores}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-observations", type=int, default=10)
+    parser.add_argument("--num-draws", type=int, default=10_000)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--modes", nargs="*", default=["offline", "online"],
+                        help="offline: 10^4 simulations, 5000 steps of 256; online: fresh "
+                             "simulations, 3000 steps of 512")
+    args = parser.parse_args()
+    rows = []
+    settings = {"offline": (5000, 256), "online": (3000, 512)}
+    for task in args.tasks:
+        for mode in args.modes:
+            rows.append(run(task, mode, args.num_observations, args.num_draws, *settings[mode]))
+        for r in rows[-len(args.modes):]:
+            print(f"{task} {r['mode']}: wall {r['wall_time_s']:.1f} s, "
+                  f"C2ST {r['c2st_mean']:.3f}", flush=True)
+    out = ROOT / "benchmarks" / "results" / "sbibm_bar.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stored = json.loads(out.read_text())["rows"] if out.exists() else []
+    new_keys = {(r["task"], r["mode"]) for r in rows}
+    rows = [r for r in stored if (r["task"], r["mode"]) not in new_keys] + rows
+    rows.sort(key=lambda r: (r["task"] != "two_moons", r["mode"]))
+    out.write_text(json.dumps({"devices": [str(d) for d in jax.devices()], "rows": rows},
+                              indent=1))
+    lines = ["| task | method | simulations | wall time, s | C2ST (mean over observations) |",
+             "| --- | --- | --- | --- | --- |"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for r in (r for r in rows if r["task"] == task):
+            sims = ("10^4 (offline)" if r["mode"] == "offline"
+                    else f"{r['num_simulations']:,} (online)")
+            lines.append(f"| {task} | **numpyro_amortized defaults** | {sims} | "
+                         f"{r['wall_time_s']:.0f} | **{r['c2st_mean']:.3f}** "
+                         f"({len(r['c2st'])} obs.) |")
+        for name, (sec, score) in BAR[task].items():
+            lines.append(f"| {task} | {name} (quoted in the brief) | 10^4 | {sec} | {score:.3f} |")
+    text = (f"{args.num_draws:,} draws per side, exact sbibm C2ST recipe (the number of "
+            "observations is given per row).\n\n" + "\n".join(lines))
+    write_markdown("BAR", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

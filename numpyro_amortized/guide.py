@@ -93,10 +93,6 @@ class _FlowPosterior(dist.Distribution):
         return self._posterior.log_prob(value[None], self._data)[0]
 
 
-def _tree_where(pred, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 class AutoAmortizedFlow(AutoGuide):
     """An amortized posterior ``q(theta | x)`` for a NumPyro model, as an autoguide.
 

@@ -1,5 +1,7 @@
 """Each bijection: invertible, and its log-det equals log|det| of jax.jacobian."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,22 @@ def test_perturbed_bijections_are_not_identity():
         x = jnp.ones((2, 3))
         y, _ = b.transform_and_log_det(x, jnp.ones((2, CONTEXT)))
         assert float(jnp.max(jnp.abs(y - x))) > 1e-2, name
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 10])
+def test_every_coordinate_is_transformed_every_other_layer(dim):
+    """Random permutations alone can leave a coordinate untransformed through a whole flow."""
+    for seed in range(20):
+        flow = coupling_flow(dim, CONTEXT, num_layers=4, hidden=(4,), rngs=nnx.Rngs(seed))
+        order = np.arange(dim)  # which original coordinate sits at each position
+        transformed = []
+        for b in flow.bijections:
+            if isinstance(b, Permutation):
+                order = order[np.array(b.perm)]
+            elif hasattr(b, "num_transformed"):
+                transformed.append(set(order[: b.num_transformed].tolist()))
+        for first, second in itertools.pairwise(transformed):
+            assert first | second == set(range(dim)), (seed, transformed)
 
 
 def test_spline_is_monotone_and_identity_in_tails():

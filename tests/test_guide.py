@@ -9,6 +9,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.infer import Predictive
+from numpyro.infer.util import log_density
 
 from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.examples import gaussian_linear, linear_regression
@@ -151,6 +152,19 @@ def test_batch_of_datasets_in_one_call_matches_single_calls(regression):
     lp_short = guide.log_prob(params, {k: v[0, :5] for k, v in draws.items()}, x=x[0, :7],
                               y=y[0, :7])
     np.testing.assert_allclose(lp_padded[0], lp_short, rtol=1e-5, atol=1e-5)
+
+
+def test_model_log_density_masks_observations_beyond_the_dataset_size(regression):
+    """What AmortizedELBO uses on padded datasets: exactly the model on the first n points."""
+    guide, _ = regression
+    x = jnp.linspace(-1, 1, 15)
+    y = 1.0 + x + jnp.sin(7 * x)
+    theta = {"beta": jnp.array([1.0, 0.5]), "sigma": jnp.array(0.7)}
+    masked = guide.model_log_density(theta, {"x": x, "y": y}, 7, x=jnp.zeros(15), y=jnp.zeros(15))
+    short = log_density(linear_regression, (), {"x": x[:7], "y": y[:7]}, theta)[0]
+    full = log_density(linear_regression, (), {"x": x, "y": y}, theta)[0]
+    np.testing.assert_allclose(masked, short, rtol=1e-6)
+    assert abs(float(full - short)) > 1.0
 
 
 def test_median_and_quantiles(regression):

@@ -127,7 +127,8 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     num_layers = default_layers if num_layers is None else num_layers
     layers = []
     for i in range(num_layers):
-        layers += [makers[i % len(makers)](), ActNorm(dim), Permutation(dim, rngs=rngs)]
+        layers += [makers[i % len(makers)](), ActNorm(dim),
+                   Permutation(dim, num_transformed=dim - dim // 2, rngs=rngs)]
     if conditional_affine:
         layers.append(ConditionalAffine(dim, context_dim, hidden=hidden, rngs=rngs))
     loc = jnp.zeros(dim) if loc is None else loc

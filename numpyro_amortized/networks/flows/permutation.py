@@ -14,6 +14,11 @@ class Permutation(nnx.Module):
     """Permute coordinates by a fixed random permutation drawn at construction.
 
     :param dim: dimension of the flow.
+    :param num_transformed: if given, the coordinates a coupling layer left unchanged (positions
+        ``num_transformed:``) are moved, shuffled, to the front, where the next coupling
+        transforms them; the others follow, shuffled. Stacked between couplings this guarantees
+        every coordinate is transformed at least every other layer (a fully random permutation
+        can leave a coordinate untouched through the whole flow).
     :param rngs: ``nnx.Rngs``; the permutation is drawn from its ``params`` stream.
 
     **Example**::
@@ -22,8 +27,15 @@ class Permutation(nnx.Module):
         y, _ = perm.transform_and_log_det(jnp.arange(3.0)[None])
     """
 
-    def __init__(self, dim, *, rngs: nnx.Rngs):
-        perm = np.asarray(jax.random.permutation(rngs.params(), dim))
+    def __init__(self, dim, *, num_transformed=None, rngs: nnx.Rngs):
+        key = rngs.params()
+        if num_transformed is None:
+            perm = np.asarray(jax.random.permutation(key, dim))
+        else:
+            k1, k2 = jax.random.split(key)
+            kept = num_transformed + np.asarray(jax.random.permutation(k1, dim - num_transformed))
+            moved = np.asarray(jax.random.permutation(k2, num_transformed))
+            perm = np.concatenate([kept, moved]).astype(int)
         self.perm = tuple(int(i) for i in perm)
         self.inverse_perm = tuple(int(i) for i in np.argsort(perm))
 

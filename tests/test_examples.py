@@ -16,3 +16,43 @@ def test_quickstart_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "C2ST amortized vs NUTS" in out.stdout
     assert "sigma" in out.stdout and "faster" in out.stdout
+
+
+def _nuts(model, num_chains, **data):
+    import jax
+    from numpyro.infer import MCMC, NUTS
+
+    mcmc = MCMC(NUTS(model), num_warmup=500, num_samples=1000, num_chains=num_chains,
+                chain_method="vectorized", progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(0), **data)
+    return mcmc.get_samples()
+
+
+def test_reference_posteriors_agree_with_nuts():
+    """The exact samplers the benchmarks score against agree with NUTS on the same models."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from numpyro_amortized import c2st
+    from numpyro_amortized.examples import (
+        linear_regression,
+        linear_regression_posterior,
+        two_moons,
+        two_moons_reference_posterior,
+    )
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=7)
+    y = 1.0 + 0.5 * x + 0.3 * rng.normal(size=7)
+    exact = linear_regression_posterior(x, y, 4000, rng)
+    s = _nuts(linear_regression, 4, x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.float32))
+    nuts = np.column_stack([s["beta"], s["sigma"]])
+    np.testing.assert_array_less(np.abs(nuts.mean(0) - exact.mean(0)), 0.1 * exact.std(0))
+    np.testing.assert_array_less(np.abs(nuts.std(0) / exact.std(0) - 1), 0.1)
+    assert c2st(exact, nuts, classifier_kwargs={"early_stopping": True}) < 0.55
+
+    obs = np.array([-0.6397, 0.1623])
+    exact = two_moons_reference_posterior(obs, 4000, rng)
+    nuts = np.asarray(_nuts(two_moons, 8, x=jnp.asarray(obs, jnp.float32))["theta"])
+    assert c2st(exact, nuts[rng.permutation(len(nuts))[:4000]],
+                classifier_kwargs={"early_stopping": True}) < 0.55

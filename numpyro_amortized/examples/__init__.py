@@ -4,6 +4,7 @@ from numpyro_amortized.examples.models import (
     gaussian_linear,
     gaussian_linear_posterior,
     linear_regression,
+    linear_regression_posterior,
     two_moons,
     two_moons_reference_posterior,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "gaussian_linear",
     "gaussian_linear_posterior",
     "linear_regression",
+    "linear_regression_posterior",
     "two_moons",
     "two_moons_reference_posterior",
 ]

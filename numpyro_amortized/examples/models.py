@@ -5,7 +5,8 @@
 - :func:`two_moons`: sbibm's two_moons task (a bimodal, crescent-shaped posterior), with an
   exact reference sampler :func:`two_moons_reference_posterior`.
 - :func:`linear_regression`: the linear regression of the BayesFlow tutorial, with a covariate
-  written as an observed sample site and a variable number of observations.
+  written as an observed sample site and a variable number of observations, with an exact
+  posterior sampler :func:`linear_regression_posterior`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "gaussian_linear",
     "gaussian_linear_posterior",
     "linear_regression",
+    "linear_regression_posterior",
     "two_moons",
     "two_moons_reference_posterior",
 ]
@@ -69,6 +71,36 @@ def linear_regression(x, y=None):
     with numpyro.plate("N", jnp.shape(x)[0]):
         x = numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
         numpyro.sample("y", dist.Normal(beta[0] + beta[1] * x, sigma), obs=y)
+
+
+def linear_regression_posterior(x, y, num_samples, rng, num_grid=4000):
+    """Exact posterior draws ``(num_samples, 3)`` of (beta0, beta1, sigma) for
+    :func:`linear_regression`.
+
+    Given sigma the model is conjugate, so beta | sigma, y is Gaussian; sigma's marginal
+    posterior (Gamma prior times the Gaussian marginal likelihood of y) is tabulated on a fine
+    grid and sampled by inversion.
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    design = np.column_stack([np.ones_like(x), x])
+    m0, s0 = np.array([2.0, 0.0]), np.diag([9.0, 1.0])
+    grid = np.linspace(2e-3, 10.0, num_grid)
+    cov = grid[:, None, None] ** 2 * np.eye(len(x)) + design @ s0 @ design.T
+    resid = y - design @ m0
+    _, logdet = np.linalg.slogdet(cov)
+    quad = np.einsum("i,gij,j->g", resid, np.linalg.inv(cov), resid)
+    log_post = -0.5 * (logdet + quad) - grid  # Gamma(1, 1) prior
+    w = np.exp(log_post - log_post.max())
+    sigma = rng.choice(grid, size=num_samples, p=w / w.sum())
+    sigma = sigma + (grid[1] - grid[0]) * (rng.random(num_samples) - 0.5)
+    precision = np.linalg.inv(s0) + design.T @ design / sigma[:, None, None] ** 2
+    post_cov = np.linalg.inv(precision)
+    post_mean = np.einsum("nij,nj->ni", post_cov,
+                          np.linalg.inv(s0) @ m0 + (design.T @ y) / sigma[:, None] ** 2)
+    chol = np.linalg.cholesky(post_cov)
+    beta = post_mean + np.einsum("nij,nj->ni", chol, rng.normal(size=(num_samples, 2)))
+    return np.column_stack([beta, sigma])
 
 
 class TwoMoonsNoise(dist.Distribution):

@@ -53,7 +53,7 @@ def main(num_datasets=20, num_steps=15_000, num_draws=4000):
     worst = rows[int(scores.argmax())]
     text = (
         f"{num_datasets} datasets from the prior predictive, {num_draws:,} draws per side, "
-        f"guide trained {num_steps:,} steps ({result.train_time:.0f} s): C2ST against the exact "
+        f"guide trained {num_steps:,} steps: C2ST against the exact "
         f"posterior median **{np.median(scores):.3f}**, mean {scores.mean():.3f}, "
         f"{int((scores <= 0.6).sum())} of {num_datasets} at or below 0.6; worst {scores.max():.3f} "
         f"(N={worst['n']}, beta={np.round(worst['beta'], 2).tolist()}, "

@@ -187,35 +187,35 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         sims = jax.jit(lambda k: guide.simulate(k, num_simulations, *args, **kwargs))(k_data)
         val = jax.tree.map(lambda x: x[:n_val], sims)
         bank = jax.tree.map(lambda x: x[n_val:], sims)
-        num_bank = num_simulations - n_val
     else:
         val = jax.jit(lambda k: guide.simulate(k, validation_size, *args, **kwargs))(k_val)
 
-    def val_loss(params):
+    def val_loss(params, val):
         losses = loss.simulation_losses(guide, params, jax.random.PRNGKey(0), val, *args, **kwargs)
         return masked_mean(losses, val.valid)
 
     chunk = max(1, math.ceil(num_steps / max(1, num_chunks)))
 
-    def step(state, _):
-        if bank is None:
-            sims = None
-        else:
-            idx = jax.random.randint(jax.random.fold_in(state.rng_key, 1), (batch_size,), 0,
-                                     num_bank)
-            sims = jax.tree.map(lambda x: x[idx], bank)
-        active = state.step < num_steps
-        new_state, info = tr.update(state, *args, simulations=sims, **kwargs)
-        new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-        return new_state, (info.loss, info.num_dropped)
-
+    # the simulation bank and the validation set are arguments, not closed-over constants, so
+    # a large budget is not baked into the compiled program
     @jax.jit
-    def run_chunk(state):
+    def run_chunk(state, bank, val):
+        def step(state, _):
+            sims = None
+            if bank is not None:
+                idx = jax.random.randint(jax.random.fold_in(state.rng_key, 1), (batch_size,), 0,
+                                         bank.u.shape[0])
+                sims = jax.tree.map(lambda x: x[idx], bank)
+            active = state.step < num_steps
+            new_state, info = tr.update(state, *args, simulations=sims, **kwargs)
+            new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
+            return new_state, (info.loss, info.num_dropped)
+
         state, (losses, dropped) = jax.lax.scan(step, state, length=chunk)
-        return state, losses, dropped, val_loss(state.params)
+        return state, losses, dropped, val_loss(state.params, val)
 
     t0 = time.perf_counter()
-    compiled = run_chunk.lower(state).compile()
+    compiled = run_chunk.lower(state, bank, val).compile()
     compile_time = time.perf_counter() - t0
 
     losses, val_steps, val_losses = [], [], []
@@ -225,7 +225,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     done = 0
     try:
         while done < num_steps:
-            state, chunk_losses, dropped, v = compiled(state)
+            state, chunk_losses, dropped, v = compiled(state, bank, val)
             n = min(chunk, num_steps - done)
             chunk_losses, dropped, v = jax.device_get((chunk_losses, dropped, v))
             losses.append(chunk_losses[:n])

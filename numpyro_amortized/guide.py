@@ -19,7 +19,6 @@ import numpyro
 import numpyro.distributions as dist
 from flax import nnx
 from numpyro.distributions import constraints
-from numpyro.distributions.util import sum_rightmost
 from numpyro.handlers import block, condition, seed, trace
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import log_density
@@ -329,16 +328,13 @@ class AutoAmortizedFlow(AutoGuide):
             _FlowPosterior(self.posterior(params), batch, self.latent_layout.dim),
             infer={"is_auxiliary": True},
         )
-        result, start = {}, 0
-        for site, t, size in zip(self.latent_layout.sites, self.latent_layout.transforms,
-                                 self.latent_layout.sizes):
-            x = jnp.reshape(u[..., start:start + size], u.shape[:-1] + site.unconstrained_shape)
-            start += size
-            value = t(x)
-            ld = t.log_abs_det_jacobian(x, value)
-            ld = sum_rightmost(ld, jnp.ndim(ld) - (u.ndim - 1))
+        values, log_dets = self.latent_layout.constrain_sites(u)
+        result = {}
+        for site in self.latent_layout.sites:
             result[site.name] = numpyro.sample(
-                site.name, dist.Delta(value, log_density=-ld, event_dim=len(site.shape))
+                site.name,
+                dist.Delta(values[site.name], log_density=-log_dets[site.name],
+                           event_dim=len(site.shape)),
             )
         return result
 

@@ -43,21 +43,30 @@ class LatentLayout:
             parts.append(jnp.reshape(t.inv(value), batch + (-1,)))
         return jnp.concatenate(parts, axis=-1)
 
+    def constrain_sites(self, u):
+        """Map ``u`` of shape ``(..., dim)`` to constrained values and per-site log-dets.
+
+        :return: ``(latents, log_dets)``, dicts by site name; each log-det has shape
+            ``u.shape[:-1]``.
+        """
+        batch = u.shape[:-1]
+        values, log_dets, start = {}, {}, 0
+        for site, t, size in zip(self.sites, self.transforms, self.sizes):
+            x = jnp.reshape(u[..., start : start + size], batch + site.unconstrained_shape)
+            y = t(x)
+            ld = t.log_abs_det_jacobian(x, y)
+            log_dets[site.name] = sum_rightmost(ld, jnp.ndim(ld) - len(batch))
+            values[site.name] = y
+            start += size
+        return values, log_dets
+
     def constrain(self, u):
         """Map ``u`` of shape ``(..., dim)`` to constrained values and ``log|det d theta/d u|``.
 
         :return: ``(latents, log_det)`` where ``log_det`` has shape ``u.shape[:-1]``.
         """
-        batch = u.shape[:-1]
-        values, log_det, start = {}, jnp.zeros(batch), 0
-        for site, t, size in zip(self.sites, self.transforms, self.sizes):
-            x = jnp.reshape(u[..., start : start + size], batch + site.unconstrained_shape)
-            y = t(x)
-            ld = t.log_abs_det_jacobian(x, y)
-            log_det = log_det + sum_rightmost(ld, jnp.ndim(ld) - len(batch))
-            values[site.name] = y
-            start += size
-        return values, log_det
+        values, log_dets = self.constrain_sites(u)
+        return values, sum(log_dets.values(), jnp.zeros(u.shape[:-1]))
 
     def unconstrain_with_log_det(self, latents: dict):
         """``u`` for the given latents and ``log|det d theta/d u|`` at ``u``."""

@@ -1,6 +1,13 @@
 """numpyro_amortized: amortized Bayesian inference for NumPyro models."""
 
-from numpyro_amortized.diagnostics import c2st
+from numpyro_amortized.compare import (
+    compare_with_nuts,
+    guide_inference_data,
+    importance_resample,
+    run_nuts,
+    warm_start_nuts,
+)
+from numpyro_amortized.diagnostics import c2st, mmd
 from numpyro_amortized.guide import AutoAmortizedFlow, Simulations
 from numpyro_amortized.losses import NPE, AmortizedELBO
 from numpyro_amortized.simulation import inspect_model, simulate
@@ -26,9 +33,15 @@ __all__ = [
     "TrainState",
     "Trainer",
     "c2st",
+    "compare_with_nuts",
     "default_optimizer",
     "fit",
+    "guide_inference_data",
+    "importance_resample",
     "inspect_model",
+    "mmd",
+    "run_nuts",
     "simulate",
     "trainer",
+    "warm_start_nuts",
 ]

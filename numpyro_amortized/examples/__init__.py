@@ -5,6 +5,8 @@ from numpyro_amortized.examples.models import (
     gaussian_linear_posterior,
     linear_regression,
     linear_regression_posterior,
+    peak_datasets,
+    peak_model,
     two_moons,
     two_moons_reference_posterior,
 )
@@ -14,6 +16,8 @@ __all__ = [
     "gaussian_linear_posterior",
     "linear_regression",
     "linear_regression_posterior",
+    "peak_datasets",
+    "peak_model",
     "two_moons",
     "two_moons_reference_posterior",
 ]

@@ -7,6 +7,9 @@
 - :func:`linear_regression`: the linear regression of the BayesFlow tutorial, with a covariate
   written as an observed sample site and a variable number of observations, with an exact
   posterior sampler :func:`linear_regression_posterior`.
+- :func:`peak_model`: a Gaussian peak on a linear background, measured at random positions with
+  known heteroscedastic errors (the MCMC/HMC/SBI comparison tutorial); NUTS is its reference,
+  :func:`peak_datasets` draws datasets from its prior predictive.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
+from numpyro_amortized.simulation import simulate
+
 __all__ = [
     "gaussian_linear",
     "gaussian_linear_posterior",
     "linear_regression",
     "linear_regression_posterior",
+    "peak_datasets",
+    "peak_model",
     "two_moons",
     "two_moons_reference_posterior",
 ]
@@ -167,3 +174,42 @@ def two_moons_reference_posterior(x, num_samples, rng):
         ok = (q[:, 0] <= 0) & np.all(np.abs(theta) <= 1, axis=1)
         out = np.concatenate([out, theta[ok]])
     return out[:num_samples]
+
+
+def peak_model(x, y_err, y=None):
+    """y = l exp(-(m - x)^2 / (2 s^2)) + a + b x + noise, noise ~ N(0, y_err^2).
+
+    l, m, a, b ~ U(-2, 2), s ~ U(0, 2). The positions ``x ~ U(0, 1)`` and the known errors
+    ``y_err ~ U(0.05, 0.25)`` are observed sample sites: they change from dataset to dataset and
+    the summary network sees them with ``y``. ``len(x)`` is the number of points (40 in the
+    tutorial).
+
+    **Example**::
+
+        guide = AutoAmortizedFlow(peak_model)
+        fit(guide, key, x=jnp.zeros(40), y_err=jnp.ones(40), y=jnp.zeros(40))
+    """
+    u = dist.Uniform(-2.0, 2.0)
+    l = numpyro.sample("l", u)
+    m = numpyro.sample("m", u)
+    s = numpyro.sample("s", dist.Uniform(0.0, 2.0))
+    a = numpyro.sample("a", u)
+    b = numpyro.sample("b", u)
+    with numpyro.plate("N", jnp.shape(x)[0]):
+        x = numpyro.sample("x", dist.Uniform(0.0, 1.0), obs=x)
+        y_err = numpyro.sample("y_err", dist.Uniform(0.05, 0.25), obs=y_err)
+        mu = l * jnp.exp(-((m - x) ** 2) / (2 * s**2)) + a + b * x
+        numpyro.sample("y", dist.Normal(mu, y_err), obs=y)
+
+
+def peak_datasets(rng_key, num_datasets, num_points=40):
+    """Datasets from the prior predictive of :func:`peak_model`.
+
+    :return: ``(datasets, truths)``: a list of ``dict(x=, y_err=, y=)`` keyword arguments and
+        a list of the true latents of each.
+    """
+    z = jnp.zeros(num_points)
+    sims = simulate(peak_model, rng_key, num_datasets, x=z, y_err=z + 0.1, y=z)
+    data = [{k: sims[k][i] for k in ("x", "y_err", "y")} for i in range(num_datasets)]
+    truths = [{k: sims[k][i] for k in ("l", "m", "s", "a", "b")} for i in range(num_datasets)]
+    return data, truths

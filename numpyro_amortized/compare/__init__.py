@@ -1,0 +1,47 @@
+"""Side by side with NUTS: the reference run, ArviZ data, importance correction, the report.
+
+- :func:`run_nuts`: NumPyro's NUTS on the same model and data, compiled once for all datasets
+  of the same shapes, as ``arviz.InferenceData`` with convergence diagnostics.
+- :func:`guide_inference_data`: the guide's answer as ``arviz.InferenceData`` (with the
+  posterior predictive through ``numpyro.infer.Predictive`` when asked).
+- :func:`importance_resample`: the guide's draws reweighted by ``p(theta, x) / q(theta | x)``
+  with PSIS, with Pareto k-hat saying when not to trust the amortized answer.
+- :func:`warm_start_nuts`: NUTS started from the guide, with its covariance as mass matrix.
+- :func:`compare_with_nuts`: all of it for one dataset or many, as tables and plots.
+"""
+
+from numpyro_amortized.compare.draws import (
+    flatten_draws,
+    guide_inference_data,
+    log_joint,
+    observed_values,
+    posterior_predictive,
+    response_sites,
+)
+from numpyro_amortized.compare.importance import ImportanceResult, importance_resample
+from numpyro_amortized.compare.nuts import NUTSResult, nuts_diagnostics, run_nuts, warm_start_nuts
+from numpyro_amortized.compare.plots import plot_comparison
+from numpyro_amortized.compare.report import (
+    Comparison,
+    compare_with_nuts,
+    standardized_differences,
+)
+
+__all__ = [
+    "Comparison",
+    "ImportanceResult",
+    "NUTSResult",
+    "compare_with_nuts",
+    "flatten_draws",
+    "guide_inference_data",
+    "importance_resample",
+    "log_joint",
+    "nuts_diagnostics",
+    "observed_values",
+    "plot_comparison",
+    "posterior_predictive",
+    "response_sites",
+    "run_nuts",
+    "standardized_differences",
+    "warm_start_nuts",
+]

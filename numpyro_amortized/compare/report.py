@@ -1,0 +1,272 @@
+"""The comparison report: the amortized posterior next to NUTS, dataset by dataset.
+
+:func:`compare_with_nuts` runs, for each dataset, the guide (one forward pass), its PSIS
+correction and NUTS, and returns a :class:`Comparison`: per latent, the differences of mean,
+sd and 5%/95% quantiles in units of the NUTS posterior sd; per dataset, C2ST and MMD against
+NUTS, Pareto k-hat, NUTS R-hat/ESS/divergences and the wall times with the speed-up; as pandas
+DataFrames, a printed table, and plots.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from numpyro_amortized.compare.draws import flatten_draws
+from numpyro_amortized.compare.importance import PARETO_K_THRESHOLD, importance_resample
+from numpyro_amortized.compare.nuts import run_nuts
+from numpyro_amortized.diagnostics import c2st, mmd
+
+__all__ = ["Comparison", "compare_with_nuts", "standardized_differences"]
+
+
+def standardized_differences(reference, samples) -> dict:
+    """Differences of mean, sd, 5% and 95% quantiles of ``samples`` from ``reference``, per
+    column, in units of the reference's sd.
+
+    :param reference: ``(n, dim)`` reference draws (NUTS).
+    :param samples: ``(m, dim)`` draws to check.
+    :return: dict of ``(dim,)`` arrays ``mean``, ``sd``, ``q05``, ``q95``.
+    """
+    ref = np.asarray(reference, np.float64)
+    x = np.asarray(samples, np.float64)
+    sd = ref.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    q_ref = np.quantile(ref, [0.05, 0.95], axis=0)
+    q = np.quantile(x, [0.05, 0.95], axis=0)
+    return {
+        "mean": (x.mean(0) - ref.mean(0)) / sd,
+        "sd": (x.std(0) - ref.std(0)) / sd,
+        "q05": (q[0] - q_ref[0]) / sd,
+        "q95": (q[1] - q_ref[1]) / sd,
+    }
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare_with_nuts` found.
+
+    :param latents: one row per dataset, method (``amortized``, ``corrected``) and scalar
+        latent: standardized differences ``d_mean``, ``d_sd``, ``d_q05``, ``d_q95`` and
+        ``flagged`` (any of them beyond the tolerance).
+    :param datasets: one row per dataset: ``c2st`` and ``mmd`` of the amortized and corrected
+        draws against NUTS, ``pareto_k``, ``is_ess``, ``trust`` (k-hat <= 0.7), NUTS
+        ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``divergences``, ``nuts_reliable``,
+        wall times ``time_nuts``, ``time_amortized``, ``time_corrected`` (seconds, compilation
+        excluded) and ``speedup`` (NUTS time / amortized time).
+    :param totals: the batch: total NUTS time, amortized time with training counted once,
+        compilation times, and the speed-up over the batch.
+    :param draws: per dataset, dict with ``nuts``, ``amortized`` and ``corrected`` draw
+        matrices and the column ``names``.
+    :param nuts: per dataset, the :class:`~numpyro_amortized.compare.NUTSResult`.
+    :param tolerance: the flagging threshold in posterior sds.
+    """
+
+    latents: pd.DataFrame
+    datasets: pd.DataFrame
+    totals: dict
+    draws: list
+    nuts: list
+    tolerance: float
+
+    def __str__(self):
+        return format_comparison(self)
+
+    def _repr_html_(self):
+        return self.datasets._repr_html_() + self.latents._repr_html_()
+
+    def flagged(self, method="amortized") -> pd.DataFrame:
+        """The (dataset, latent) rows whose differences exceed the tolerance."""
+        rows = self.latents
+        return rows[(rows.method == method) & rows.flagged]
+
+    def plot(self, dataset=0, **kwargs):
+        """Overlaid marginals and a pair plot for one dataset (see
+        :func:`~numpyro_amortized.compare.plot_comparison`)."""
+        from numpyro_amortized.compare.plots import plot_comparison
+
+        return plot_comparison(self, dataset, **kwargs)
+
+
+def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, correct=True,
+                      num_proposals=None, nuts_kwargs=None, c2st_kwargs=None,
+                      c2st_samples=1000, tolerance=0.25, train_time=None,
+                      progress_bar=True) -> Comparison:
+    """Compare the amortized posterior with NUTS on one dataset or many.
+
+    :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow` (or anything with
+        ``model``, ``sample_posterior`` and ``log_prob``).
+    :param params: its parameters.
+    :param rng_key: a PRNG key.
+    :param datasets: the model's keyword arguments for one dataset (a dict), or a list of them
+        (an ``(args, kwargs)`` pair per dataset for positional arguments).
+    :param num_samples: guide draws (and corrected draws) per dataset.
+    :param correct: also compute the PSIS-corrected posterior
+        (:func:`~numpyro_amortized.compare.importance_resample`).
+    :param nuts_kwargs: settings for :func:`~numpyro_amortized.compare.run_nuts`.
+    :param c2st_kwargs: classifier settings for :func:`~numpyro_amortized.c2st` (default: the
+        exact sbibm recipe; ``{"early_stopping": True}`` is much faster, say so when reporting).
+    :param c2st_samples: draws per side for C2ST and MMD (``None``: skip both).
+    :param tolerance: flag a latent when a standardized difference exceeds this many NUTS sds.
+    :param train_time: the guide's training time, counted once in the batch totals.
+    :param progress_bar: a progress bar over datasets.
+    :return: a :class:`Comparison`; ``print(comparison)`` shows the tables.
+
+    **Example**::
+
+        report = compare_with_nuts(guide, params, key, [dict(x=x1, y=y1), dict(x=x2, y=y2)],
+                                   train_time=result.train_time)
+        print(report); report.plot(0)
+    """
+    items = _as_datasets(datasets)
+    nuts_kwargs = dict(nuts_kwargs or {})
+    keys = jax.random.split(rng_key, len(items))
+    lat_rows, ds_rows, all_draws, nuts_runs = [], [], [], []
+    amortized_compile = nuts_compile = 0.0
+    bar = tqdm(items, desc="comparing with NUTS", unit="dataset", disable=not progress_bar)
+    for i, (args, kwargs) in enumerate(bar):
+        k_guide, k_is, k_nuts, k_sub = jax.random.split(keys[i], 4)
+        if i == 0:  # compile the guide's sampler once, outside the timings
+            t0 = time.perf_counter()
+            jax.block_until_ready(guide.sample_posterior(
+                k_guide, params, *args, sample_shape=(num_samples,), **kwargs))
+            amortized_compile = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        draws = jax.block_until_ready(guide.sample_posterior(
+            k_guide, params, *args, sample_shape=(num_samples,), **kwargs))
+        t_amortized = time.perf_counter() - t0
+        names = list(draws)
+        amortized, cols = flatten_draws(draws, names)
+
+        corrected, k_hat, is_ess, t_corrected = None, np.nan, np.nan, np.nan
+        if correct:
+            if i == 0:
+                importance_resample(guide, params, k_is, *args, num_samples=num_samples,
+                                    num_proposals=num_proposals, warn=False, **kwargs)
+            t0 = time.perf_counter()
+            res = importance_resample(guide, params, k_is, *args, num_samples=num_samples,
+                                      num_proposals=num_proposals, warn=False, **kwargs)
+            t_corrected = time.perf_counter() - t0
+            corrected = flatten_draws(res.draws, names)[0]
+            k_hat, is_ess = res.pareto_k, res.ess
+
+        ref = run_nuts(guide.model, k_nuts, *args, **nuts_kwargs, **kwargs)
+        nuts_compile += ref.compile_time
+        nuts_runs.append(ref)
+        nuts = flatten_draws(ref.samples, names)[0]
+        diag = ref.diagnostics
+        if not diag["reliable"]:
+            warnings.warn(
+                f"The NUTS reference of dataset {i} is itself unreliable ("
+                + "; ".join(diag["problems"])
+                + "): its comparison says little. Run NUTS longer (nuts_kwargs num_warmup, "
+                "num_samples) or reparametrize the model.",
+                UserWarning, stacklevel=2,
+            )
+
+        row = {"dataset": i}
+        for method, x in (("amortized", amortized), ("corrected", corrected)):
+            if x is None:
+                continue
+            diffs = standardized_differences(nuts, x)
+            for j, col in enumerate(cols):
+                d = {f"d_{k}": float(v[j]) for k, v in diffs.items()}
+                flagged = max(abs(v) for v in d.values()) > tolerance
+                lat_rows.append({"dataset": i, "method": method, "latent": col, **d,
+                                 "flagged": flagged})
+            if c2st_samples:
+                a, b = _subsample(nuts, x, c2st_samples, k_sub)
+                row[f"c2st_{method}"] = c2st(a, b, classifier_kwargs=c2st_kwargs)
+                row[f"mmd_{method}"] = mmd(a, b)
+        row.update({
+            "pareto_k": k_hat, "is_ess": is_ess, "trust": bool(k_hat <= PARETO_K_THRESHOLD)
+            if correct else None,
+            "rhat_max": diag["rhat_max"], "ess_bulk_min": diag["ess_bulk_min"],
+            "ess_tail_min": diag["ess_tail_min"], "divergences": diag["divergences"],
+            "nuts_reliable": diag["reliable"], "time_nuts": ref.run_time,
+            "time_amortized": t_amortized, "time_corrected": t_corrected,
+            "speedup": ref.run_time / t_amortized,
+        })
+        ds_rows.append(row)
+        all_draws.append({"names": cols, "nuts": nuts, "amortized": amortized,
+                          "corrected": corrected})
+    bar.close()
+
+    datasets_df = pd.DataFrame(ds_rows)
+    total_nuts = float(datasets_df.time_nuts.sum())
+    total_amortized = float(datasets_df.time_amortized.sum()) + float(train_time or 0.0)
+    totals = {
+        "num_datasets": len(items),
+        "time_nuts": total_nuts,
+        "time_nuts_compile": nuts_compile,
+        "time_amortized": total_amortized,
+        "time_amortized_compile": amortized_compile,
+        "train_time": train_time,
+        "speedup": total_nuts / total_amortized,
+        "speedup_with_compilation": (total_nuts + nuts_compile)
+        / (total_amortized + amortized_compile),
+    }
+    return Comparison(pd.DataFrame(lat_rows), datasets_df, totals, all_draws, nuts_runs,
+                      tolerance)
+
+
+def _as_datasets(datasets):
+    if isinstance(datasets, dict):
+        datasets = [datasets]
+    items = []
+    for d in datasets:
+        if isinstance(d, dict):
+            items.append(((), d))
+        elif isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], dict):
+            items.append((tuple(d[0]), d[1]))
+        else:
+            raise ValueError(
+                "Each dataset must be a dict of the model's keyword arguments, or an "
+                f"(args, kwargs) pair; got {type(d).__name__}."
+            )
+    if not items:
+        raise ValueError("No datasets to compare.")
+    return items
+
+
+def _subsample(reference, samples, n, key):
+    """Equal-size random subsets (NUTS draws are shuffled across chains)."""
+    k1, k2 = jax.random.split(key)
+    n = min(n, len(reference), len(samples))
+    i = np.asarray(jax.random.permutation(k1, len(reference)))[:n]
+    j = np.asarray(jax.random.permutation(k2, len(samples)))[:n]
+    return reference[i], samples[j]
+
+
+def format_comparison(report: Comparison) -> str:
+    """The report as text: the per-dataset table, the flagged latents and the totals."""
+    ds = report.datasets
+    cols = [c for c in ("c2st_amortized", "c2st_corrected", "mmd_amortized", "pareto_k",
+                        "is_ess", "rhat_max", "divergences", "time_nuts", "time_amortized",
+                        "speedup") if c in ds]
+    lines = ["Amortized vs NUTS, per dataset (times in s, compilation excluded):",
+             ds[["dataset"] + cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+    flagged = report.flagged("amortized")
+    if len(flagged):
+        lines.append(f"\nLatents off by more than {report.tolerance} NUTS sd (amortized):")
+        lines.append(flagged[["dataset", "latent", "d_mean", "d_sd", "d_q05", "d_q95"]]
+                     .to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+    else:
+        lines.append(f"\nNo latent is off by more than {report.tolerance} NUTS sd.")
+    t = report.totals
+    lines.append(
+        f"\n{t['num_datasets']} datasets: NUTS {t['time_nuts']:.2f} s "
+        f"(+ {t['time_nuts_compile']:.1f} s compilation); amortized {t['time_amortized']:.2f} s"
+        + (f" with training ({t['train_time']:.1f} s) counted once" if t["train_time"] else "")
+        + f"; speed-up over the batch {t['speedup']:.3g}x"
+    )
+    if "trust" in ds and ds.trust.notna().any():
+        bad = ds.dataset[~ds.trust.astype(bool)].tolist()
+        lines.append(f"Pareto k-hat > {PARETO_K_THRESHOLD} (do not trust the amortized answer): "
+                     + (", ".join(map(str, bad)) if bad else "none"))
+    return "\n".join(lines)

@@ -194,7 +194,7 @@ def test_psis_correction_brings_a_mediocre_guide_closer(datasets):
 
 def test_warm_start_needs_far_less_work_for_the_same_convergence():
     # a 5-d posterior with condition number ~600-1000 (columns of A nearly collinear)
-    short = {"num_warmup": 50, "num_samples": 300, "num_chains": 4}
+    short = {"num_warmup": 50, "num_samples": 1000, "num_chains": 4}
     for seed in range(3):
         d = dataset(seed, n=50, d=5, collinear=0.01)
         cold = run_nuts(linear_gaussian, jax.random.PRNGKey(seed), **short, **d)

@@ -18,6 +18,17 @@ def test_quickstart_runs():
     assert "sigma" in out.stdout and "faster" in out.stdout
 
 
+def test_peak_example_runs(tmp_path):
+    env = dict(os.environ, QUICK="1")
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "peak_vs_nuts.py")],
+                         check=False, env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in ("Pareto k-hat", "corrected C2ST", "warm start (guide)", "speed-up over the batch"):
+        assert text in out.stdout, text
+    assert (tmp_path / "peak_pair.png").stat().st_size > 10_000
+
+
 def _nuts(model, num_chains, **data):
     import jax
     from numpyro.infer import MCMC, NUTS

@@ -82,7 +82,6 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
             "No guide draw has a finite importance weight: the model gives log density -inf "
             "(or NaN) to all of them. Check that the data are possible under the model."
         )
-    log_w = np.where(finite, log_w, -np.inf)
     smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
     smoothed = np.where(finite, smoothed, -np.inf)
     smoothed = smoothed - _logsumexp(smoothed)

@@ -27,6 +27,7 @@ from numpyro_amortized.compare.draws import (
     split_static,
     to_inference_data,
 )
+from numpyro_amortized.compare.importance import importance_resample
 from numpyro_amortized.simulation import inspect_model
 
 __all__ = ["NUTSResult", "nuts_diagnostics", "run_nuts", "warm_start_nuts"]
@@ -194,17 +195,22 @@ def _stack(dataset):
 
 def warm_start_nuts(guide, params, rng_key, *args, num_warmup=100, num_samples=1000,
                     num_chains=4, dense_mass=True, adapt_mass_matrix=False,
-                    num_guide_samples=2000, **kwargs) -> NUTSResult:
+                    num_guide_samples=2000, correct=True, **kwargs) -> NUTSResult:
     """NUTS started from the amortized posterior: a short warm-up instead of a long one.
 
-    Each chain starts at its own guide draw, and the inverse mass matrix is the covariance of
-    guide draws in NumPyro's unconstrained space (dense by default, its diagonal otherwise), so
-    warm-up only has to tune the step size. Pass ``adapt_mass_matrix=True`` to keep adapting
-    the mass matrix from that start.
+    Each chain starts at its own posterior draw, and the inverse mass matrix is the covariance
+    of the draws in NumPyro's unconstrained space (dense by default, its diagonal otherwise), so
+    warm-up only has to tune the step size. The draws are PSIS-corrected guide draws by
+    default (:func:`~numpyro_amortized.compare.importance_resample`), so that mass the guide
+    puts where the posterior has none (a spurious mode, a heavy tail) neither starts a chain
+    nor inflates the mass matrix. Pass ``adapt_mass_matrix=True`` to keep adapting the mass
+    matrix from that start (worth it for warm-ups of a few hundred steps or more).
 
-    :param guide: a trained guide (anything with ``model`` and ``sample_posterior``).
+    :param guide: a trained guide (anything with ``model``, ``sample_posterior`` and, for
+        ``correct=True``, ``log_prob``).
     :param params: its parameters.
-    :param num_guide_samples: guide draws used for the covariance.
+    :param num_guide_samples: posterior draws used for the start and the covariance.
+    :param correct: start from PSIS-corrected draws (``False``: raw guide draws).
     :return: a :class:`NUTSResult` (``run_nuts`` settings otherwise).
 
     **Example**::
@@ -217,16 +223,22 @@ def warm_start_nuts(guide, params, rng_key, *args, num_warmup=100, num_samples=1
                          "False (its diagonal).")
     k_guide, k_nuts = jax.random.split(rng_key)
     n = max(int(num_guide_samples), num_chains)
-    draws = guide.sample_posterior(k_guide, params, *args, sample_shape=(n,), **kwargs)
+    if correct:
+        draws = importance_resample(guide, params, k_guide, *args, num_samples=n, warn=False,
+                                    **kwargs).draws
+    else:
+        draws = guide.sample_posterior(k_guide, params, *args, sample_shape=(n,), **kwargs)
     sites = inspect_model(guide.model, *args, **kwargs).latents
-    z = {s.name: biject_to(s.support).inv(draws[s.name]) for s in sites}
-    flat = np.concatenate(
-        [np.asarray(z[k], np.float64).reshape(n, -1) for k in sorted(z)], axis=1
-    )
+    z = {s.name: np.asarray(biject_to(s.support).inv(draws[s.name])) for s in sites}
+    flat = np.concatenate([z[k].astype(np.float64).reshape(n, -1) for k in sorted(z)], axis=1)
     cov = np.atleast_2d(np.cov(flat, rowvar=False))
     cov += 1e-6 * np.mean(np.diag(cov)) * np.eye(len(cov))
-    imm = cov if dense_mass is True else np.diag(cov)
-    init = {k: v[:num_chains] for k, v in z.items()}
+    imm = cov if dense_mass else np.diag(cov)
+    # distinct starting points, as far as the (resampled) draws allow
+    _, first = np.unique(flat, axis=0, return_index=True)
+    starts = np.sort(first)[:num_chains]
+    starts = np.resize(starts, num_chains)
+    init = {k: v[starts] for k, v in z.items()}
     return run_nuts(guide.model, k_nuts, *args, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, dense_mass=dense_mass, init_params=init,
                     inverse_mass_matrix=np.asarray(imm, np.float32),

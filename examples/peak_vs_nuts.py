@@ -10,7 +10,7 @@ PSIS-corrected version and NUTS are compared: C2ST and Pareto k-hat per dataset,
 the pair plot of one dataset, and warm-started NUTS against a cold start with the same short
 warm-up.
 
-    python examples/peak_vs_nuts.py              # full run (about 10 minutes on 2 CPU cores)
+    python examples/peak_vs_nuts.py              # full run (about 15 minutes on 2 CPU cores)
     QUICK=1 python examples/peak_vs_nuts.py      # a short smoke run
     EXACT_C2ST=1 python examples/peak_vs_nuts.py # the exact sbibm C2ST recipe (slower)
 """
@@ -20,7 +20,6 @@ import os
 import jax
 import jax.numpy as jnp
 import matplotlib
-import numpy as np
 
 from numpyro_amortized import AutoAmortizedFlow, compare_with_nuts, fit, run_nuts, warm_start_nuts
 from numpyro_amortized.examples import peak_datasets, peak_model
@@ -28,7 +27,7 @@ from numpyro_amortized.examples import peak_datasets, peak_model
 matplotlib.use("Agg")
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 EXACT = os.environ.get("EXACT_C2ST", "") not in ("", "0")
-NUM_STEPS = int(os.environ.get("NUM_STEPS", 300 if QUICK else 30_000))
+NUM_STEPS = int(os.environ.get("NUM_STEPS") or (300 if QUICK else 20_000))
 NUM_DATASETS = 3 if QUICK else 20
 
 
@@ -47,19 +46,25 @@ def main(out_dir="."):
         guide, result.params, jax.random.PRNGKey(1), datasets,
         num_samples=4000, train_time=result.train_time,
         c2st_kwargs=None if EXACT else {"early_stopping": True},
-        nuts_kwargs={"num_warmup": 300, "num_samples": 500} if QUICK else None,
+        # the peak model is hard for NUTS (an unidentified peak makes l, m, s trade off):
+        # a higher acceptance target cuts its divergences
+        nuts_kwargs={"target_accept_prob": 0.95,
+                     **({"num_warmup": 300, "num_samples": 500} if QUICK else {})},
         progress_bar=not QUICK,
     )
     print(report)
 
     ds = report.datasets
-    trusted = ds[ds.pareto_k < 0.7]
-    ok = trusted.c2st_corrected <= 0.6
     print(f"\nC2ST ({'exact sbibm recipe' if EXACT else 'early-stopping classifier'}), "
           f"median over {len(ds)} datasets: amortized {ds.c2st_amortized.median():.3f}, "
           f"corrected {ds.c2st_corrected.median():.3f}")
-    print(f"k-hat < 0.7 on {len(trusted)} of {len(ds)} datasets; on those, corrected C2ST "
-          f"<= 0.6 on {int(ok.sum())} of {len(trusted)} (worst {trusted.c2st_corrected.max():.3f})")
+    trusted = ds[ds.pareto_k < 0.7]
+    for label, rows in (("", trusted), (" and NUTS passes its own checks", trusted[
+            trusted.nuts_reliable])):
+        ok = int((rows.c2st_corrected <= 0.6).sum())
+        worst = f" (worst {rows.c2st_corrected.max():.3f})" if len(rows) else ""
+        print(f"k-hat < 0.7{label}: {len(rows)} of {len(ds)} datasets; corrected C2ST <= 0.6 "
+              f"on {ok} of {len(rows)}{worst}")
 
     # 3. The pair plot of the dataset with the median k-hat.
     i = int(ds.pareto_k.sub(ds.pareto_k.median()).abs().idxmin())

@@ -219,7 +219,7 @@ def warm_start_nuts(guide, params, rng_key, *args, num_warmup=100, num_samples=1
         warm.diagnostics["rhat_max"]
     """
     if not isinstance(dense_mass, bool):
-        raise ValueError("warm_start_nuts takes dense_mass=True (a dense guide covariance) or "
+        raise TypeError("warm_start_nuts takes dense_mass=True (a dense guide covariance) or "
                          "False (its diagonal).")
     k_guide, k_nuts = jax.random.split(rng_key)
     n = max(int(num_guide_samples), num_chains)

@@ -200,6 +200,7 @@ class AutoAmortizedFlow(AutoGuide):
         self.init_params = nnx.to_pure_dict(params)
         self._sample_batch_jit = jax.jit(self._sample_batch, static_argnames=("sample_shape",))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
+        self._embed_batch_jit = jax.jit(self._embed_batch)
         return self.init_params
 
     def _check_setup(self):
@@ -310,6 +311,9 @@ class AutoAmortizedFlow(AutoGuide):
         u, log_det = self.latent_layout.unconstrain_with_log_det(latents)
         return self.posterior(params).log_prob(u, self._encode(data, num_obs)) - log_det
 
+    def _embed_batch(self, params, data, num_obs):
+        return self.posterior(params).embed(self._encode(data, num_obs))
+
     def log_prob_simulations(self, params, sims: Simulations):
         """``log q(theta_i | x_i)`` for each simulation (used by the NPE loss)."""
         return self.posterior(params).log_prob(sims.u, sims.data) - sims.log_det
@@ -387,6 +391,18 @@ class AutoAmortizedFlow(AutoGuide):
         self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
         return self._log_prob_batch_jit(self._nn_params(params), dict(latents), dict(data),
                                         None if num_obs is None else jnp.asarray(num_obs))
+
+    def summary_statistics_batch(self, params, data, num_obs=None):
+        """The summary network's output ``(num_datasets, summary_dim)`` for a batch of datasets
+        (the learned summary statistics, e.g. for misspecification checks).
+
+        :param data: observed values with a leading dataset axis, as in
+            :meth:`sample_posterior_batch`.
+        """
+        self._check_setup()
+        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
+        return self._embed_batch_jit(self._nn_params(params), dict(data),
+                                     None if num_obs is None else jnp.asarray(num_obs))
 
     def quantiles(self, params, quantiles, *args, rng_key=None, num_samples=4000, **kwargs):
         """Posterior quantiles of each latent for the data in ``args``, by Monte Carlo.

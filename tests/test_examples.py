@@ -29,6 +29,19 @@ def test_peak_example_runs(tmp_path):
     assert (tmp_path / "peak_pair.png").stat().st_size > 10_000
 
 
+def test_diagnostics_example_runs(tmp_path):
+    env = dict(os.environ, QUICK="1")
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "diagnostics.py")],
+                         check=False, env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in ("Diagnostics per latent", "signal_to_noise", "TARP", "Misspecification",
+                 "Student-t(2) noise"):
+        assert text in out.stdout, text
+    for name in ("sbc_ecdf", "coverage", "recovery", "z_score_contraction", "misspecification"):
+        assert (tmp_path / f"diagnostics_{name}.png").stat().st_size > 5_000
+
+
 def _nuts(model, num_chains, **data):
     import jax
     from numpyro.infer import MCMC, NUTS

@@ -35,7 +35,7 @@ def test_diagnostics_example_runs(tmp_path):
                          check=False, env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    for text in ("Diagnostics per latent", "signal_to_noise", "TARP", "Misspecification",
+    for text in ("Diagnostics per latent", "mean_at_x1", "TARP", "Misspecification",
                  "Student-t(2) noise"):
         assert text in out.stdout, text
     for name in ("sbc_ecdf", "coverage", "recovery", "z_score_contraction", "misspecification"):

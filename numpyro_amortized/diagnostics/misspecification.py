@@ -69,6 +69,10 @@ def misspecification_test(guide, params, rng_key, observed: dict, *args, num_obs
                           num_reference=1000, num_null=500, **kwargs) -> MisspecificationResult:
     """Test whether observed datasets look like the model's simulations, in summary space.
 
+    The observed datasets are compared, as a population, with the prior predictive: datasets
+    that all share one parameter value are unusual under it even when the model is right, so
+    test such datasets one at a time, or pass datasets whose parameters vary as the prior's do.
+
     :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow`.
     :param params: its parameters.
     :param observed: observed values with a leading dataset axis (one or more datasets), as

@@ -122,10 +122,13 @@ def plot_z_score_contraction(rec, names):
     good posteriors sit at high contraction with |z| mostly below 2."""
     fig, axes = _grid(len(names))
     for j, ax in enumerate(axes):
-        ax.scatter(rec.contraction[:, j], rec.z_score[:, j], s=3, alpha=0.4, color="tab:blue")
+        c = rec.contraction[:, j]
+        ax.scatter(c, rec.z_score[:, j], s=3, alpha=0.4, color="tab:blue")
         ax.axhspan(-2, 2, color="0.9", zorder=0)
-        ax.set_xlim(min(0.0, float(np.min(rec.contraction[:, j]))), 1.0)
-        ax.set_title(f"{names[j]} (sd of z = {rec.z_score_sd[j]:.2f})", fontsize=9)
+        ax.set_xlim(max(-1.0, min(0.0, float(np.min(c)))), 1.0)
+        off = int(np.sum(c < -1.0))  # posteriors wider than twice the prior sd
+        ax.set_title(f"{names[j]} (sd of z = {rec.z_score_sd[j]:.2f})"
+                     + (f", {off} left of -1" if off else ""), fontsize=9)
         ax.set_xlabel("contraction")
         ax.set_ylabel("z-score")
     fig.suptitle("Posterior z-score vs contraction")

@@ -16,6 +16,7 @@ import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import logsumexp
 
 from numpyro_amortized.compare.draws import log_joint
 
@@ -84,7 +85,7 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
         )
     smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
     smoothed = np.where(finite, smoothed, -np.inf)
-    smoothed = smoothed - _logsumexp(smoothed)
+    smoothed = smoothed - logsumexp(smoothed)
     w = np.exp(smoothed)
     ess = float(1.0 / np.sum(w**2))
     k = float(k)
@@ -100,8 +101,3 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     idx = jax.random.choice(k_resample, n, (int(num_samples),), p=jnp.asarray(w))
     draws = {name: jnp.asarray(v)[idx] for name, v in proposals.items()}
     return ImportanceResult(draws, proposals, smoothed, k, ess, ess / n)
-
-
-def _logsumexp(x):
-    m = np.max(x)
-    return m + np.log(np.sum(np.exp(x - m)))

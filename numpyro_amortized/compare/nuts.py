@@ -23,10 +23,10 @@ from numpyro_amortized.compare.draws import (
     abstract_key,
     merge_static,
     observed_values,
-    posterior_predictive,
     split_static,
     to_inference_data,
 )
+from numpyro_amortized.compare.draws import posterior_predictive as _replicate
 from numpyro_amortized.compare.importance import importance_resample
 from numpyro_amortized.simulation import inspect_model
 
@@ -140,9 +140,6 @@ def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chain
         attrs={"inference": "NUTS", "num_warmup": int(num_warmup)},
     )
     return NUTSResult(idata, flat, nuts_diagnostics(idata), run_time, compile_time)
-
-
-_replicate = posterior_predictive  # run_nuts' argument shadows the name
 
 
 def _nuts_program(model, settings, spec):

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from numpyro_amortized.diagnostics.mmd import squared_distances
+
 __all__ = ["MisspecificationResult", "misspecification_test", "ppc_p_values"]
 
 
@@ -47,7 +49,7 @@ class _EmbeddingMMD:
         self.loc, sd = ref.mean(0), ref.std(0)
         self.sd = np.where(sd > 0, sd, 1.0)
         self.ref = (ref - self.loc) / self.sd
-        sq = _sq_dists(self.ref, self.ref)
+        sq = squared_distances(self.ref, self.ref)
         n = len(self.ref)
         bw2 = np.median(sq[np.triu_indices(n, 1)])
         self.bw2 = bw2 if bw2 > 0 else 1.0
@@ -56,13 +58,9 @@ class _EmbeddingMMD:
 
     def __call__(self, y):
         y = (np.asarray(y, np.float64) - self.loc) / self.sd
-        kyy = np.exp(-_sq_dists(y, y) / (2 * self.bw2)).mean()
-        kxy = np.exp(-_sq_dists(self.ref, y) / (2 * self.bw2)).mean()
+        kyy = np.exp(-squared_distances(y, y) / (2 * self.bw2)).mean()
+        kxy = np.exp(-squared_distances(self.ref, y) / (2 * self.bw2)).mean()
         return float(self.kxx + kyy - 2 * kxy)
-
-
-def _sq_dists(a, b):
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0.0)
 
 
 def misspecification_test(guide, params, rng_key, observed: dict, *args, num_obs=None,

@@ -39,7 +39,7 @@ def mmd(reference, samples, *, bandwidth=None, z_score=True) -> float:
         sd = np.where(sd > 0, sd, 1.0)
         x, y = (x - loc) / sd, (y - loc) / sd
     pooled = np.concatenate([x, y])
-    sq = _sq_dists(pooled, pooled)
+    sq = squared_distances(pooled, pooled)
     if bandwidth is None:
         bandwidth = float(np.sqrt(np.median(sq[np.triu_indices(len(pooled), 1)])))
         bandwidth = bandwidth if bandwidth > 0 else 1.0
@@ -51,6 +51,7 @@ def mmd(reference, samples, *, bandwidth=None, z_score=True) -> float:
     return float(term_x + term_y - 2.0 * kxy.mean())
 
 
-def _sq_dists(a, b):
+def squared_distances(a, b):
+    """Pairwise squared Euclidean distances ``(len(a), len(b))``."""
     d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d, 0.0)

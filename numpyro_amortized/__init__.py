@@ -1,5 +1,6 @@
 """numpyro_amortized: amortized Bayesian inference for NumPyro models."""
 
+from numpyro_amortized.checkpoint import CheckpointError, load, save
 from numpyro_amortized.compare import (
     compare_with_nuts,
     guide_inference_data,
@@ -27,6 +28,7 @@ __all__ = [
     "NPE",
     "AmortizedELBO",
     "AutoAmortizedFlow",
+    "CheckpointError",
     "FitResult",
     "Simulations",
     "StepInfo",
@@ -39,8 +41,10 @@ __all__ = [
     "guide_inference_data",
     "importance_resample",
     "inspect_model",
+    "load",
     "mmd",
     "run_nuts",
+    "save",
     "simulate",
     "trainer",
     "warm_start_nuts",

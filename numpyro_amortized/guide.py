@@ -166,6 +166,10 @@ class AutoAmortizedFlow(AutoGuide):
         """
         if self.structure is not None:
             return self.init_params
+        return self._build(rng_key, args, kwargs)
+
+    def _build(self, rng_key, args, kwargs, stats=None):
+        """Set-up proper; ``stats`` (from a checkpoint) replaces the pilot simulations."""
         structure = inspect_model(
             self.model, *args, observed=self.observed, data_plate=self.data_plate, **kwargs
         )
@@ -184,10 +188,14 @@ class AutoAmortizedFlow(AutoGuide):
         self.data_layout = DataLayout(structure.observed, plate_size)
         self.structure = structure
         self._args, self._kwargs = args, kwargs
+        self._setup_key = np.asarray(rng_key)
+        self._probe_cache = None
         k_pilot, k_net = jax.random.split(rng_key)
-        n = self.num_pilot_simulations
-        pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
-        stats = _pilot_statistics(pilot)
+        if stats is None:
+            n = self.num_pilot_simulations
+            pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
+            stats = _pilot_statistics(pilot)
+        self._stats = stats
         summary_cls = self.summary_net or default_summary_net(self.data_layout.spec)
         rngs = nnx.Rngs(k_net)
         summary = summary_cls(self.data_layout.spec, rngs=rngs)

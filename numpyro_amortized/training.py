@@ -8,8 +8,11 @@ and ``update(state, *args, simulations=None) -> (TrainState, StepInfo)`` are pur
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,11 +20,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from numpyro_amortized.checkpoint import (
+    CheckpointError,
+    checkpoint_body,
+    flatten_tree,
+    read_file,
+    restore_guide,
+    unflatten_tree,
+    write_file,
+)
 from numpyro_amortized.losses import NPE, masked_mean
 
-__all__ = ["FitResult", "StepInfo", "TrainState", "Trainer", "default_optimizer", "fit", "trainer"]
+__all__ = [
+    "FitResult", "StepInfo", "TrainState", "Trainer", "data_mesh", "default_optimizer", "fit",
+    "trainer",
+]
 
 
 class TrainState(NamedTuple):
@@ -60,6 +77,10 @@ class FitResult(NamedTuple):
     :param num_dropped: simulations dropped because they contained NaN or infinity.
     :param num_simulations: simulations used for training (drawn online, or the bank size).
     :param compile_time: seconds spent compiling; :param train_time: seconds spent training.
+    :param best_step: the step whose parameters ``params`` are (with ``keep_best``).
+    :param best_validation_loss: their validation loss.
+    :param interrupted: training was stopped early (``KeyboardInterrupt``).
+    :param config: the run's settings (checked when a checkpoint of it is resumed).
     """
 
     params: dict
@@ -71,6 +92,10 @@ class FitResult(NamedTuple):
     num_simulations: int
     compile_time: float
     train_time: float
+    best_step: int = -1
+    best_validation_loss: float = float("inf")
+    interrupted: bool = False
+    config: dict | None = None
 
 
 def default_optimizer(num_steps, learning_rate=2e-3):
@@ -84,7 +109,12 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None) -> Trainer:
+def _axis_size(axis_name):
+    return jax.lax.psum(1, axis_name)
+
+
+def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
+            data_sharding=None) -> Trainer:
     """The pure training core for ``guide``.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`.
@@ -92,8 +122,15 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None)
         :class:`~numpyro_amortized.AmortizedELBO`.
     :param optimizer: any ``optax.GradientTransformation`` (default :func:`default_optimizer`
         for 10,000 steps).
-    :param batch_size: simulations per online update.
-    :param axis_name: under ``jax.pmap``/``shard_map``, the axis to average gradients over.
+    :param batch_size: simulations per update, over all devices (the global batch).
+    :param axis_name: under ``jax.pmap`` (or ``shard_map``), the mapped axis: each device
+        simulates ``batch_size / axis_size`` datasets with its own keys, and the loss and
+        gradient are the mean over the global batch (a ``psum``), so the update is the one a
+        single device would make on the same simulations.
+    :param data_sharding: under ``jax.jit`` over a device mesh, a ``NamedSharding`` that splits
+        the batch axis (e.g. ``NamedSharding(mesh, P("data"))``): simulations and the loss are
+        partitioned over the devices, parameters stay replicated, and the result does not
+        depend on the number of devices (JAX's random numbers are partitionable).
 
     A non-finite loss or gradient leaves the parameters and optimizer state untouched and is
     counted in ``num_skipped``; non-finite simulations are left out of the loss and counted.
@@ -118,18 +155,34 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None)
         rng_key, k_sim, k_loss = jax.random.split(state.rng_key, 3)
         sims = simulations
         if sims is None:
-            sims = guide.simulate(k_sim, batch_size, *args, **kwargs)
+            n = batch_size
+            if axis_name is not None:
+                devices = _axis_size(axis_name)
+                if batch_size % devices:
+                    raise ValueError(f"batch_size={batch_size} is not a multiple of the "
+                                     f"{devices} devices of axis '{axis_name}'.")
+                n = batch_size // devices
+                k_sim = jax.random.fold_in(k_sim, jax.lax.axis_index(axis_name))
+            sims = guide.simulate(k_sim, n, *args, **kwargs)
+        if data_sharding is not None:
+            sims = jax.lax.with_sharding_constraint(sims, data_sharding)
+        if axis_name is not None:
+            k_loss = jax.random.fold_in(k_loss, jax.lax.axis_index(axis_name))
+        count = jnp.sum(sims.valid)
+        if axis_name is not None:
+            count = jax.lax.psum(count, axis_name)
 
+        # the mean over the global batch: local sums over the global count, then a psum
         def objective(params):
             losses = loss.simulation_losses(guide, params, k_loss, sims, *args, **kwargs)
-            return masked_mean(losses, sims.valid)
+            return jnp.sum(jnp.where(sims.valid, losses, 0.0)) / jnp.maximum(count, 1)
 
         value, grads = jax.value_and_grad(objective)(state.params)
         num_dropped = jnp.sum(~sims.valid).astype(jnp.int32)
         if axis_name is not None:
-            value, grads = jax.lax.pmean((value, grads), axis_name)
+            value, grads = jax.lax.psum((value, grads), axis_name)
             num_dropped = jax.lax.psum(num_dropped, axis_name)
-        ok = jnp.isfinite(value) & _all_finite(grads)
+        ok = jnp.isfinite(value) & _all_finite(grads) & (count > 0)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -146,9 +199,107 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None)
     return Trainer(init, update)
 
 
+def data_mesh(devices=None):
+    """A one-axis mesh (``"data"``) over ``devices``: ``None`` for all devices (of all
+    processes, under ``jax.distributed``), an int for the first ``n``, or a list of devices."""
+    all_devices = jax.devices()
+    if devices is None:
+        devs = all_devices
+    elif isinstance(devices, int):
+        if not 1 <= devices <= len(all_devices):
+            raise ValueError(f"devices={devices}, but JAX sees {len(all_devices)} devices.")
+        devs = all_devices[:devices]
+    else:
+        devs = list(devices)
+    return Mesh(np.asarray(devs), ("data",))
+
+
+def _host_value(x):
+    """A replicated array as numpy, also when its devices span several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
+
+def _host_tree(tree):
+    return jax.tree.map(_host_value, tree)
+
+
+def _key_data(key):
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks, rng_key):
+    return {"num_steps": int(num_steps), "batch_size": int(batch_size),
+            "num_simulations": -1 if num_simulations is None else int(num_simulations),
+            "validation_size": int(validation_size), "num_chunks": int(num_chunks),
+            "rng_key": np.asarray(rng_key).astype(np.uint32).tolist()}
+
+
+def train_record(result: FitResult) -> dict:
+    """What a checkpoint keeps of a training run, to resume it (see :func:`fit`)."""
+    state = _host_tree(result.state)
+    record = {
+        "opt_state": flatten_tree(state.opt_state),
+        "final_params": flatten_tree(state.params),
+        "rng_key": np.asarray(state.rng_key),
+        "step": int(state.step), "num_skipped": int(state.num_skipped),
+        "num_dropped": int(state.num_dropped),
+        "losses": np.asarray(result.losses, np.float32),
+        "val_steps": np.asarray(result.validation_losses[0], np.int64),
+        "val_losses": np.asarray(result.validation_losses[1], np.float32),
+        "best_step": int(result.best_step), "best_validation_loss": float(result.best_validation_loss),
+        "train_time": float(result.train_time),
+        "run": json.dumps(result.config or {}),
+    }
+    return record
+
+
+def _resume(path, guide, optimizer, args, kwargs, run_config):
+    """The training state and history stored in checkpoint ``path``, for this run."""
+    body = read_file(path)
+    train = body.get("train")
+    if not train:
+        raise CheckpointError(f"{path}: this checkpoint holds a trained guide but no training "
+                              "state (it was written by save(path, guide, params)); it cannot be "
+                              "resumed. Save the FitResult, or use fit(..., checkpoint=path).")
+    saved = json.loads(train["run"])
+    if saved and saved != run_config:
+        diff = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+        raise CheckpointError(
+            f"{path}: the checkpoint is of a run with other settings {diff} (saved, now); resume "
+            "with the same rng_key, num_steps, batch_size, num_simulations, validation_size and "
+            "num_chunks to continue that run."
+        )
+    if guide.structure is None:
+        best = restore_guide(guide, body, path, args, kwargs)
+    else:
+        if body["fingerprint"] != guide.structure.fingerprint():
+            raise CheckpointError(f"{path}: the checkpoint was written for another model.")
+        best = unflatten_tree(guide.init_params, body["params"], "parameters", path)
+    params = unflatten_tree(guide.init_params, train["final_params"], "parameters", path)
+    opt_state = unflatten_tree(optimizer.init(params), train["opt_state"], "optimizer state",
+                               path)
+    as_i32 = lambda v: jnp.asarray(int(v), jnp.int32)
+    state = TrainState(params, opt_state, jnp.asarray(train["rng_key"]), as_i32(train["step"]),
+                       as_i32(train["num_skipped"]), as_i32(train["num_dropped"]))
+    history = {
+        "losses": list(np.asarray(train["losses"]).reshape(1, -1)),
+        "val_steps": [int(v) for v in np.asarray(train["val_steps"]).reshape(-1)],
+        "val_losses": [float(v) for v in np.asarray(train["val_losses"]).reshape(-1)],
+        "best": (int(train["best_step"]), float(train["best_validation_loss"]), best),
+        "train_time": float(train["train_time"]),
+    }
+    return state, history
+
+
 def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
-        num_chunks=100, **kwargs) -> FitResult:
+        num_chunks=100, devices=None, keep_best=True, checkpoint=None, checkpoint_every=None,
+        resume=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`.
@@ -156,7 +307,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     :param args: the model's arguments for one dataset (observed sites with values, of the
         largest size); ``kwargs`` likewise.
     :param num_steps: optimizer steps.
-    :param batch_size: simulations per step.
+    :param batch_size: simulations per step (the global batch, over all devices).
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
         :class:`~numpyro_amortized.AmortizedELBO`.
     :param optimizer: any optax transformation (default: Adam with cosine decay from
@@ -165,9 +316,23 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         step (online); an integer fixes a simulation budget: that many simulations are drawn once
         and minibatches are sampled from them (offline), 10% held out for validation.
     :param validation_size: held-out simulations for the validation loss (online mode).
-    :param progress_bar: show a tqdm bar with the loss.
+    :param progress_bar: show a tqdm bar with the loss (on process 0 only).
     :param num_chunks: how often (over the run) to report progress and validation.
+    :param devices: devices to train on, data parallel: ``None`` for all (all processes' under
+        ``jax.distributed``), an int for the first ``n``, or a list. The batch is split over
+        them; parameters are replicated; the result does not depend on their number.
+    :param keep_best: return the parameters with the lowest validation loss (checked
+        ``num_chunks`` times) instead of the last ones; ``result.state`` is always the last.
+    :param checkpoint: a file to save the run to (process 0 writes): every
+        ``checkpoint_every`` steps (default: a tenth of the run), at the end, and when training
+        is interrupted. Load it with :func:`~numpyro_amortized.load`.
+    :param resume: a checkpoint written by ``fit(..., checkpoint=...)``: continue that run
+        (same ``rng_key`` and settings) to the same result as an uninterrupted run.
     :return: a :class:`FitResult`.
+
+    Non-finite simulations are dropped from their batch and counted (an error is raised when
+    most of them are); Ctrl-C (``KeyboardInterrupt``) stops training and returns (and saves) the
+    last completed chunk's result, with ``result.interrupted`` set.
 
     **Example**::
 
@@ -176,19 +341,43 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     """
     optimizer = default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer
     loss = NPE() if loss is None else loss
-    tr = trainer(guide, loss=loss, optimizer=optimizer, batch_size=batch_size)
+    rng_key = _key_data(rng_key)
+    mesh = data_mesh(devices)
+    n_devices = mesh.devices.size
+    if batch_size % n_devices:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the {n_devices} devices; "
+                         "use a multiple, or fewer devices (devices=...).")
+    replicated = NamedSharding(mesh, P())
+    batched = NamedSharding(mesh, P("data"))
+    tr = trainer(guide, loss=loss, optimizer=optimizer, batch_size=batch_size,
+                 data_sharding=batched if n_devices > 1 else None)
     k_init, k_data, k_val = jax.random.split(rng_key, 3)
-    state = tr.init(k_init, *args, **kwargs)
+    run_config = _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks,
+                             rng_key)
+    history = {"losses": [], "val_steps": [], "val_losses": [], "best": None, "train_time": 0.0}
+    if resume is not None and os.path.exists(os.fspath(resume)):
+        state, history = _resume(resume, guide, optimizer, args, kwargs, run_config)
+    elif resume is not None and checkpoint is None:
+        raise CheckpointError(f"{resume}: no such checkpoint to resume from.")
+    else:  # resume=path of a run not yet started: start it (so one command runs or resumes)
+        state = tr.init(k_init, *args, **kwargs)
+    state = jax.device_put(_host_tree(state), replicated)
+    is_writer = jax.process_index() == 0
 
     bank = None
     if num_simulations is not None:
         num_simulations = int(num_simulations)
         n_val = max(1, min(validation_size, num_simulations // 10))
-        sims = jax.jit(lambda k: guide.simulate(k, num_simulations, *args, **kwargs))(k_data)
+        sims = jax.jit(lambda k: guide.simulate(k, num_simulations, *args, **kwargs),
+                       out_shardings=replicated)(k_data)
         val = jax.tree.map(lambda x: x[:n_val], sims)
         bank = jax.tree.map(lambda x: x[n_val:], sims)
     else:
-        val = jax.jit(lambda k: guide.simulate(k, validation_size, *args, **kwargs))(k_val)
+        n_val = validation_size
+        val = jax.jit(lambda k: guide.simulate(k, validation_size, *args, **kwargs),
+                      out_shardings=replicated)(k_val)
+    if n_val % n_devices == 0:
+        val = jax.device_put(val, batched)
 
     def val_loss(params, val):
         losses = loss.simulation_losses(guide, params, jax.random.PRNGKey(0), val, *args, **kwargs)
@@ -198,7 +387,6 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
 
     # the simulation bank and the validation set are arguments, not closed-over constants, so
     # a large budget is not baked into the compiled program
-    @jax.jit
     def run_chunk(state, bank, val):
         def step(state, _):
             sims = None
@@ -215,44 +403,86 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         return state, losses, dropped, val_loss(state.params, val)
 
     t0 = time.perf_counter()
-    compiled = run_chunk.lower(state, bank, val).compile()
+    compiled = jax.jit(
+        run_chunk, out_shardings=(replicated, replicated, replicated, replicated)
+    ).lower(state, bank, val).compile()
     compile_time = time.perf_counter() - t0
 
-    losses, val_steps, val_losses = [], [], []
-    bar = tqdm(total=num_steps, disable=not progress_bar, desc="training", unit="step",
-               mininterval=0.5)
+    done = int(_host_value(state.step))
+    if done % chunk and done < num_steps:
+        raise CheckpointError(f"{resume}: the checkpoint stopped at step {done}, not at a "
+                              f"multiple of this run's chunk ({chunk}).")
+    every = checkpoint_every or max(chunk, num_steps // 10)
+    every = max(chunk, math.ceil(every / chunk) * chunk)
+    best_step, best_loss, best_params = history["best"] or (-1, math.inf, None)
+    losses, val_steps, val_losses = history["losses"], history["val_steps"], history["val_losses"]
+    previous_time = history["train_time"]
+    interrupted = False
+
+    def result(train_time):
+        final = state.params
+        chosen = best_params if keep_best and best_params is not None else final
+        return FitResult(
+            params={guide.param_name: chosen},
+            losses=np.concatenate(losses) if losses else np.zeros(0),
+            validation_losses=(np.asarray(val_steps), np.asarray(val_losses)),
+            state=state,
+            num_skipped=int(_host_value(state.num_skipped)),
+            num_dropped=int(_host_value(state.num_dropped)),
+            num_simulations=num_steps * batch_size if bank is None else num_simulations,
+            compile_time=compile_time,
+            train_time=previous_time + train_time,
+            best_step=best_step,
+            best_validation_loss=best_loss,
+            interrupted=interrupted,
+            config=run_config,
+        )
+
+    def save_checkpoint(train_time):
+        if checkpoint is None or not is_writer:
+            return
+        r = result(train_time)
+        params = _host_tree(r.params[guide.param_name])
+        write_file(checkpoint, checkpoint_body(guide, params, train=train_record(r)))
+
+    bar = tqdm(total=num_steps, initial=done, disable=not progress_bar or not is_writer,
+               desc="training", unit="step", mininterval=0.5)
     t0 = time.perf_counter()
-    done = 0
     try:
         while done < num_steps:
-            state, chunk_losses, dropped, v = compiled(state, bank, val)
+            new_state, chunk_losses, dropped, v = compiled(state, bank, val)
             n = min(chunk, num_steps - done)
-            chunk_losses, dropped, v = jax.device_get((chunk_losses, dropped, v))
-            losses.append(chunk_losses[:n])
-            done += n
-            val_steps.append(done)
-            val_losses.append(float(v))
+            chunk_losses, dropped, v = _host_tree((chunk_losses, dropped, v))
             if dropped[:n].sum() > 0.5 * n * batch_size:
                 raise RuntimeError(
                     f"Most simulations in the last {n} steps were non-finite "
                     f"({int(dropped[:n].sum())} of {n * batch_size}). Check the model for "
                     "values outside a distribution's domain."
                 )
+            state = new_state
+            losses.append(chunk_losses[:n])
+            done += n
+            val_steps.append(done)
+            val_losses.append(float(v))
+            if keep_best and float(v) < best_loss:
+                best_step, best_loss, best_params = done, float(v), state.params
+            if done % every == 0 or done == num_steps:
+                save_checkpoint(time.perf_counter() - t0)
             bar.set_postfix(loss=f"{float(np.mean(chunk_losses[:n])):.4g}", val=f"{float(v):.4g}",
-                            skipped=int(state.num_skipped), dropped=int(state.num_dropped))
+                            skipped=int(_host_value(state.num_skipped)),
+                            dropped=int(_host_value(state.num_dropped)))
             bar.update(n)
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint(time.perf_counter() - t0)
+        warnings.warn(
+            f"Training interrupted at step {done} of {num_steps}: returning the parameters of "
+            "the last completed chunk"
+            + (f" (saved to {checkpoint}; continue with fit(..., resume={checkpoint!r}))."
+               if checkpoint is not None else "."),
+            UserWarning, stacklevel=2,
+        )
     finally:
         bar.close()
     jax.block_until_ready(state.params)
-    train_time = time.perf_counter() - t0
-    return FitResult(
-        params={guide.param_name: state.params},
-        losses=np.concatenate(losses) if losses else np.zeros(0),
-        validation_losses=(np.asarray(val_steps), np.asarray(val_losses)),
-        state=state,
-        num_skipped=int(state.num_skipped),
-        num_dropped=int(state.num_dropped),
-        num_simulations=num_steps * batch_size if bank is None else num_simulations,
-        compile_time=compile_time,
-        train_time=train_time,
-    )
+    return result(time.perf_counter() - t0)

@@ -1,0 +1,424 @@
+"""Checkpoints: a trained guide as one file that is safe to load and checked on loading.
+
+The file is a short header, a SHA-256 checksum and a msgpack body (``flax.serialization``):
+arrays, numbers and strings only, so loading a file cannot run code (no pickle). It holds the
+network parameters and buffers, the pilot standardization, the guide's configuration, the
+model's example arguments (when they are arrays or numbers), a fingerprint of the model's
+latent/observed structure, the package version, and, for checkpoints written during
+:func:`~numpyro_amortized.fit`, the optimizer state and training history to resume from.
+
+- :func:`save`: write a guide with its parameters (or a whole :class:`~numpyro_amortized.FitResult`).
+- :func:`load`: rebuild the guide for a model in a fresh process and return ``(guide, params)``.
+
+Loading checks everything it can and says what is wrong: a truncated or corrupted file, a file
+that is not a checkpoint, one written for a model with other latents or observations, by a newer
+checkpoint format, or for a network of another shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import jax
+import msgpack
+import numpy as np
+from flax import nnx, serialization
+
+__all__ = ["CheckpointError", "load", "save"]
+
+MAGIC = b"numpyro_amortized checkpoint\n"
+FORMAT_VERSION = 1
+_DIGEST = 64  # hex characters of the SHA-256 checksum, followed by a newline
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not fit the model or guide it is loaded for."""
+
+
+# ---------------------------------------------------------------------------- trees <-> flat
+def flatten_tree(tree) -> dict:
+    """``{path: numpy array}`` for the leaves of a pytree (paths as ``jax.tree_util.keystr``)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def unflatten_tree(template, flat: dict, what: str, path):
+    """Fill ``template``'s structure with ``flat``'s arrays, checking names, shapes and dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [jax.tree_util.keystr(p) for p, _ in leaves]
+    missing = [n for n in names if n not in flat]
+    extra = [n for n in flat if n not in set(names)]
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: the {what} in the checkpoint do not fit this guide's networks "
+            f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; unexpected: "
+            f"{extra[:3]}{'...' if len(extra) > 3 else ''}). The checkpoint was written for "
+            "another architecture: build the guide with the summary_net and flow it was "
+            "trained with and pass it as guide=."
+        )
+    out = []
+    for name, (_, leaf) in zip(names, leaves, strict=True):
+        value = np.asarray(flat[name])
+        leaf = np.asarray(leaf)
+        if value.shape != leaf.shape:
+            raise CheckpointError(
+                f"{path}: {what} {name} has shape {value.shape} in the checkpoint but "
+                f"{leaf.shape} in this guide: the checkpoint was written for another "
+                "architecture (pass the guide it was trained with as guide=)."
+            )
+        out.append(value.astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------- configuration
+def _describe_factory(factory):
+    """A plain description of a summary-net or flow factory, if it is one of the package's own
+    (possibly in a ``functools.partial`` with plain keyword arguments); else ``None``."""
+    if factory is None:
+        return {"name": None, "kwargs": {}}
+    kwargs = {}
+    if isinstance(factory, functools.partial):
+        if factory.args:
+            return None
+        kwargs = dict(factory.keywords)
+        factory = factory.func
+    module = getattr(factory, "__module__", "") or ""
+    if not module.startswith("numpyro_amortized."):
+        return None
+    try:
+        json.dumps(kwargs)
+    except TypeError:
+        return None
+    return {"name": factory.__name__, "kwargs": kwargs}
+
+
+def _resolve_factory(desc, role, path):
+    """The factory a description names, looked up only among the package's public networks."""
+    from numpyro_amortized import networks
+
+    if desc["name"] is None:
+        return None
+    obj = getattr(networks, desc["name"], None)
+    if obj is None or not callable(obj):
+        raise CheckpointError(
+            f"{path}: the {role} '{desc['name']}' is not one of numpyro_amortized.networks. "
+            "Build the guide yourself and pass it as guide=."
+        )
+    kwargs = _tuples(desc["kwargs"])
+    return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def _tuples(obj):
+    """msgpack turns tuples into lists; network options are tuples (hidden sizes)."""
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    return obj
+
+
+def guide_config(guide) -> dict:
+    return {
+        "summary_net": _describe_factory(guide.summary_net),
+        "flow": _describe_factory(guide.flow),
+        "observed": list(guide.observed),
+        "data_plate": guide.data_plate,
+        "set_sizes": None if guide.set_sizes is None else list(guide.set_sizes),
+        "num_pilot_simulations": guide.num_pilot_simulations,
+        "prefix": guide.prefix,
+    }
+
+
+# ---------------------------------------------------------------------------- model arguments
+def _encode_value(v):
+    if v is None:
+        return {"kind": "none"}
+    if isinstance(v, bool):
+        return {"kind": "bool", "value": v}
+    if isinstance(v, int | float):
+        return {"kind": type(v).__name__, "value": v}
+    if isinstance(v, str):
+        return {"kind": "str", "value": v}
+    if isinstance(v, np.ndarray | jax.Array | np.generic):
+        return {"kind": "array", "value": np.asarray(v)}
+    raise TypeError(type(v).__name__)
+
+
+def _decode_value(d):
+    kind = d["kind"]
+    if kind == "none":
+        return None
+    if kind == "array":
+        return np.asarray(d["value"])
+    if kind in ("bool", "int", "float", "str"):
+        return {"bool": bool, "int": int, "float": float, "str": str}[kind](d["value"])
+    raise CheckpointError(f"unknown model argument kind {kind!r}")
+
+
+def encode_model_args(args, kwargs):
+    """The model's example arguments as plain data, or ``(None, reason)``."""
+    try:
+        enc = {
+            "args": {str(i): _encode_value(a) for i, a in enumerate(args)},
+            "kwargs": {k: _encode_value(v) for k, v in kwargs.items()},
+        }
+    except TypeError as e:
+        return None, f"a model argument is a {e}, which a checkpoint does not store"
+    return enc, None
+
+
+def decode_model_args(enc):
+    args = tuple(_decode_value(enc["args"][str(i)]) for i in range(len(enc["args"])))
+    kwargs = {k: _decode_value(v) for k, v in enc["kwargs"].items()}
+    return args, kwargs
+
+
+# ---------------------------------------------------------------------------- file format
+def write_file(path, body: dict):
+    """Write ``body`` atomically: a temporary file in the same folder, then a rename, so an
+    interruption leaves the previous checkpoint intact."""
+    payload = serialization.msgpack_serialize(body)
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + digest + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_file(path) -> dict:
+    """Read and verify a checkpoint file; every failure is a :class:`CheckpointError`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file.") from None
+    if not raw.startswith(MAGIC):
+        raise CheckpointError(
+            f"{path}: not a numpyro_amortized checkpoint (it does not start with the checkpoint "
+            "header). Write checkpoints with numpyro_amortized.save or fit(..., checkpoint=...)."
+        )
+    head = len(MAGIC)
+    digest = raw[head:head + _DIGEST]
+    payload = raw[head + _DIGEST + 1:]
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(
+            f"{path}: the checkpoint is truncated or corrupted (its checksum does not match its "
+            f"contents; {len(raw)} bytes). Use an intact copy, or the periodic checkpoint "
+            "written before it."
+        )
+    try:
+        body = serialization.msgpack_restore(payload)
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:  # a forged file
+        raise CheckpointError(f"{path}: the checkpoint body cannot be decoded ({e}).") from None
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{path}: the checkpoint body is not a checkpoint record.")
+    version = int(body.get("format_version", -1))
+    if version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version}, written by numpyro_amortized "
+            f"{body.get('package_version', '?')}; this numpyro_amortized reads format "
+            f"{FORMAT_VERSION} and older. Upgrade numpyro_amortized to load it."
+        )
+    return body
+
+
+# ---------------------------------------------------------------------------- public API
+def checkpoint_body(guide, params, *, train=None) -> dict:
+    """The contents of a checkpoint (see :func:`save`)."""
+    from numpyro_amortized import __version__
+
+    guide._check_setup()
+    params = guide._nn_params(params)
+    model_args, why = encode_model_args(guide._args, guide._kwargs)
+    structure = guide.structure
+    body = {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "jax_version": jax.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": structure.fingerprint(),
+        "structure": {
+            "latents": ", ".join(f"{s.name}{list(s.shape)}" for s in structure.latents),
+            "observed": ", ".join(f"{s.name}{list(s.shape)}" for s in structure.observed),
+        },
+        "guide": json.dumps(guide_config(guide)),
+        "model_args": model_args if model_args is not None else {},
+        "model_args_missing": why or "",
+        "stats": {
+            "u_loc": guide._stats["u_loc"], "u_scale": guide._stats["u_scale"],
+            "data": {str(i): {"kind": "none"} if x is None else {"kind": "array", "value": x}
+                     for i, x in enumerate(guide._stats["data"])},
+        },
+        "setup_key": np.asarray(guide._setup_key, np.uint32),
+        "probe": _probe(guide, params),
+        "params": flatten_tree(params),
+        "buffers": flatten_tree(nnx.to_pure_dict(guide._buffers)),
+    }
+    if train is not None:
+        body["train"] = train
+    return body
+
+
+def _probe(guide, params, n=16):
+    """A few simulations and their guide densities: loading recomputes them, so a guide that
+    does not compute what was saved (other network code) is caught."""
+    if getattr(guide, "_probe_cache", None) is None:  # simulated and compiled once per guide
+        sims = jax.jit(lambda k: guide.simulate(k, n, *guide._args, **guide._kwargs))(
+            jax.random.PRNGKey(12345))
+        guide._probe_cache = (sims, jax.jit(guide.log_prob_simulations))
+    sims, log_prob = guide._probe_cache
+    log_q = log_prob(params, sims)
+    data = {name: {"kind": "none"} if x is None else {"kind": "array", "value": np.asarray(x)}
+            for name, x in zip(("set", "mask", "flat"), sims.data, strict=True)}
+    return {"u": np.asarray(sims.u), "log_det": np.asarray(sims.log_det), "data": data,
+            "valid": np.asarray(sims.valid), "log_q": np.asarray(log_q)}
+
+
+def _version_of(path):
+    try:
+        return read_file(path)["package_version"]
+    except CheckpointError:
+        return "?"
+
+
+def _check_probe(guide, params, probe, path):
+    from numpyro_amortized.data import DataBatch
+    from numpyro_amortized.guide import Simulations
+
+    data = DataBatch(*(_decode_value(probe["data"][k]) for k in ("set", "mask", "flat")))
+    sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
+                       data, None, jax.numpy.asarray(probe["valid"]))
+    got = np.asarray(guide.log_prob_simulations(params, sims))
+    want = np.asarray(probe["log_q"])
+    ok = np.asarray(probe["valid"], bool)
+    err = float(np.max(np.abs(got[ok] - want[ok]) / (1.0 + np.abs(want[ok])), initial=0.0))
+    if not err < 1e-4:
+        raise CheckpointError(
+            f"{path}: the loaded guide does not compute the densities it was saved with (relative "
+            f"difference {err:.3g}): its networks differ from the ones that wrote the checkpoint "
+            f"(another network code or version). It was written by numpyro_amortized "
+            f"{_version_of(path)}; load it with that version, or pass the guide it was trained "
+            "with as guide=."
+        )
+
+
+def save(path, guide, params):
+    """Save a trained guide to ``path`` (one file; no pickle).
+
+    :param guide: a set-up :class:`~numpyro_amortized.AutoAmortizedFlow`.
+    :param params: its parameters: ``fit(...).params``, ``svi.get_params(state)``, or a
+        :class:`~numpyro_amortized.FitResult` (then its optimizer state and history are saved
+        too, so training can be resumed with ``fit(..., resume=path)``).
+
+    **Example**::
+
+        result = fit(guide, jax.random.PRNGKey(0), x=x, y=y)
+        numpyro_amortized.save("regression.ckpt", guide, result)
+        # later, in another process:
+        guide, params = numpyro_amortized.load("regression.ckpt", model)
+    """
+    from numpyro_amortized.training import FitResult, train_record
+
+    train = None
+    if isinstance(params, FitResult):
+        train = train_record(params)
+        params = params.params
+    write_file(path, checkpoint_body(guide, params, train=train))
+
+
+def load(path, model, *args, guide=None, **kwargs):
+    """Load a guide saved with :func:`save` (or by ``fit(..., checkpoint=...)``).
+
+    :param model: the NumPyro model the guide was trained for (code is never read from the
+        file; its structure is checked against the checkpoint's fingerprint).
+    :param args: the model's example arguments; by default the ones stored in the checkpoint.
+    :param guide: a guide built as for training (needed when it used a summary network or flow
+        of your own; the package's own are rebuilt from the stored configuration).
+    :return: ``(guide, params)``, ready for ``guide.sample_posterior(key, params, ...)``.
+    """
+    from numpyro_amortized.guide import AutoAmortizedFlow
+
+    body = read_file(path)
+    config = json.loads(body["guide"])
+    if not args and not kwargs:
+        if not body["model_args"]:
+            raise CheckpointError(
+                f"{path}: the checkpoint has no example model arguments "
+                f"({body['model_args_missing']}); pass them: load(path, model, *args, **kwargs)."
+            )
+        args, kwargs = decode_model_args(body["model_args"])
+    if guide is None:
+        nets = {}
+        for role in ("summary_net", "flow"):
+            if config[role] is None:
+                raise CheckpointError(
+                    f"{path}: the guide was trained with a {role} of your own; build the guide "
+                    f"as for training and pass it: load(path, model, guide=guide)."
+                )
+            nets[role] = _resolve_factory(config[role], role, path)
+        set_sizes = config["set_sizes"]
+        guide = AutoAmortizedFlow(
+            model, summary_net=nets["summary_net"], flow=nets["flow"],
+            observed=config["observed"], data_plate=config["data_plate"],
+            set_sizes=None if set_sizes is None else tuple(set_sizes),
+            num_pilot_simulations=config["num_pilot_simulations"], prefix=config["prefix"],
+        )
+    elif guide.structure is not None:
+        raise CheckpointError("load(guide=...) needs a guide that has not been set up yet.")
+    params = restore_guide(guide, body, path, args, kwargs)
+    return guide, {guide.param_name: params}
+
+
+def restore_guide(guide, body, path, args, kwargs):
+    """Set ``guide`` up for ``args`` from the checkpoint ``body`` (no pilot simulations) and
+    return its parameters, after checking the model's structure and the networks' shapes."""
+    from numpyro_amortized.simulation import inspect_model
+
+    structure = inspect_model(guide.model, *args, observed=guide.observed,
+                              data_plate=guide.data_plate, **kwargs)
+    if structure.fingerprint() != body["fingerprint"]:
+        here = ", ".join(f"{s.name}{list(s.shape)}" for s in structure.latents)
+        obs = ", ".join(f"{s.name}{list(s.shape)}" for s in structure.observed)
+        raise CheckpointError(
+            f"{path}: the checkpoint was written for another model: it has latents "
+            f"[{body['structure']['latents']}] and observed [{body['structure']['observed']}], "
+            f"this model has latents [{here}] and observed [{obs}] (names, shapes and supports "
+            "must match). Load it with the model it was trained for."
+        )
+    stats_data = body["stats"]["data"]
+    stats = {
+        "u_loc": np.asarray(body["stats"]["u_loc"]),
+        "u_scale": np.asarray(body["stats"]["u_scale"]),
+        "data": tuple(_decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
+    }
+    try:
+        return _restore_networks(guide, body, path, args, kwargs, stats)
+    except BaseException:
+        guide.structure = None  # leave the guide as it was: not set up
+        raise
+
+
+def _restore_networks(guide, body, path, args, kwargs, stats):
+    guide._build(jax.numpy.asarray(body["setup_key"]), args, kwargs, stats=stats)
+    buffers = unflatten_tree(nnx.to_pure_dict(guide._buffers), body["buffers"], "buffers", path)
+    nnx.replace_by_pure_dict(guide._buffers, buffers)
+    params = unflatten_tree(guide.init_params, body["params"], "parameters", path)
+    _check_probe(guide, params, body["probe"], path)
+    guide.init_params = params
+    return params

@@ -77,8 +77,9 @@ class FitResult(NamedTuple):
     :param num_dropped: simulations dropped because they contained NaN or infinity.
     :param num_simulations: simulations used for training (drawn online, or the bank size).
     :param compile_time: seconds spent compiling; :param train_time: seconds spent training.
-    :param best_step: the step whose parameters ``params`` are (with ``keep_best``).
-    :param best_validation_loss: their validation loss.
+    :param best_step: the step with the lowest validation loss (``params`` are that step's
+        with ``keep_best``, the last step's otherwise).
+    :param best_validation_loss: its validation loss.
     :param interrupted: training was stopped early (``KeyboardInterrupt``).
     :param config: the run's settings (checked when a checkpoint of it is resumed).
     """
@@ -298,7 +299,7 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
 
 def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
-        num_chunks=100, devices=None, keep_best=True, checkpoint=None, checkpoint_every=None,
+        num_chunks=100, devices=None, keep_best=None, checkpoint=None, checkpoint_every=None,
         resume=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
@@ -323,6 +324,9 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         them; parameters are replicated; the result does not depend on their number.
     :param keep_best: return the parameters with the lowest validation loss (checked
         ``num_chunks`` times) instead of the last ones; ``result.state`` is always the last.
+        Default: on with a fixed simulation budget (where training over-fits its bank), off
+        for online training (fresh simulations every step cannot be over-fitted, and the
+        minimum of a noisy validation curve is not better than the end of a decayed run).
     :param checkpoint: a file to save the run to (process 0 writes): every
         ``checkpoint_every`` steps (default: a tenth of the run), at the end, and when training
         is interrupted. Load it with :func:`~numpyro_amortized.load`.
@@ -342,6 +346,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     optimizer = default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer
     loss = NPE() if loss is None else loss
     rng_key = _key_data(rng_key)
+    keep_best = num_simulations is not None if keep_best is None else bool(keep_best)
     mesh = data_mesh(devices)
     n_devices = mesh.devices.size
     if batch_size % n_devices:
@@ -464,7 +469,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
             done += n
             val_steps.append(done)
             val_losses.append(float(v))
-            if keep_best and float(v) < best_loss:
+            if float(v) < best_loss:  # tracked always; chosen only with keep_best
                 best_step, best_loss, best_params = done, float(v), state.params
             if done % every == 0 or done == num_steps:
                 save_checkpoint(time.perf_counter() - t0)

@@ -129,6 +129,7 @@ def guide_config(guide) -> dict:
         "observed": list(guide.observed),
         "data_plate": guide.data_plate,
         "set_sizes": None if guide.set_sizes is None else list(guide.set_sizes),
+        "time_series": guide.time_series,
         "num_pilot_simulations": guide.num_pilot_simulations,
         "prefix": guide.prefix,
     }
@@ -377,6 +378,7 @@ def load(path, model, *args, guide=None, **kwargs):
             model, summary_net=nets["summary_net"], flow=nets["flow"],
             observed=config["observed"], data_plate=config["data_plate"],
             set_sizes=None if set_sizes is None else tuple(set_sizes),
+            time_series=bool(config.get("time_series", False)),
             num_pilot_simulations=config["num_pilot_simulations"], prefix=config["prefix"],
         )
     elif guide.structure is not None:

@@ -108,7 +108,8 @@ class AutoAmortizedFlow(AutoGuide):
         for training.
     :param summary_net: a summary-network class or ``functools.partial`` of one, called as
         ``summary_net(spec, rngs=rngs)`` (see :mod:`numpyro_amortized.networks.summary`); by
-        default a :class:`~numpyro_amortized.networks.DeepSet` for observations in a plate and
+        default a :class:`~numpyro_amortized.networks.DeepSet` for observations in a plate (a
+        :class:`~numpyro_amortized.networks.TimeSeriesNet` with ``time_series=True``) and
         the data themselves (:class:`~numpyro_amortized.networks.Identity`) or an MLP otherwise.
     :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``; default
         :func:`~numpyro_amortized.networks.spline_flow`.
@@ -117,6 +118,10 @@ class AutoAmortizedFlow(AutoGuide):
     :param set_sizes: ``(min, max)`` dataset sizes to train on. ``max`` must be the plate size in
         the arguments; each simulated dataset keeps its first ``n`` observations, ``n`` uniform in
         ``[min, max]`` (exact for conditionally independent observations). Default: fixed size.
+    :param time_series: the data plate is a time axis (observations in order, conditionally
+        independent given the latents, e.g. noisy counts around an ODE solution): the default
+        summary network is then a :class:`~numpyro_amortized.networks.TimeSeriesNet` instead of
+        a DeepSet, and with ``set_sizes`` a series of ``n`` steps is its first ``n`` time points.
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 
@@ -141,13 +146,14 @@ class AutoAmortizedFlow(AutoGuide):
     """
 
     def __init__(self, model, *, summary_net=None, flow=None, observed=None, data_plate="auto",
-                 set_sizes=None, num_pilot_simulations=4096, prefix="auto"):
+                 set_sizes=None, time_series=False, num_pilot_simulations=4096, prefix="auto"):
         super().__init__(model, prefix=prefix)
         self.summary_net = summary_net
         self.flow = flow if flow is not None else spline_flow
         self.observed = tuple(observed or ())
         self.data_plate = data_plate
         self.set_sizes = None if set_sizes is None else (int(set_sizes[0]), int(set_sizes[1]))
+        self.time_series = bool(time_series)
         self.num_pilot_simulations = int(num_pilot_simulations)
         self.structure = None
         self.init_params = None
@@ -196,7 +202,8 @@ class AutoAmortizedFlow(AutoGuide):
             pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
             stats = _pilot_statistics(pilot)
         self._stats = stats
-        summary_cls = self.summary_net or default_summary_net(self.data_layout.spec)
+        summary_cls = self.summary_net or default_summary_net(self.data_layout.spec,
+                                                              time_series=self.time_series)
         rngs = nnx.Rngs(k_net)
         summary = summary_cls(self.data_layout.spec, rngs=rngs)
         self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))

@@ -6,6 +6,7 @@ from numpyro_amortized.networks.flows import (
     coupling_flow,
     spline_flow,
 )
+from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
 from numpyro_amortized.networks.summary import DeepSet, Identity, MLPSummary, default_summary_net
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "DeepSet",
     "Identity",
     "MLPSummary",
+    "SetTransformer",
+    "TimeSeriesNet",
     "affine_flow",
     "coupling_flow",
     "default_summary_net",

@@ -16,7 +16,7 @@ from flax import nnx
 from numpyro_amortized.data import DataBatch, DataSpec
 from numpyro_amortized.networks.layers import MLP
 
-__all__ = ["DeepSet", "Identity", "MLPSummary", "default_summary_net"]
+__all__ = ["DeepSet", "Identity", "MLPSummary", "default_summary_net", "masked_moments"]
 
 
 def _flatten_all(data: DataBatch):
@@ -115,15 +115,7 @@ class DeepSet(nnx.Module):
         n_safe = jnp.maximum(n, 1.0)
         parts = []
         if self.moments:
-            mean = jnp.sum(x * m, axis=-2) / n_safe
-            var = jnp.sum(((x - mean[..., None, :]) * m) ** 2, axis=-2) / n_safe
-            sd = jnp.sqrt(var + 1e-6)
-            x = (x - mean[..., None, :]) / sd[..., None, :] * m
-            parts += [mean, jnp.log(sd)]
-            if self.num_corr:
-                corr = jnp.einsum("...ni,...nj->...ij", x, x) / n_safe[..., None]
-                i, j = np.triu_indices(x.shape[-1], k=1)
-                parts.append(corr[..., i, j])
+            x, parts = masked_moments(x, data.mask, max_corr_features=16 if self.num_corr else 0)
         h = jax.nn.silu(self.inner(x))
         parts = [jnp.sum(h * m, axis=-2) / n_safe, jnp.log(n_safe)] + parts
         if data.flat is not None:
@@ -131,12 +123,45 @@ class DeepSet(nnx.Module):
         return self.outer(jnp.concatenate(parts, axis=-1))
 
 
-def default_summary_net(spec: DataSpec):
+def masked_moments(x, mask, *, max_corr_features=16):
+    """Standardize each dataset of a masked set by its own mean and sd per feature.
+
+    :param x: ``(..., N, F)`` observations; ``mask``: ``(..., N)``.
+    :return: the standardized set (zero where masked) and ``[mean, log sd]`` (``(..., F)``
+        each), plus the feature correlations (upper triangle) when ``F <= max_corr_features``.
+    """
+    m = mask[..., None].astype(x.dtype)
+    n_safe = jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+    mean = jnp.sum(x * m, axis=-2) / n_safe
+    var = jnp.sum(((x - mean[..., None, :]) * m) ** 2, axis=-2) / n_safe
+    sd = jnp.sqrt(var + 1e-6)
+    z = (x - mean[..., None, :]) / sd[..., None, :] * m
+    stats = [mean, jnp.log(sd)]
+    f = x.shape[-1]
+    if 1 < f <= max_corr_features:
+        corr = jnp.einsum("...ni,...nj->...ij", z, z) / n_safe[..., None]
+        i, j = np.triu_indices(f, k=1)
+        stats.append(corr[..., i, j])
+    return z, stats
+
+
+def default_summary_net(spec: DataSpec, *, time_series=False):
     """The summary network chosen when the user passes none.
 
-    A plate of observations gets a :class:`DeepSet`; fixed-size data of at most 64 numbers are
-    used as they are (:class:`Identity`), larger ones get an :class:`MLPSummary`.
+    A plate of observations gets a :class:`DeepSet` (exchangeable observations), or a
+    :class:`~numpyro_amortized.networks.TimeSeriesNet` when the guide is told the plate is a
+    time axis (``time_series=True``); fixed-size data of at most 64 numbers are used as they
+    are (:class:`Identity`), larger ones get an :class:`MLPSummary`.
     """
+    if time_series:
+        if spec.set_features == 0:
+            raise ValueError(
+                "time_series=True reads the observations of the data plate as a series, but the "
+                "model has no plate of observations. Put the time points in a "
+                "numpyro.plate (observations conditionally independent given the latents).")
+        from numpyro_amortized.networks.structured import TimeSeriesNet
+
+        return TimeSeriesNet
     if spec.set_features > 0:
         return DeepSet
     if spec.flat_features <= 64:

@@ -49,7 +49,8 @@ class SetTransformer(nnx.Module):
 
     :param spec: the data sizes.
     :param summary_dim: length of the summary vector.
-    :param dim: width of the attention blocks.
+    :param dim: width of the attention blocks (the cost grows with its square; the default
+        is sized for CPUs, raise it on accelerators or for complex sets).
     :param num_heads: attention heads.
     :param num_inducing: inducing points per ISAB.
     :param num_blocks: ISAB blocks.
@@ -66,8 +67,8 @@ class SetTransformer(nnx.Module):
 
     accepts_variable_size = True
 
-    def __init__(self, spec: DataSpec, *, summary_dim=32, dim=64, num_heads=4, num_inducing=16,
-                 num_blocks=2, num_seeds=1, moments=True, rngs: nnx.Rngs):
+    def __init__(self, spec: DataSpec, *, summary_dim=32, dim=32, num_heads=4, num_inducing=8,
+                 num_blocks=1, num_seeds=1, moments=True, rngs: nnx.Rngs):
         if spec.set_features == 0:
             raise ValueError("SetTransformer needs observations in a plate; use MLPSummary "
                              "instead.")

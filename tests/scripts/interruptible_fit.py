@@ -4,6 +4,7 @@ Usage: python interruptible_fit.py CHECKPOINT OUT.npz [resume]
 """
 
 import functools
+import signal
 import sys
 
 import jax
@@ -23,6 +24,9 @@ def model(y=None):
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
+# a process started in the background by a non-interactive shell inherits SIGINT as ignored;
+# this run stands for an interactive one, where Ctrl-C raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 checkpoint, out = sys.argv[1], sys.argv[2]
 resume = checkpoint if sys.argv[3:] == ["resume"] else None
 guide = AutoAmortizedFlow(model, num_pilot_simulations=256,

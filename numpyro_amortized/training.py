@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -277,9 +278,21 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
         )
     if guide.structure is None:
         best = restore_guide(guide, body, path, args, kwargs)
-    else:
-        if body["fingerprint"] != guide.structure.fingerprint():
-            raise CheckpointError(f"{path}: the checkpoint was written for another model.")
+    else:  # a guide already set up (e.g. the one of the interrupted run): it must be the same
+        same = (body["fingerprint"] == guide.structure.fingerprint()
+                and np.array_equal(np.asarray(body["setup_key"]), guide._setup_key))
+        if same:
+            saved = unflatten_tree(nnx.to_pure_dict(guide._buffers), body["buffers"], "buffers",
+                                   path)
+            here = nnx.to_pure_dict(guide._buffers)
+            same = all(np.array_equal(a, b) for a, b in
+                       zip(jax.tree.leaves(saved), jax.tree.leaves(here), strict=True))
+        if not same:
+            raise CheckpointError(
+                f"{path}: this guide was set up for another run (other model, key or "
+                "standardization) than the checkpoint's. Resume with a new guide built as for "
+                "that run, or with the guide object that ran it."
+            )
         best = unflatten_tree(guide.init_params, body["params"], "parameters", path)
     params = unflatten_tree(guide.init_params, train["final_params"], "parameters", path)
     opt_state = unflatten_tree(optimizer.init(params), train["opt_state"], "optimizer state",

@@ -229,12 +229,23 @@ def test_guides_with_networks_of_ones_own_need_the_guide(tmp_path):
             resume=tmp_path / "own.ckpt")
 
 
-def test_resume_with_other_settings_is_refused(trained):
-    _guide, _, path = trained
+def test_resume_with_other_settings_or_another_guide_is_refused(trained):
+    guide, result, path = trained
+    settings = {"num_steps": 60, "batch_size": 64, "num_chunks": 3, "validation_size": 64,
+                    "progress_bar": False, "resume": path}
     fresh = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
     with pytest.raises(CheckpointError, match="other settings.*batch_size"):
-        fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=60, batch_size=32, num_chunks=3,
-            validation_size=64, progress_bar=False, resume=path)
+        fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, **{**settings, "batch_size": 32})
+    other = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
+    other.setup(jax.random.PRNGKey(5), x=Z, y=Z)  # set up differently from the saved run
+    with pytest.raises(CheckpointError, match="set up for another run"):
+        fit(other, jax.random.PRNGKey(0), x=Z, y=Z, **settings)
+    # the guide object of the saved run resumes (the run is complete: nothing more to train)
+    again = fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, **settings)
+    np.testing.assert_array_equal(again.losses, result.losses)
+    for a, b in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(result.state.params),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(trained, tmp_path, monkeypatch):

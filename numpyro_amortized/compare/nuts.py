@@ -17,7 +17,7 @@ import arviz as az
 import jax
 import numpy as np
 from numpyro.distributions import biject_to
-from numpyro.infer import MCMC, NUTS
+from numpyro.infer import MCMC, NUTS, init_to_uniform
 
 from numpyro_amortized.compare.draws import (
     abstract_key,
@@ -60,8 +60,8 @@ class NUTSResult(NamedTuple):
 def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chains=4,
              dense_mass=False, target_accept_prob=0.8, max_tree_depth=10,
              chain_method="vectorized", init_params=None, inverse_mass_matrix=None,
-             adapt_mass_matrix=True, posterior_predictive=False, predictive_sites=None,
-             **kwargs) -> NUTSResult:
+             adapt_mass_matrix=True, init_strategy=None, posterior_predictive=False,
+             predictive_sites=None, **kwargs) -> NUTSResult:
     """Run NumPyro's NUTS on ``model`` with the data in ``args``/``kwargs``.
 
     :param model: the NumPyro model (the same one the amortized guide was trained on).
@@ -77,6 +77,11 @@ def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chain
     :param inverse_mass_matrix: optional initial inverse mass matrix for the unconstrained
         latents raveled in sorted site order (a vector for a diagonal one).
     :param adapt_mass_matrix: adapt the mass matrix during warm-up.
+    :param init_strategy: NumPyro's initialization strategy when ``init_params`` is not given
+        (default ``init_to_uniform``, uniform in (-2, 2) in unconstrained space; models whose
+        likelihood is flat far from the prior's centre, such as an epidemic that never takes
+        off, want ``numpyro.infer.init_to_median``). Pass the same object again to reuse the
+        compiled run.
     :param posterior_predictive: add a ``posterior_predictive`` group (see
         :func:`~numpyro_amortized.compare.posterior_predictive`).
     :return: a :class:`NUTSResult`.
@@ -95,7 +100,7 @@ def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chain
     dense = tuple(map(tuple, dense_mass)) if isinstance(dense_mass, (list, tuple)) else dense_mass
     settings = (int(num_warmup), int(num_samples), int(num_chains), dense,
                 float(target_accept_prob), int(max_tree_depth), chain_method,
-                bool(adapt_mass_matrix))
+                bool(adapt_mass_matrix), init_strategy or init_to_uniform)
     dynamic, spec = split_static((args, kwargs))
     if init_params is not None:
         init_params = {k: jax.numpy.asarray(v) for k, v in init_params.items()}
@@ -144,14 +149,14 @@ def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chain
 
 def _nuts_program(model, settings, spec):
     (num_warmup, num_samples, num_chains, dense, target_accept_prob, max_tree_depth,
-     chain_method, adapt_mass_matrix) = settings
+     chain_method, adapt_mass_matrix, init_strategy) = settings
     dense_mass = list(dense) if isinstance(dense, tuple) else dense
 
     def run(rng_key, dynamic, init_params, inverse_mass_matrix):
         args, kwargs = merge_static(dynamic, spec)
         kernel = NUTS(model, dense_mass=dense_mass, target_accept_prob=target_accept_prob,
                       max_tree_depth=max_tree_depth, inverse_mass_matrix=inverse_mass_matrix,
-                      adapt_mass_matrix=adapt_mass_matrix)
+                      adapt_mass_matrix=adapt_mass_matrix, init_strategy=init_strategy)
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, chain_method=chain_method, progress_bar=False)
         mcmc.run(rng_key, *args, init_params=init_params, extra_fields=_EXTRA_FIELDS,

@@ -1,0 +1,237 @@
+"""The sbibm benchmark: C2ST of the package defaults per task and simulation budget.
+
+For each task of ``numpyro_amortized.examples.sbibm`` and each budget (10^3, 10^4, 10^5 fixed
+simulations, and online training for a wall-clock budget), trains ``AutoAmortizedFlow`` with the
+package defaults, draws ``--num-draws`` posterior samples for each observation, and scores them
+with the sbibm C2ST recipe (``numpyro_amortized.c2st``: MLP classifier, 5-fold, z-scored) against
+the reference posterior: exact samplers where they exist, otherwise long NUTS runs, checked
+(R-hat, ESS, divergences) and cached in ``benchmarks/results/references``.
+
+Observations are drawn from the prior predictive with a fixed seed (sbibm's stored
+observations are not shipped here); an observation whose NUTS reference fails its checks is
+replaced by the next one, and the number replaced is recorded.
+
+    python benchmarks/sbibm.py                                  # the full run (hours on 2 cores)
+    python benchmarks/sbibm.py --tasks two_moons slcp --budgets 10000
+    python benchmarks/sbibm.py --quick                          # smoke run (the test suite's)
+
+Results go to ``benchmarks/results/sbibm.json`` (merged with earlier rows) and the SBIBM section
+of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.infer import init_to_median
+
+from numpyro_amortized import AutoAmortizedFlow, c2st, fit, run_nuts
+from numpyro_amortized.examples.sbibm import TASKS, parameter_vector
+from numpyro_amortized.simulation import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PUBLISHED_NPE = {  # sbibm, NPE, mean C2ST over 10 observations at 10^3 / 10^4 / 10^5
+    "gaussian_linear": (0.694, 0.552, 0.506), "gaussian_linear_uniform": (0.696, 0.553, 0.509),
+    "gaussian_mixture": (0.716, 0.615, 0.548), "two_moons": (0.725, 0.606, 0.542),
+    "slcp": (0.975, 0.901, 0.831), "bernoulli_glm": (0.863, 0.678, 0.559),
+    "sir": (0.815, 0.680, 0.585), "lotka_volterra": (0.999, 0.997, 0.981),
+}
+BEST_PUBLISHED_1E5 = {
+    "gaussian_linear": 0.506, "two_moons": 0.530, "gaussian_mixture": 0.531, "slcp": 0.578,
+    "bernoulli_glm": 0.522, "sir": 0.547, "lotka_volterra": 0.695,
+}
+
+
+def observations(name, num, *, num_draws, seed=2026, quick=False):
+    """``num`` observations and their reference draws (cached for NUTS references)."""
+    task = TASKS[name]
+    candidates = simulate(task.model, jax.random.PRNGKey(seed), 4 * num, **task.data)["x"]
+    xs, refs, replaced = [], [], 0
+    for i in range(len(candidates)):
+        if len(xs) == num:
+            break
+        x = np.asarray(candidates[i])
+        rng = np.random.default_rng(seed + i)
+        if task.reference is not None:
+            ref = task.reference(x, num_draws, rng)
+        else:
+            ref = nuts_reference(name, i, x, num_draws, rng, seed=seed, quick=quick)
+            if ref is None:
+                replaced += 1
+                continue
+        xs.append(x)
+        refs.append(np.asarray(ref, np.float64))
+    return np.stack(xs), refs, replaced
+
+
+def nuts_reference(name, index, x, num_draws, rng, *, seed, quick):
+    """Long NUTS run (10 chains), checked; ``None`` when it fails its checks."""
+    task = TASKS[name]
+    path = RESULTS / "references" / f"{name}_seed{seed}_obs{index}_{num_draws}.npz"
+    if path.exists() and not quick:
+        return np.load(path)["draws"]
+    chains = 10
+    per_chain = -(-num_draws // chains)
+    settings = ({"num_warmup": 100, "num_samples": per_chain} if quick
+                else {"num_warmup": 1500, "num_samples": per_chain})
+    key = jax.random.PRNGKey(seed + index)
+    init = None if name == "slcp" else init_to_median()
+    res = run_nuts(task.model, key, x=jnp.asarray(x), num_chains=chains, init_strategy=init,
+                   target_accept_prob=0.9, **settings)
+    draws = parameter_vector(res.samples, task)
+    if task.nuts_symmetries is not None:
+        # chains sit in different symmetric modes: check them folded onto one, then fill all
+        folded = draws.copy()
+        folded[:, 2:4] = np.abs(folded[:, 2:4])
+        ok = _folded_rhat(folded, chains) < 1.01 and res.diagnostics["divergences"] == 0
+        draws = task.nuts_symmetries(folded, rng)
+    else:
+        ok = res.diagnostics["reliable"]
+    if not ok and not quick:
+        print(f"  {name} obs {index}: NUTS reference failed its checks "
+              f"({res.diagnostics['problems']}); next observation", flush=True)
+        return None
+    draws = draws[rng.permutation(len(draws))[:num_draws]]
+    if not quick:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, draws=draws)
+    return draws
+
+
+def _folded_rhat(draws, chains):
+    import arviz as az
+
+    by_chain = draws.reshape(chains, -1, draws.shape[-1])
+    return float(np.max(az.rhat(az.convert_to_dataset(by_chain))["x"].values))
+
+
+def train(name, budget, *, quick):
+    """Train with the package defaults; returns (guide, result, wall seconds)."""
+    task = TASKS[name]
+    guide = AutoAmortizedFlow(task.model)
+    steps = 50 if quick else None
+    t0 = time.perf_counter()
+    if budget == "online":
+        # the wall-clock budget: measure steps per second on a short run, then train for as
+        # many steps as fit in ONLINE_SECONDS (the learning-rate schedule needs the length)
+        probe = fit(guide, jax.random.PRNGKey(0), num_steps=20 if quick else 200,
+                    progress_bar=False, **task.data)
+        rate = len(probe.losses) / probe.train_time
+        guide = AutoAmortizedFlow(task.model)
+        steps = 20 if quick else int(rate * ONLINE_SECONDS)
+        t0 = time.perf_counter()
+        result = fit(guide, jax.random.PRNGKey(0), num_steps=steps, progress_bar=False,
+                     **task.data)
+    else:
+        kw = {} if steps is None else {"num_steps": steps}
+        result = fit(guide, jax.random.PRNGKey(0), num_simulations=int(budget),
+                     progress_bar=False, **kw, **task.data)
+    jax.block_until_ready(result.params)
+    return guide, result, time.perf_counter() - t0
+
+
+ONLINE_SECONDS = 60.0
+
+
+def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs):
+    task = TASKS[name]
+    xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
+    rows = []
+    for budget in budgets:
+        guide, result, wall = train(name, budget, quick=quick)
+        t = time.perf_counter()
+        draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
+                                             {"x": jnp.asarray(xs)},
+                                             sample_shape=(num_draws,))
+        jax.block_until_ready(draws)
+        sampling = time.perf_counter() - t
+        theta = parameter_vector(draws, task)  # (obs, draws, dim)
+        scores = [c2st(refs[i], theta[i], classifier_kwargs=c2st_kwargs)
+                  for i in range(len(xs))]
+        row = {"task": name, "budget": str(budget), "c2st": scores,
+               "c2st_mean": float(np.mean(scores)), "wall_time_s": wall,
+               "train_time_s": result.train_time, "compile_time_s": result.compile_time,
+               "num_simulations": int(result.num_simulations),
+               "simulations_per_s": float(result.num_simulations / max(result.train_time, 1e-9))
+               if budget == "online" else None,
+               "sampling_time_s": sampling, "num_observations": len(xs),
+               "observations_replaced": replaced, "num_draws": num_draws,
+               "c2st_recipe": "exact sbibm" if not c2st_kwargs else str(c2st_kwargs)}
+        print(f"{name} {budget}: C2ST {row['c2st_mean']:.3f} ({len(xs)} obs.), wall "
+              f"{wall:.0f} s, sampling {sampling:.2f} s", flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows):
+    lines = [("| task | budget | C2ST (ours) | published NPE | best published (10^5) | "
+             "wall time, s | sampling, s | observations |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    idx = {"1000": 0, "10000": 1, "100000": 2}
+    for r in rows:
+        npe = PUBLISHED_NPE[r["task"]][idx[r["budget"]]] if r["budget"] in idx else None
+        best = BEST_PUBLISHED_1E5.get(r["task"]) if r["budget"] == "100000" else None
+        budget = (f"online {r['num_simulations']:,} ({r['wall_time_s']:.0f} s)"
+                  if r["budget"] == "online" else f"{int(r['budget']):,}")
+        lines.append(
+            f"| {r['task']} | {budget} | **{r['c2st_mean']:.3f}** | "
+            f"{'' if npe is None else f'{npe:.3f}'} | {'' if best is None else f'{best:.3f}'} | "
+            f"{r['wall_time_s']:.0f} | {r['sampling_time_s']:.2f} | {r['num_observations']}"
+            f"{' (' + str(r['observations_replaced']) + ' replaced)' if r['observations_replaced'] else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--budgets", nargs="*", default=["1000", "10000", "100000", "online"])
+    parser.add_argument("--num-observations", type=int, default=10)
+    parser.add_argument("--num-draws", type=int, default=10_000)
+    parser.add_argument("--online-seconds", type=float, default=60.0)
+    parser.add_argument("--fast-c2st", action="store_true",
+                        help="early-stopping classifier instead of the exact sbibm recipe")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny everything, "
+                        "results not stored")
+    args = parser.parse_args(argv)
+    global ONLINE_SECONDS
+    ONLINE_SECONDS = args.online_seconds
+    quick = args.quick
+    num_obs = 2 if quick else args.num_observations
+    num_draws = 500 if quick else args.num_draws
+    c2st_kwargs = {"early_stopping": True} if (args.fast_c2st or quick) else None
+    rows = []
+    for name in args.tasks:
+        rows += run(name, args.budgets, num_obs=num_obs, num_draws=num_draws, quick=quick,
+                    c2st_kwargs=c2st_kwargs)
+    if quick:
+        print(table(rows))
+        return rows
+    out = RESULTS / "sbibm.json"
+    stored = json.loads(out.read_text())["rows"] if out.exists() else []
+    new = {(r["task"], r["budget"]) for r in rows}
+    rows = [r for r in stored if (r["task"], r["budget"]) not in new] + rows
+    order = list(TASKS)
+    border = ["1000", "10000", "100000", "online"]
+    rows.sort(key=lambda r: (order.index(r["task"]), border.index(r["budget"])))
+    out.write_text(json.dumps({"devices": [str(d) for d in jax.devices()], "rows": rows},
+                              indent=1))
+    from run import write_markdown  # benchmarks/run.py, next to this script
+
+    text = (f"Measured on {len(jax.devices())} {jax.devices()[0].platform} device(s) "
+            f"(`python benchmarks/sbibm.py`); C2ST recipe per row in "
+            "benchmarks/results/sbibm.json.\n\n" + table(rows))
+    write_markdown("SBIBM", text)
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,7 @@ class Task(NamedTuple):
 
     ``reference(x, num_samples, rng)`` draws exactly from the posterior (``None``: use NUTS,
     with ``nuts_symmetries`` applied to its draws when the posterior has symmetric modes).
+    ``guide_kwargs`` is what a user declares about the data (``sir``'s plate is a time axis).
     """
 
     model: Callable
@@ -62,6 +63,7 @@ class Task(NamedTuple):
     latents: tuple
     reference: Callable | None = None
     nuts_symmetries: Callable | None = None
+    guide_kwargs: dict | None = None
 
 
 def gaussian_linear_uniform(x=None, dim=10, noise_var=0.1):
@@ -196,7 +198,8 @@ TASKS = {
     "two_moons": Task(two_moons, {"x": jnp.zeros(2)}, ("theta",), _two_moons_reference),
     "slcp": Task(slcp, {"x": jnp.zeros((4, 2))}, ("theta",), None, slcp_symmetries),
     "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(100)}, ("bias", "filter")),
-    "sir": Task(sir, {"x": jnp.zeros(10, jnp.int32)}, ("beta", "gamma")),
+    "sir": Task(sir, {"x": jnp.zeros(10, jnp.int32)}, ("beta", "gamma"),
+                guide_kwargs={"time_series": True}),
     "lotka_volterra": Task(lotka_volterra, {"x": jnp.ones(20)},
                            ("alpha", "beta", "gamma", "delta")),
 }

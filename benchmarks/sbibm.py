@@ -112,7 +112,7 @@ def _folded_rhat(draws, chains):
     return float(np.max(az.rhat(az.convert_to_dataset(by_chain))["x"].values))
 
 
-def train(name, budget, *, quick):
+def train(name, budget, *, quick, online_seconds=60.0):
     """Train with the package defaults; returns (guide, result, wall seconds)."""
     task = TASKS[name]
     guide = AutoAmortizedFlow(task.model, **(task.guide_kwargs or {}))
@@ -120,12 +120,12 @@ def train(name, budget, *, quick):
     t0 = time.perf_counter()
     if budget == "online":
         # the wall-clock budget: measure steps per second on a short run, then train for as
-        # many steps as fit in ONLINE_SECONDS (the learning-rate schedule needs the length)
+        # many steps as fit in online_seconds (the learning-rate schedule needs the length)
         probe = fit(guide, jax.random.PRNGKey(0), num_steps=20 if quick else 200,
                     progress_bar=False, **task.data)
         rate = len(probe.losses) / probe.train_time
         guide = AutoAmortizedFlow(task.model, **(task.guide_kwargs or {}))
-        steps = 20 if quick else int(rate * ONLINE_SECONDS)
+        steps = 20 if quick else int(rate * online_seconds)
         t0 = time.perf_counter()
         result = fit(guide, jax.random.PRNGKey(0), num_steps=steps, progress_bar=False,
                      **task.data)
@@ -137,15 +137,13 @@ def train(name, budget, *, quick):
     return guide, result, time.perf_counter() - t0
 
 
-ONLINE_SECONDS = 60.0
 
-
-def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs):
+def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0):
     task = TASKS[name]
     xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
     for budget in budgets:
-        guide, result, wall = train(name, budget, quick=quick)
+        guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds)
         t = time.perf_counter()
         draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
                                              {"x": jnp.asarray(xs)},
@@ -204,8 +202,6 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny everything, "
                         "results not stored")
     args = parser.parse_args(argv)
-    global ONLINE_SECONDS
-    ONLINE_SECONDS = args.online_seconds
     quick = args.quick
     num_obs = 2 if quick else args.num_observations
     num_draws = 500 if quick else args.num_draws
@@ -213,7 +209,7 @@ def main(argv=None):
     rows = []
     for name in args.tasks:
         new = run(name, args.budgets, num_obs=num_obs, num_draws=num_draws, quick=quick,
-                  c2st_kwargs=c2st_kwargs)
+                  c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds)
         rows += new
         if not quick:
             store(new)  # after each task, so a long run interrupted keeps what it measured

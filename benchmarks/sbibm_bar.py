@@ -24,12 +24,7 @@ import numpy as np
 from run import write_markdown  # benchmarks/run.py, next to this script
 
 from numpyro_amortized import AutoAmortizedFlow, c2st, fit
-from numpyro_amortized.examples import (
-    gaussian_linear,
-    gaussian_linear_posterior,
-    two_moons,
-    two_moons_reference_posterior,
-)
+from numpyro_amortized.examples.sbibm import TASKS as SBIBM
 from numpyro_amortized.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +41,10 @@ def observations(model, template, num, seed):
 
 
 def reference(task, x, num, rng):
-    if task == "two_moons":
-        return two_moons_reference_posterior(x, num, rng)
-    m, s = map(np.asarray, gaussian_linear_posterior(x))
-    return m + s * rng.normal(size=(num, len(m)))
+    return SBIBM[task].reference(x, num, rng)
 
 
-TASKS = {
-    "two_moons": (two_moons, {"x": jnp.zeros(2)}),
-    "gaussian_linear": (gaussian_linear, {"x": jnp.zeros(10)}),
-}
+TASKS = {name: (SBIBM[name].model, SBIBM[name].data) for name in ("two_moons", "gaussian_linear")}
 
 
 def run(task, mode, num_obs, num_draws, steps, batch_size):

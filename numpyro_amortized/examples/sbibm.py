@@ -184,10 +184,6 @@ def _gaussian_mixture_reference(x, num_samples, rng):
     return out[:num_samples]
 
 
-def _two_moons_reference(x, num_samples, rng):
-    return two_moons_reference_posterior(x, num_samples, rng)
-
-
 TASKS = {
     "gaussian_linear": Task(gaussian_linear, {"x": jnp.zeros(10)}, ("theta",),
                             _gaussian_linear_reference),
@@ -195,7 +191,8 @@ TASKS = {
                                     _gaussian_linear_uniform_reference),
     "gaussian_mixture": Task(gaussian_mixture, {"x": jnp.zeros(2)}, ("theta",),
                              _gaussian_mixture_reference),
-    "two_moons": Task(two_moons, {"x": jnp.zeros(2)}, ("theta",), _two_moons_reference),
+    "two_moons": Task(two_moons, {"x": jnp.zeros(2)}, ("theta",),
+                      two_moons_reference_posterior),
     "slcp": Task(slcp, {"x": jnp.zeros((4, 2))}, ("theta",), None, slcp_symmetries),
     "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(100)}, ("bias", "filter")),
     "sir": Task(sir, {"x": jnp.zeros(10, jnp.int32)}, ("beta", "gamma"),

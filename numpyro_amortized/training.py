@@ -82,6 +82,9 @@ class FitResult(NamedTuple):
         with ``keep_best``, the last step's otherwise).
     :param best_validation_loss: its validation loss.
     :param interrupted: training was stopped early (``KeyboardInterrupt``).
+    :param stopped_early: the validation loss stopped improving after the last learning-rate
+        reduction (``patience`` in :func:`fit`), so training ended before ``num_steps``.
+    :param plateau: the learning-rate factor and plateau counters at the end (to resume).
     :param config: the run's settings (checked when a checkpoint of it is resumed).
     """
 
@@ -98,6 +101,8 @@ class FitResult(NamedTuple):
     best_validation_loss: float = float("inf")
     interrupted: bool = False
     config: dict | None = None
+    stopped_early: bool = False
+    plateau: dict | None = None
 
 
 def default_optimizer(num_steps, learning_rate=2e-3):
@@ -136,6 +141,8 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
 
     A non-finite loss or gradient leaves the parameters and optimizer state untouched and is
     counted in ``num_skipped``; non-finite simulations are left out of the loss and counted.
+    ``update(..., update_scale=s)`` multiplies the optimizer's step by ``s`` (a traced scalar:
+    the learning-rate factor :func:`fit` lowers on a validation plateau, without recompiling).
 
     **Example**::
 
@@ -153,7 +160,7 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
         zero = jnp.zeros((), jnp.int32)
         return TrainState(params, optimizer.init(params), k_state, zero, zero, zero)
 
-    def update(state, *args, simulations=None, **kwargs):
+    def update(state, *args, simulations=None, update_scale=None, **kwargs):
         rng_key, k_sim, k_loss = jax.random.split(state.rng_key, 3)
         sims = simulations
         if sims is None:
@@ -186,6 +193,8 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
             num_dropped = jax.lax.psum(num_dropped, axis_name)
         ok = jnp.isfinite(value) & _all_finite(grads) & (count > 0)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if update_scale is not None:  # a learning-rate factor chosen while training runs
+            updates = jax.tree.map(lambda u: u * update_scale, updates)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
@@ -256,6 +265,7 @@ def train_record(result: FitResult) -> dict:
         "best_step": int(result.best_step), "best_validation_loss": float(result.best_validation_loss),
         "train_time": float(result.train_time),
         "run": json.dumps(result.config or {}),
+        "plateau": json.dumps(result.plateau or {}),
     }
     return record
 
@@ -306,14 +316,15 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
         "val_losses": [float(v) for v in np.asarray(train["val_losses"]).reshape(-1)],
         "best": (int(train["best_step"]), float(train["best_validation_loss"]), best),
         "train_time": float(train["train_time"]),
+        "plateau": json.loads(str(train["plateau"])) if "plateau" in train else {},
     }
     return state, history
 
 
 def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
-        num_chunks=100, devices=None, keep_best=None, checkpoint=None, checkpoint_every=None,
-        resume=None, **kwargs) -> FitResult:
+        num_chunks=100, devices=None, keep_best=None, patience=None, checkpoint=None,
+        checkpoint_every=None, resume=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`.
@@ -340,6 +351,12 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         Default: on with a fixed simulation budget (where training over-fits its bank), off
         for online training (fresh simulations every step cannot be over-fitted, and the
         minimum of a noisy validation curve is not better than the end of a decayed run).
+    :param patience: validation checks without improvement after which training goes back to
+        the best parameters and halves the learning rate; after the fourth halving, the next
+        plateau ends training (``result.stopped_early``). This keeps a run on a fixed budget
+        learning at a lower rate once it starts to memorize its bank, instead of only picking an
+        early, under-trained step. Default: 10 with a fixed simulation budget, off (``0``) for
+        online training.
     :param checkpoint: a file to save the run to (process 0 writes): every
         ``checkpoint_every`` steps (default: a tenth of the run), at the end, and when training
         is interrupted. Load it with :func:`~numpyro_amortized.load`.
@@ -360,6 +377,12 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     loss = NPE() if loss is None else loss
     rng_key = _key_data(rng_key)
     keep_best = num_simulations is not None if keep_best is None else bool(keep_best)
+    if patience is None:
+        patience = 10 if num_simulations is not None else 0
+    patience = int(patience)
+    if patience and not keep_best:
+        raise ValueError("patience needs keep_best=True: on a plateau, training goes back to "
+                         "the best parameters.")
     mesh = data_mesh(devices)
     n_devices = mesh.devices.size
     if batch_size % n_devices:
@@ -372,7 +395,8 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     k_init, k_data, k_val = jax.random.split(rng_key, 3)
     run_config = _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks,
                              rng_key)
-    history = {"losses": [], "val_steps": [], "val_losses": [], "best": None, "train_time": 0.0}
+    history = {"losses": [], "val_steps": [], "val_losses": [], "best": None, "train_time": 0.0,
+               "plateau": {}}
     if resume is not None and os.path.exists(os.fspath(resume)):
         state, history = _resume(resume, guide, optimizer, args, kwargs, run_config)
     elif resume is not None and checkpoint is None:
@@ -405,7 +429,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
 
     # the simulation bank and the validation set are arguments, not closed-over constants, so
     # a large budget is not baked into the compiled program
-    def run_chunk(state, bank, val):
+    def run_chunk(state, bank, val, scale):
         def step(state, _):
             sims = None
             if bank is not None:
@@ -413,7 +437,8 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
                                          bank.u.shape[0])
                 sims = jax.tree.map(lambda x: x[idx], bank)
             active = state.step < num_steps
-            new_state, info = tr.update(state, *args, simulations=sims, **kwargs)
+            new_state, info = tr.update(state, *args, simulations=sims, update_scale=scale,
+                                        **kwargs)
             new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
             return new_state, (info.loss, info.num_dropped)
 
@@ -423,7 +448,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     t0 = time.perf_counter()
     compiled = jax.jit(
         run_chunk, out_shardings=(replicated, replicated, replicated, replicated)
-    ).lower(state, bank, val).compile()
+    ).lower(state, bank, val, jnp.float32(1.0)).compile()
     compile_time = time.perf_counter() - t0
 
     done = int(_host_value(state.step))
@@ -436,6 +461,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     losses, val_steps, val_losses = history["losses"], history["val_steps"], history["val_losses"]
     previous_time = history["train_time"]
     interrupted = False
+    plateau = {"scale": 1.0, "stale": 0, "halvings": 0, "stopped": False, **history["plateau"]}
 
     def result(train_time):
         final = state.params
@@ -454,6 +480,8 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
             best_validation_loss=best_loss,
             interrupted=interrupted,
             config=run_config,
+            stopped_early=plateau["stopped"],
+            plateau=dict(plateau),
         )
 
     def save_checkpoint(train_time):
@@ -467,8 +495,9 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
                desc="training", unit="step", mininterval=0.5)
     t0 = time.perf_counter()
     try:
-        while done < num_steps:
-            new_state, chunk_losses, dropped, v = compiled(state, bank, val)
+        while done < num_steps and not plateau["stopped"]:
+            new_state, chunk_losses, dropped, v = compiled(state, bank, val,
+                                                           jnp.float32(plateau["scale"]))
             n = min(chunk, num_steps - done)
             chunk_losses, dropped, v = _host_tree((chunk_losses, dropped, v))
             if dropped[:n].sum() > 0.5 * n * batch_size:
@@ -484,7 +513,18 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
             val_losses.append(float(v))
             if float(v) < best_loss:  # tracked always; chosen only with keep_best
                 best_step, best_loss, best_params = done, float(v), state.params
-            if done % every == 0 or done == num_steps:
+                plateau["stale"] = 0
+            elif patience:
+                plateau["stale"] += 1
+                if plateau["stale"] >= patience:  # back to the best, at half the rate
+                    plateau["stale"] = 0
+                    if plateau["halvings"] == 4:
+                        plateau["stopped"] = True
+                    else:
+                        plateau["halvings"] += 1
+                        plateau["scale"] /= 2
+                        state = state._replace(params=best_params)
+            if done % every == 0 or done == num_steps or plateau["stopped"]:
                 save_checkpoint(time.perf_counter() - t0)
             bar.set_postfix(loss=f"{float(np.mean(chunk_losses[:n])):.4g}", val=f"{float(v):.4g}",
                             skipped=int(_host_value(state.num_skipped)),

@@ -154,7 +154,7 @@ def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
 def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
     result = fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=1500, batch_size=64,
-                 num_simulations=400, num_chunks=30, progress_bar=False)  # overfits
+                 num_simulations=400, num_chunks=30, patience=0, progress_bar=False)  # overfits
     steps, val = result.validation_losses
     assert result.best_validation_loss == pytest.approx(val.min())
     assert result.best_step == steps[np.argmin(val)] < 1500
@@ -162,6 +162,33 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     fresh = guide.simulate(jax.random.PRNGKey(99), 4096, x=Z, y=Z)
     nll = lambda p: float(jnp.mean(NPE().simulation_losses(guide, p, None, fresh, x=Z, y=Z)))
     assert nll(result.params[guide.param_name]) < nll(result.state.params) - 0.1
+
+
+def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
+    # the same over-fitting bank as above: with patience, each plateau goes back to the best
+    # parameters at half the learning rate, and the last plateau ends the run
+    runs = {}
+    for patience in (0, 3):
+        guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+        runs[patience] = guide, fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=3000,
+                                    batch_size=64, num_simulations=400, num_chunks=60,
+                                    patience=patience, progress_bar=False)
+    stopped = runs[3][1]
+    assert stopped.plateau["halvings"] == 4 and stopped.plateau["scale"] == 1 / 16
+    assert stopped.stopped_early and len(stopped.losses) < 3000
+    assert stopped.validation_losses[0][-1] == len(stopped.losses)
+    assert not runs[0][1].stopped_early and len(runs[0][1].losses) == 3000
+    fresh = runs[0][0].simulate(jax.random.PRNGKey(99), 4096, x=Z, y=Z)
+    nll = {p: float(jnp.mean(NPE().simulation_losses(g, r.params[g.param_name], None, fresh,
+                                                     x=Z, y=Z)))
+           for p, (g, r) in runs.items()}
+    assert nll[3] < nll[0] - 0.05, nll
+
+
+def test_patience_needs_keep_best():
+    with pytest.raises(ValueError, match="patience needs keep_best"):
+        fit(AutoAmortizedFlow(linear_regression), jax.random.PRNGKey(0), x=Z, y=Z,
+            num_simulations=100, keep_best=False, patience=3, progress_bar=False)
 
 
 # ---------------------------------------------------------------------------- faults

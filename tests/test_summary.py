@@ -7,7 +7,13 @@ import pytest
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks import DeepSet, Identity, MLPSummary, default_summary_net
+from numpyro_amortized.networks import (
+    DeepSet,
+    Identity,
+    LinearSummary,
+    MLPSummary,
+    default_summary_net,
+)
 
 
 def batch(n_set=6, features=2, flat=3, seed=0, sizes=(6, 4)):
@@ -49,6 +55,14 @@ def test_fixed_size_networks():
     spec = DataSpec(2, 6, 3)
     assert Identity(spec)(data).shape == (2, 15)
     assert MLPSummary(spec, summary_dim=4, hidden=(8,), rngs=nnx.Rngs(0))(data).shape == (2, 4)
+    linear = LinearSummary(spec, summary_dim=4, rngs=nnx.Rngs(0))
+    other = batch(flat=3, seed=1)
+    both = DataBatch(data.set + 2 * other.set, data.mask, data.flat + 2 * other.flat)
+    zero = DataBatch(0 * data.set, data.mask, 0 * data.flat)
+    # affine: f(a + 2b) - f(0) = (f(a) - f(0)) + 2 (f(b) - f(0))
+    np.testing.assert_allclose(linear(both) - linear(zero),
+                               linear(data) + 2 * linear(other) - 3 * linear(zero), atol=1e-5)
+    assert linear(data).shape == (2, 4)
 
 
 def test_default_summary_net_follows_the_data():

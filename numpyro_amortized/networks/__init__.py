@@ -7,12 +7,19 @@ from numpyro_amortized.networks.flows import (
     spline_flow,
 )
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
-from numpyro_amortized.networks.summary import DeepSet, Identity, MLPSummary, default_summary_net
+from numpyro_amortized.networks.summary import (
+    DeepSet,
+    Identity,
+    LinearSummary,
+    MLPSummary,
+    default_summary_net,
+)
 
 __all__ = [
     "ConditionalFlow",
     "DeepSet",
     "Identity",
+    "LinearSummary",
     "MLPSummary",
     "SetTransformer",
     "TimeSeriesNet",

@@ -16,7 +16,8 @@ from flax import nnx
 from numpyro_amortized.data import DataBatch, DataSpec
 from numpyro_amortized.networks.layers import MLP
 
-__all__ = ["DeepSet", "Identity", "MLPSummary", "default_summary_net", "masked_moments"]
+__all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary", "default_summary_net",
+           "masked_moments"]
 
 
 def _flatten_all(data: DataBatch):
@@ -44,6 +45,30 @@ class Identity(nnx.Module):
 
     def __call__(self, data: DataBatch):
         return _flatten_all(data)
+
+
+class LinearSummary(nnx.Module):
+    """A learned linear projection of the flattened data: for fixed-size data whose sufficient
+    statistics are linear in it (a GLM's ``X^T y``, counts, sums), where an MLP would over-fit a
+    small simulation budget.
+
+    :param spec: the data sizes.
+    :param summary_dim: length of the summary vector (at least the number of statistics).
+
+    **Example**::
+
+        guide = AutoAmortizedFlow(glm, summary_net=partial(LinearSummary, summary_dim=10))
+    """
+
+    accepts_variable_size = False
+
+    def __init__(self, spec: DataSpec, *, summary_dim=16, rngs: nnx.Rngs):
+        in_features = spec.set_features * spec.max_set_size + spec.flat_features
+        self.linear = nnx.Linear(in_features, summary_dim, rngs=rngs)
+        self.summary_dim = summary_dim
+
+    def __call__(self, data: DataBatch):
+        return self.linear(_flatten_all(data))
 
 
 class MLPSummary(nnx.Module):

@@ -141,7 +141,7 @@ def test_variable_size_regression_against_nuts():
     """One guide, trained on N from 5 to 15, against NUTS on datasets of five sizes."""
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15))
     result = fit(guide, jax.random.PRNGKey(0), x=jnp.zeros(15), y=jnp.zeros(15),
-                 num_steps=15_000, progress_bar=False)
+                 num_steps=8_000, progress_bar=False)
     rng = np.random.default_rng(1)
     scores = {}
     for n in (5, 7, 10, 12, 15):

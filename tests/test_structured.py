@@ -63,7 +63,7 @@ def mean_model(y=None, n_max=60):
 
 def test_set_transformer_posterior_shrinks_like_one_over_sqrt_n():
     guide = AutoAmortizedFlow(mean_model, set_sizes=(5, 60), summary_net=SetTransformer)
-    result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(60), num_steps=1500, batch_size=256,
+    result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(60), num_steps=1500, batch_size=128,
                  progress_bar=False)
     rng = np.random.default_rng(0)
     for n in (5, 20, 60):
@@ -86,7 +86,7 @@ def trend_model(y=None, t_max=30):
 def test_time_series_net_learns_the_exact_posterior_of_a_trend():
     guide = AutoAmortizedFlow(trend_model, set_sizes=(10, 30), time_series=True)
     assert isinstance(guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(30)), dict)
-    result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(30), num_steps=1500, batch_size=256,
+    result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(30), num_steps=1500, batch_size=128,
                  progress_bar=False)
     assert type(guide.posterior(result.params).summary_net).__name__ == "TimeSeriesNet"
     rng = np.random.default_rng(1)

@@ -22,7 +22,6 @@ ones as task-level figures, not observation by observation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -37,7 +36,6 @@ from numpyro_amortized.examples.models import (
     two_moons,
     two_moons_reference_posterior,
 )
-from numpyro_amortized.networks.summary import LinearSummary
 
 __all__ = [
     "TASKS",
@@ -57,8 +55,7 @@ class Task(NamedTuple):
 
     ``reference(x, num_samples, rng)`` draws exactly from the posterior (``None``: use NUTS,
     with ``nuts_symmetries`` applied to its draws when the posterior has symmetric modes).
-    ``guide_kwargs`` is what a user declares about the data (``sir``'s plate is a time axis;
-    ``bernoulli_glm``'s sufficient statistics are linear in the spike train).
+    ``guide_kwargs`` is what a user declares about the data (``sir``'s plate is a time axis).
     """
 
     model: Callable
@@ -197,10 +194,7 @@ TASKS = {
     "two_moons": Task(two_moons, {"x": jnp.zeros(2)}, ("theta",),
                       two_moons_reference_posterior),
     "slcp": Task(slcp, {"x": jnp.zeros((4, 2))}, ("theta",), None, slcp_symmetries),
-    # sbibm hands NPE the 10 sufficient statistics, which are linear in the spike train: the
-    # guide is told so (a learned linear summary), not given them
-    "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(100)}, ("bias", "filter"),
-                          guide_kwargs={"summary_net": partial(LinearSummary, summary_dim=10)}),
+    "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(100)}, ("bias", "filter")),
     "sir": Task(sir, {"x": jnp.zeros(10, jnp.int32)}, ("beta", "gamma"),
                 guide_kwargs={"time_series": True}),
     "lotka_volterra": Task(lotka_volterra, {"x": jnp.ones(20)},

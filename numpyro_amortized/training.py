@@ -243,6 +243,11 @@ def _key_data(key):
     return key
 
 
+def _num_held_out(num_simulations, validation_size):
+    """Simulations of a fixed budget held out for validation: 10%, at most validation_size."""
+    return max(1, min(int(validation_size), int(num_simulations) // 10))
+
+
 def _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks, rng_key):
     return {"num_steps": int(num_steps), "batch_size": int(batch_size),
             "num_simulations": -1 if num_simulations is None else int(num_simulations),
@@ -321,7 +326,7 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
     return state, history
 
 
-def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimizer=None,
+def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=100, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, **kwargs) -> FitResult:
@@ -331,7 +336,9 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     :param rng_key: a PRNG key.
     :param args: the model's arguments for one dataset (observed sites with values, of the
         largest size); ``kwargs`` likewise.
-    :param num_steps: optimizer steps.
+    :param num_steps: optimizer steps. Default: 5,000 online; with a fixed budget, 30 passes over
+        the training simulations, at least 5,000 and at most 20,000 steps (a larger bank has
+        more to learn from; the validation plateau ends a run that stops improving).
     :param batch_size: simulations per step (the global batch, over all devices).
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
         :class:`~numpyro_amortized.AmortizedELBO`.
@@ -373,6 +380,12 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
         result = fit(guide, jax.random.PRNGKey(0), x=x, y=y, num_steps=3000)
         result.params, result.losses[-1]
     """
+    if num_steps is None:
+        num_steps = 5000
+        if num_simulations is not None:
+            num_train = int(num_simulations) - _num_held_out(num_simulations, validation_size)
+            num_steps = min(20_000, max(5000, math.ceil(30 * num_train / batch_size)))
+    num_steps = int(num_steps)
     optimizer = default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer
     loss = NPE() if loss is None else loss
     rng_key = _key_data(rng_key)
@@ -409,7 +422,7 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
     bank = None
     if num_simulations is not None:
         num_simulations = int(num_simulations)
-        n_val = max(1, min(validation_size, num_simulations // 10))
+        n_val = _num_held_out(num_simulations, validation_size)
         sims = jax.jit(lambda k: guide.simulate(k, num_simulations, *args, **kwargs),
                        out_shardings=replicated)(k_data)
         val = jax.tree.map(lambda x: x[:n_val], sims)
@@ -437,8 +450,8 @@ def fit(guide, rng_key, *args, num_steps=5000, batch_size=256, loss=None, optimi
                                          bank.u.shape[0])
                 sims = jax.tree.map(lambda x: x[idx], bank)
             active = state.step < num_steps
-            new_state, info = tr.update(state, *args, simulations=sims, update_scale=scale,
-                                        **kwargs)
+            new_state, info = tr.update(state, *args, simulations=sims,
+                                        update_scale=scale if patience else None, **kwargs)
             new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
             return new_state, (info.loss, info.num_dropped)
 

@@ -159,6 +159,7 @@ def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds
                "c2st_mean": float(np.mean(scores)), "wall_time_s": wall,
                "train_time_s": result.train_time, "compile_time_s": result.compile_time,
                "num_simulations": int(result.num_simulations),
+               "steps": len(result.losses), "step_kept": int(result.best_step),
                "simulations_per_s": float(result.num_simulations / max(result.train_time, 1e-9))
                if budget == "online" else None,
                "sampling_time_s": sampling, "num_observations": len(xs),
@@ -170,10 +171,17 @@ def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds
     return rows
 
 
+def _steps(row):
+    if "steps" not in row:  # rows stored before the step counts were
+        return ""
+    kept = f" ({row['step_kept']:,})" if row["step_kept"] >= 0 and row["budget"] != "online" else ""
+    return f"{row['steps']:,}{kept}"
+
+
 def table(rows):
     lines = [("| task | budget | C2ST (ours) | published NPE | best published (10^5) | "
-             "wall time, s | sampling, s | observations | C2ST classifier |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "wall time, s | steps (kept) | sampling, s | observations | C2ST classifier |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     idx = {"1000": 0, "10000": 1, "100000": 2}
     for r in rows:
         npe = PUBLISHED_NPE[r["task"]][idx[r["budget"]]] if r["budget"] in idx else None
@@ -183,7 +191,8 @@ def table(rows):
         lines.append(
             f"| {r['task']} | {budget} | **{r['c2st_mean']:.3f}** | "
             f"{'' if npe is None else f'{npe:.3f}'} | {'' if best is None else f'{best:.3f}'} | "
-            f"{r['wall_time_s']:.0f} | {r['sampling_time_s']:.2f} | {r['num_observations']}"
+            f"{r['wall_time_s']:.0f} | {_steps(r)} | {r['sampling_time_s']:.2f} | "
+            f"{r['num_observations']}"
             f"{' (' + str(r['observations_replaced']) + ' replaced)' if r['observations_replaced'] else ''}"
             f" | {'sbibm recipe' if r['c2st_recipe'] == 'exact sbibm' else 'early stopping'} |")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 EXACT = os.environ.get("EXACT_C2ST", "") not in ("", "0")
 NUM_STEPS = int(os.environ.get("NUM_STEPS") or (300 if QUICK else 20_000))
-NUM_DATASETS = 3 if QUICK else 20
+NUM_DATASETS = 2 if QUICK else 20
 
 
 def main(out_dir="."):
@@ -49,7 +49,7 @@ def main(out_dir="."):
         # the peak model is hard for NUTS (an unidentified peak makes l, m, s trade off):
         # a higher acceptance target cuts its divergences
         nuts_kwargs={"target_accept_prob": 0.95,
-                     **({"num_warmup": 300, "num_samples": 500} if QUICK else {})},
+                     **({"num_warmup": 150, "num_samples": 250} if QUICK else {})},
         progress_bar=not QUICK,
     )
     print(report)

@@ -543,6 +543,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
                             skipped=int(_host_value(state.num_skipped)),
                             dropped=int(_host_value(state.num_dropped)))
             bar.update(n)
+            if plateau["stopped"]:  # the bar ends where training did
+                bar.total = done
+                bar.set_description("training (stopped: validation plateau)")
+                bar.refresh()
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint(time.perf_counter() - t0)

@@ -82,10 +82,10 @@ def test_runner_smoke(monkeypatch):
     sys.modules.pop("sbibm", None)
     import sbibm
 
-    # bernoulli_glm: a NUTS reference; both a fixed budget and the online wall-clock budget
-    rows = sbibm.main(["--quick", "--tasks", "bernoulli_glm", "--budgets", "1000", "online"])
-    assert [(r["task"], r["budget"]) for r in rows] == [
-        ("bernoulli_glm", "1000"), ("bernoulli_glm", "online")]
+    # bernoulli_glm: a NUTS reference; the online wall-clock budget (the fixed-budget path is
+    # one fit(num_simulations=...) call, tested in test_scale and test_training)
+    rows = sbibm.main(["--quick", "--tasks", "bernoulli_glm", "--budgets", "online"])
+    assert [(r["task"], r["budget"]) for r in rows] == [("bernoulli_glm", "online")]
     for r in rows:
         assert len(r["c2st"]) == 2 and all(0.4 < s <= 1.0 for s in r["c2st"])
         assert r["sampling_time_s"] > 0 and r["wall_time_s"] > 0

@@ -493,7 +493,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
             best_validation_loss=best_loss,
             interrupted=interrupted,
             config=run_config,
-            stopped_early=plateau["stopped"],
+            stopped_early=plateau["stopped"] and done < num_steps,
             plateau=dict(plateau),
         )
 

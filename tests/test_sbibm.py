@@ -78,9 +78,7 @@ def test_slcp_symmetrized_draws_fill_the_four_modes():
 
 
 def test_runner_smoke(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    sys.modules.pop("sbibm", None)
-    import sbibm
+    sbibm = _benchmark_module(monkeypatch)
 
     # bernoulli_glm: a NUTS reference; the online wall-clock budget (the fixed-budget path is
     # one fit(num_simulations=...) call, tested in test_scale and test_training)
@@ -89,3 +87,41 @@ def test_runner_smoke(monkeypatch):
     for r in rows:
         assert len(r["c2st"]) == 2 and all(0.4 < s <= 1.0 for s in r["c2st"])
         assert r["sampling_time_s"] > 0 and r["wall_time_s"] > 0
+
+
+def _benchmark_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("sbibm", None)
+    import sbibm
+
+    return sbibm
+
+
+def test_rejection_reference_draws_the_exact_posterior_and_flags_light_tails(monkeypatch):
+    """lotka_volterra's reference sampler, on posteriors we know: gaussian_linear's exact
+    Gaussian (C2ST and moments against the analytic posterior), and gaussian_mixture's narrow
+    and wide components, which a Student-t around the mode cannot cover: that must be refused."""
+    from numpyro_amortized import c2st
+    from numpyro_amortized.examples.sbibm import gaussian_linear_posterior
+
+    sbibm = _benchmark_module(monkeypatch)
+    task = TASKS["gaussian_linear"]
+    x = simulate(task.model, jax.random.PRNGKey(1), 1, **task.data)["x"][0]
+    draws, info = sbibm.rejection_reference(task.model, {"x": x}, 4000,
+                                            np.random.default_rng(0), num_starts=2)
+    assert not info["problems"] and info["khat"] < 0.5 and info["acceptance"] > 0.05, info
+    theta = parameter_vector(draws, task)
+    mean, sd = map(np.asarray, gaussian_linear_posterior(x))
+    assert np.max(np.abs(theta.mean(0) - mean) / sd) < 5 / np.sqrt(4000) * 1.5
+    assert np.max(np.abs(theta.std(0) / sd - 1)) < 0.06
+    exact = mean + sd * np.random.default_rng(1).normal(size=(4000, len(mean)))
+    assert c2st(exact, theta, classifier_kwargs={"early_stopping": True}) < 0.55
+    assert c2st(exact, 1.2 * (theta - mean) + mean,  # the same draws 20% too wide
+                classifier_kwargs={"early_stopping": True}) > 0.55
+
+    task = TASKS["gaussian_mixture"]
+    x = simulate(task.model, jax.random.PRNGKey(1), 1, **task.data)["x"][0]
+    draws, info = sbibm.rejection_reference(task.model, {"x": x}, 4000,
+                                            np.random.default_rng(0), num_starts=2,
+                                            max_proposals=200_000)
+    assert draws is None and info["problems"], info

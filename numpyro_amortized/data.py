@@ -2,7 +2,9 @@
 
 Observed sites inside the data plate become a *set*: one feature row per observation,
 ``(N, F)``, with a mask so that datasets of different sizes share one padded shape. Observed
-sites outside the plate are flattened into one *flat* vector ``(G,)``.
+sites outside the plate are flattened into one *flat* vector ``(G,)``. Sites whose
+distribution has positive continuous support (LogNormal, Gamma, Exponential, ...) are read on the
+log scale.
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ class DataLayout:
                 continue
             value = np.asarray(value)
             bad = ~np.isfinite(value)
+            if s.log_scale and not bad.any() and (value <= 0).any():
+                first = tuple(int(i) for i in np.argwhere(value <= 0)[0])
+                raise ValueError(
+                    f"Observed site '{s.name}' has {int((value <= 0).sum())} value(s) <= 0, "
+                    f"the first at index {first}, but its distribution only takes positive "
+                    "values (the model gives such data zero probability). Check the data's "
+                    "units and transformation, or model the site with a distribution on the "
+                    "real line."
+                )
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(
@@ -118,7 +129,7 @@ class DataLayout:
         if self.set_sites:
             rows = []
             for s in self.set_sites:
-                v = jnp.moveaxis(jnp.asarray(data[s.name]), 1 + s.plate_axis, 1)
+                v = jnp.moveaxis(_read(s, data[s.name]), 1 + s.plate_axis, 1)
                 rows.append(jnp.reshape(v, v.shape[:2] + (-1,)))
             set_x = jnp.concatenate(rows, axis=-1).astype(jnp.result_type(float))
             b, n = set_x.shape[:2]
@@ -129,8 +140,18 @@ class DataLayout:
             set_x = jnp.where(mask[..., None], set_x, 0.0)
         if self.flat_sites:
             parts = [
-                jnp.reshape(jnp.asarray(data[s.name]), (-1, math.prod(s.shape)))
+                jnp.reshape(_read(s, data[s.name]), (-1, math.prod(s.shape)))
                 for s in self.flat_sites
             ]
             flat = jnp.concatenate(parts, axis=-1).astype(jnp.result_type(float))
         return DataBatch(set_x, mask, flat)
+
+
+def _read(site, value):
+    """A site's values as the summary network sees them: positive data on the log scale
+    (spread over orders of magnitude, multiplicative noise), others as they are."""
+    value = jnp.asarray(value)
+    if not site.log_scale:
+        return value
+    value = value.astype(jnp.result_type(float))
+    return jnp.log(jnp.maximum(value, jnp.finfo(value.dtype).tiny))

@@ -34,12 +34,15 @@ class ObservedSite(NamedTuple):
     """An observed sample site.
 
     ``plate_axis`` is the axis of the site's value that runs over the data plate (the
-    exchangeable observations), or ``None`` if the site is not inside it.
+    exchangeable observations), or ``None`` if the site is not inside it. ``log_scale`` is
+    ``True`` when the site's distribution has positive continuous support (LogNormal, Gamma,
+    Exponential, HalfNormal, ...): the summary network then reads its logarithm.
     """
 
     name: str
     shape: tuple
     plate_axis: int | None
+    log_scale: bool = False
 
 
 class ModelStructure(NamedTuple):
@@ -60,7 +63,8 @@ class ModelStructure(NamedTuple):
         """A short hash of the latent and observed structure (names, shapes, supports)."""
         desc = {
             "latents": [(s.name, list(s.shape), _support_name(s.support)) for s in self.latents],
-            "observed": [(s.name, list(s.shape), s.plate_axis) for s in self.observed],
+            "observed": [(s.name, list(s.shape), s.plate_axis) + (("log",) if s.log_scale else ())
+                         for s in self.observed],
             "data_plate": self.data_plate,
         }
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
@@ -176,11 +180,17 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
                         f"Observed site '{s['name']}' with shape {shape} does not have plate "
                         f"'{data_plate}' (size {f.size}) at dim {f.dim}; check the plate's dim."
                     )
-        obs.append(ObservedSite(s["name"], shape, axis))
+        obs.append(ObservedSite(s["name"], shape, axis, _positive_continuous(s["fn"].support)))
     if data_plate is not None and all(o.plate_axis is None for o in obs):
         data_plate = None
     size = plate_sizes[data_plate] if data_plate is not None else None
     return ModelStructure(tuple(latents), tuple(obs), data_plate, size)
+
+
+def _positive_continuous(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return isinstance(support, type(constraints.positive)) and not support.is_discrete
 
 
 def _plates(site):

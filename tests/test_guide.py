@@ -212,3 +212,56 @@ def test_untrained_guide_says_how_to_train():
     guide = AutoAmortizedFlow(gaussian_linear)
     with pytest.raises(RuntimeError, match="not been set up.*fit"):
         guide.sample_posterior(KEY, {}, x=jnp.zeros(10))
+
+
+def lognormal_model(y=None, n=10):
+    """log y_i ~ Normal(mu, 0.5), mu ~ Normal(0, 1): the posterior of mu is Normal, exactly."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("N", n):
+        numpyro.sample("y", dist.LogNormal(mu, 0.5), obs=y)
+
+
+def test_positive_data_is_read_on_the_log_scale_and_non_positive_data_is_refused():
+    from numpyro_amortized.simulation import inspect_model
+
+    def model(a=None, b=None, c=None, d=None):
+        numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("a", dist.LogNormal(jnp.zeros(3), 1.0).to_event(1), obs=a)
+        numpyro.sample("b", dist.Gamma(2.0, 1.0), obs=b)
+        numpyro.sample("c", dist.Normal(0.0, 1.0), obs=c)
+        numpyro.sample("d", dist.Poisson(3.0), obs=d)
+
+    obs = inspect_model(model, a=jnp.ones(3), b=1.0, c=0.0, d=1).observed
+    assert {s.name: s.log_scale for s in obs} == {"a": True, "b": True, "c": False, "d": False}
+
+    guide = AutoAmortizedFlow(lognormal_model)
+    y = jnp.exp(jnp.linspace(-1.0, 1.0, 10))
+    guide.setup(jax.random.PRNGKey(0), y=y)
+    batch = guide.data_layout.encode({"y": y[None]})
+    np.testing.assert_allclose(batch.set[0, :, 0], np.log(y), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'y' has 1 value\(s\) <= 0, the first at index \(3,\)"):
+        guide.data_layout.check({"y": y.at[3].set(0.0)})
+
+
+def test_guide_for_positive_data_matches_the_exact_posterior():
+    """Trained on the log scale, the guide's posterior of mu matches the exact Normal posterior
+    on five datasets (mean within 0.25 sd, sd within 15%); a posterior as wide as the prior,
+    or shifted by half an sd, fails the same check."""
+    guide = AutoAmortizedFlow(lognormal_model)
+    result = fit(guide, jax.random.PRNGKey(0), y=jnp.ones(10), num_steps=1500, progress_bar=False)
+    rng = np.random.default_rng(0)
+    errors, broken = [], []
+    for i in range(5):
+        mu = rng.normal()
+        y = np.exp(mu + 0.5 * rng.normal(size=10))
+        prec = 1.0 + 10 / 0.25
+        mean, sd = np.log(y).sum() / 0.25 / prec, prec**-0.5
+        d = guide.sample_posterior(jax.random.PRNGKey(i), result.params, y=jnp.asarray(y),
+                                   sample_shape=(4000,))["mu"]
+        errors.append((abs(float(d.mean()) - mean) / sd, abs(float(d.std()) / sd - 1)))
+        broken.append((abs(float(d.mean()) + 0.5 * sd - mean) / sd,  # shifted by sd / 2
+                       abs(1.0 / sd - 1)))                           # as wide as the prior
+    errors, broken = np.array(errors), np.array(broken)
+    assert broken[:, 0].min() > 0.25 and broken[:, 1].min() > 0.15
+    print("posterior mean error / sd, sd ratio - 1:", errors.max(0))
+    assert errors[:, 0].max() < 0.25 and errors[:, 1].max() < 0.15, errors

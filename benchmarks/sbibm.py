@@ -135,7 +135,7 @@ def rejection_reference(model, data, num_draws, rng, *, seed=0, num_starts=8, df
     The proposal is a multivariate Student-t (``df``) centred on the posterior mode (best of
     ``num_starts`` BFGS runs from prior draws and the prior median) with ``inflate`` times the
     Laplace scale. Each proposal z is kept with probability w(z) / max w, w = p(z, x) / q(z),
-    max over all proposals drawn (an empirical envelope, as sbibm's own rejection references).
+    max over all proposals drawn (an empirical envelope; the k-hat check below guards it).
     Returns ``(draws, info)``: ``draws`` a dict of constrained latents (``None`` when the checks
     fail) and ``info`` the acceptance rate, the Pareto k-hat of the importance weights (the
     proposal's tails cover the posterior's when k-hat < 0.5) and the failed checks.

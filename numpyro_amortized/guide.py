@@ -111,8 +111,12 @@ class AutoAmortizedFlow(AutoGuide):
         default a :class:`~numpyro_amortized.networks.DeepSet` for observations in a plate (a
         :class:`~numpyro_amortized.networks.TimeSeriesNet` with ``time_series=True``) and
         the data themselves (:class:`~numpyro_amortized.networks.Identity`) or an MLP otherwise.
-    :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``; default
-        :func:`~numpyro_amortized.networks.spline_flow`.
+    :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``. Default: a
+        :func:`~numpyro_amortized.networks.spline_flow`, except when :func:`fit` sets the guide
+        up for a fixed simulation budget: then an
+        :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, trained
+        side by side, mixed with weights fitted to held-out simulations), which over-fits a
+        finite bank less than either flow alone.
     :param observed: names of sites to treat as observed even without ``obs=``.
     :param data_plate: the plate of exchangeable observations (``"auto"``: found from the model).
     :param set_sizes: ``(min, max)`` dataset sizes to train on. ``max`` must be the plate size in
@@ -149,7 +153,7 @@ class AutoAmortizedFlow(AutoGuide):
                  set_sizes=None, time_series=False, num_pilot_simulations=4096, prefix="auto"):
         super().__init__(model, prefix=prefix)
         self.summary_net = summary_net
-        self.flow = flow if flow is not None else spline_flow
+        self.flow = flow
         self.observed = tuple(observed or ())
         self.data_plate = data_plate
         self.set_sizes = None if set_sizes is None else (int(set_sizes[0]), int(set_sizes[1]))
@@ -207,8 +211,9 @@ class AutoAmortizedFlow(AutoGuide):
         rngs = nnx.Rngs(k_net)
         summary = summary_cls(self.data_layout.spec, rngs=rngs)
         self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))
-        flow = self.flow(self.latent_layout.dim, summary.summary_dim,
-                         loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
+        flow_factory = self.flow if self.flow is not None else spline_flow
+        flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
+                            loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
         posterior = AmortizedPosterior(summary, flow, stats["data"])
         self._graphdef, params, self._buffers = nnx.split(posterior, nnx.Param, ...)
         self._param_template = params
@@ -330,8 +335,20 @@ class AutoAmortizedFlow(AutoGuide):
         return self.posterior(params).embed(self._encode(data, num_obs))
 
     def log_prob_simulations(self, params, sims: Simulations):
-        """``log q(theta_i | x_i)`` for each simulation (used by the NPE loss)."""
+        """``log q(theta_i | x_i)`` for each simulation."""
         return self.posterior(params).log_prob(sims.u, sims.data) - sims.log_det
+
+    def training_log_prob_simulations(self, params, sims: Simulations):
+        """What the NPE loss maximizes for each simulation: ``log q(theta_i | x_i)``, or with a
+        :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
+        member is trained as if alone; the posterior is their mixture)."""
+        return self.posterior(params).training_log_prob(sims.u, sims.data) - sims.log_det
+
+    def member_log_prob_simulations(self, params, sims: Simulations):
+        """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or
+        ``None`` when the flow is not an ensemble."""
+        lps = self.posterior(params).member_log_probs(sims.u, sims.data)
+        return None if lps is None else lps - sims.log_det
 
     # ------------------------------------------------------------------ public API
     def __call__(self, *args, **kwargs):

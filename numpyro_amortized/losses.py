@@ -52,7 +52,9 @@ class NPE(AmortizedLoss):
     """Neural posterior estimation: ``-log q(theta | x)`` for ``(theta, x)`` from the model.
 
     Mass-covering, needs no model density, and its value is the negative log posterior density
-    of the true latents: lower is better and comparable across guides.
+    of the true latents: lower is better and comparable across guides. With a flow ensemble it
+    is the mean over the members (each member is trained as if alone), an upper bound on the
+    mixture's.
 
     **Example**::
 
@@ -62,7 +64,7 @@ class NPE(AmortizedLoss):
     """
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
-        return -guide.log_prob_simulations(params, sims)
+        return -guide.training_log_prob_simulations(params, sims)
 
 
 class AmortizedELBO(AmortizedLoss):

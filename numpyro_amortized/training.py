@@ -35,11 +35,15 @@ from numpyro_amortized.checkpoint import (
     write_file,
 )
 from numpyro_amortized.losses import NPE, masked_mean
+from numpyro_amortized.networks.flows import ensemble_flow, mixture_log_weights
 
 __all__ = [
     "FitResult", "StepInfo", "TrainState", "Trainer", "data_mesh", "default_optimizer", "fit",
     "trainer",
 ]
+
+
+_MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
 
 
 class TrainState(NamedTuple):
@@ -346,7 +350,11 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         ``learning_rate`` and gradient clipping).
     :param num_simulations: ``None`` (default) simulates fresh data every step, inside the jitted
         step (online); an integer fixes a simulation budget: that many simulations are drawn once
-        and minibatches are sampled from them (offline), 10% held out for validation.
+        and minibatches are sampled from them (offline), 10% held out for validation. A guide
+        built without a ``flow`` and set up here then gets an
+        :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, each
+        trained on its own); the returned parameters carry the mixture weights that maximize
+        the held-out likelihood.
     :param validation_size: held-out simulations for the validation loss (online mode).
     :param progress_bar: show a tqdm bar with the loss (on process 0 only).
     :param num_chunks: how often (over the run) to report progress and validation.
@@ -386,6 +394,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
             num_train = int(num_simulations) - _num_held_out(num_simulations, validation_size)
             num_steps = min(20_000, max(5000, math.ceil(30 * num_train / batch_size)))
     num_steps = int(num_steps)
+    if num_simulations is not None and guide.flow is None and guide.structure is None:
+        guide.flow = ensemble_flow  # the default flow on a fixed budget (see AutoAmortizedFlow)
     optimizer = default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer
     loss = NPE() if loss is None else loss
     rng_key = _key_data(rng_key)
@@ -476,11 +486,24 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
     interrupted = False
     plateau = {"scale": 1.0, "stale": 0, "halvings": 0, "stopped": False, **history["plateau"]}
 
+    member_log_probs = jax.jit(guide.member_log_prob_simulations)
+
+    def with_mixture_weights(params):
+        """A flow ensemble's weights fitted to the held-out simulations (EM); other flows as
+        they are."""
+        lps = member_log_probs(params, val)
+        if lps is None:
+            return params
+        lps = np.where(_host_value(val.valid)[None], _host_value(lps), np.nan)
+        log_w = np.maximum(mixture_log_weights(lps), _MIN_LOG_WEIGHT).astype(np.float32)
+        flow = dict(params["flow"], log_weights=jax.device_put(log_w, replicated))
+        return {**params, "flow": flow}
+
     def result(train_time):
         final = state.params
         chosen = best_params if keep_best and best_params is not None else final
         return FitResult(
-            params={guide.param_name: chosen},
+            params={guide.param_name: with_mixture_weights(chosen)},
             losses=np.concatenate(losses) if losses else np.zeros(0),
             validation_losses=(np.asarray(val_steps), np.asarray(val_losses)),
             state=state,

@@ -2,8 +2,10 @@
 
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
+    FlowEnsemble,
     affine_flow,
     coupling_flow,
+    ensemble_flow,
     spline_flow,
 )
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
@@ -18,6 +20,7 @@ from numpyro_amortized.networks.summary import (
 __all__ = [
     "ConditionalFlow",
     "DeepSet",
+    "FlowEnsemble",
     "Identity",
     "LinearSummary",
     "MLPSummary",
@@ -26,5 +29,6 @@ __all__ = [
     "affine_flow",
     "coupling_flow",
     "default_summary_net",
+    "ensemble_flow",
     "spline_flow",
 ]

@@ -41,11 +41,25 @@ class AmortizedPosterior(nnx.Module):
             flat = (flat - buffer_value(self.flat_loc)) / buffer_value(self.flat_scale)
         return self.summary_net(DataBatch(set_x, data.mask, flat))
 
+    def _condition(self, u, data: DataBatch):
+        c = self.embed(data)
+        return jnp.reshape(c, c.shape[:1] + (1,) * (u.ndim - 2) + c.shape[1:])
+
     def log_prob(self, u, data: DataBatch):
         """``log q(u | x)`` for ``u`` of shape ``(B, ..., D)`` (dataset axis first)."""
-        c = self.embed(data)
-        c = jnp.reshape(c, c.shape[:1] + (1,) * (u.ndim - 2) + c.shape[1:])
-        return self.flow.log_prob(u, c)
+        return self.flow.log_prob(u, self._condition(u, data))
+
+    def training_log_prob(self, u, data: DataBatch):
+        """What NPE maximizes: ``log q(u | x)``, or for a flow ensemble the mean of its members'
+        (each member is fitted on its own)."""
+        fn = getattr(self.flow, "training_log_prob", self.flow.log_prob)
+        return fn(u, self._condition(u, data))
+
+    def member_log_probs(self, u, data: DataBatch):
+        """``(K, B, ...)`` log densities of a flow ensemble's K members (``None`` for one flow)."""
+        if not hasattr(self.flow, "member_log_probs"):
+            return None
+        return self.flow.member_log_probs(u, self._condition(u, data))
 
     def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):
         """Samples ``(*sample_shape, B, D)`` and their ``log q``."""

@@ -3,6 +3,11 @@
 from numpyro_amortized.networks.flows.actnorm import ActNorm
 from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
 from numpyro_amortized.networks.flows.conditional_affine import ConditionalAffine
+from numpyro_amortized.networks.flows.ensemble import (
+    FlowEnsemble,
+    ensemble_flow,
+    mixture_log_weights,
+)
 from numpyro_amortized.networks.flows.flow import (
     ConditionalFlow,
     affine_flow,
@@ -18,10 +23,13 @@ __all__ = [
     "AffineCoupling",
     "ConditionalAffine",
     "ConditionalFlow",
+    "FlowEnsemble",
     "Permutation",
     "SplineCoupling",
     "Standardize",
     "affine_flow",
     "coupling_flow",
+    "ensemble_flow",
+    "mixture_log_weights",
     "spline_flow",
 ]

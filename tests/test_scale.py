@@ -25,7 +25,7 @@ import numpyro_amortized
 from numpyro_amortized import NPE, AutoAmortizedFlow, CheckpointError, fit
 from numpyro_amortized.checkpoint import checkpoint_body, read_file, write_file
 from numpyro_amortized.examples.models import linear_regression
-from numpyro_amortized.networks import affine_flow
+from numpyro_amortized.networks import affine_flow, spline_flow
 
 SCRIPTS = Path(__file__).parent / "scripts"
 Z = jnp.zeros(15)
@@ -166,10 +166,13 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
 
 def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
     # the same over-fitting bank as above: with patience, each plateau goes back to the best
-    # parameters at half the learning rate, and the last plateau ends the run
+    # parameters at half the learning rate, and the last plateau ends the run. A single spline
+    # flow (the fixed-budget default is a flow ensemble, which over-fits this bank less: there
+    # the plateau measured 0.54 against 0.50 for keep-the-best alone, not better)
     runs = {}
     for patience in (0, 3):
-        guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+        guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
+                                  flow=spline_flow)
         runs[patience] = guide, fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=3000,
                                     batch_size=64, num_simulations=400, num_chunks=60,
                                     patience=patience, progress_bar=False)

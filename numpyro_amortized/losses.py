@@ -37,6 +37,10 @@ class AmortizedLoss(ELBO):
         """Loss of each simulation in ``sims`` (shape ``(B,)``); subclasses implement this."""
         raise TypeError(f"{type(self).__name__} does not define simulation_losses.")
 
+    def validation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
+        """Held-out loss of each simulation (default: :meth:`simulation_losses`)."""
+        return self.simulation_losses(guide, params, rng_key, sims, *args, **kwargs)
+
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         if getattr(guide, "structure", None) is None:
             raise RuntimeError(f"{type(self).__name__} needs an AutoAmortizedFlow guide.")
@@ -65,6 +69,12 @@ class NPE(AmortizedLoss):
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
         return -guide.training_log_prob_simulations(params, sims)
+
+    def validation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
+        """``-log q(theta | x)`` of the posterior itself (a flow ensemble's mixture, not the
+        mean over its members): what :func:`~numpyro_amortized.fit` tracks on held-out
+        simulations to keep the best parameters."""
+        return -guide.log_prob_simulations(params, sims)
 
 
 class AmortizedELBO(AmortizedLoss):

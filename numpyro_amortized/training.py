@@ -445,7 +445,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         val = jax.device_put(val, batched)
 
     def val_loss(params, val):
-        losses = loss.simulation_losses(guide, params, jax.random.PRNGKey(0), val, *args, **kwargs)
+        losses = loss.validation_losses(guide, params, jax.random.PRNGKey(0), val, *args, **kwargs)
         return masked_mean(losses, val.valid)
 
     chunk = max(1, math.ceil(num_steps / max(1, num_chunks)))

@@ -115,6 +115,31 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     assert online.flow is None and "log_weights" not in result.params[online.param_name]["flow"]
 
 
+def test_ensemble_trains_each_member_and_validates_the_mixture():
+    guide = AutoAmortizedFlow(normal_mean, flow=ensemble_flow, num_pilot_simulations=512)
+    params = guide.setup(KEY, y=X)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(KEY, p.shape), params)
+    params["flow"]["log_weights"] = jnp.log(jnp.array([0.5, 0.5]))
+    sims = guide.simulate(jax.random.PRNGKey(3), 512, y=X)
+    members = guide.member_log_prob_simulations(params, sims)
+    train = NPE().simulation_losses(guide, params, None, sims, y=X)
+    val = NPE().validation_losses(guide, params, None, sims, y=X)
+    np.testing.assert_allclose(train, -members.mean(0), rtol=1e-5)  # each member on its own
+    np.testing.assert_allclose(val, -guide.log_prob_simulations(params, sims), rtol=1e-5)
+    np.testing.assert_allclose(val, -jax.nn.logsumexp(members, axis=0) + np.log(2), rtol=1e-5)
+
+    seen = []
+
+    class Tracked(NPE):
+        def validation_losses(self, *args, **kwargs):
+            seen.append(True)
+            return super().validation_losses(*args, **kwargs)
+
+    fit(AutoAmortizedFlow(normal_mean, num_pilot_simulations=512), KEY, y=X, num_steps=20,
+        num_simulations=500, loss=Tracked(), progress_bar=False)
+    assert seen  # fit keeps the best parameters by the held-out loss of the mixture
+
+
 def test_mixture_weights_go_to_the_member_that_fits():
     # one member can learn the posterior; the other is the prior (a flow with no layers): the
     # weights fitted on held-out simulations leave it out, and the mixture is the posterior

@@ -252,11 +252,13 @@ def _num_held_out(num_simulations, validation_size):
     return max(1, min(int(validation_size), int(num_simulations) // 10))
 
 
-def _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks, rng_key):
+def _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks, rng_key,
+                keep_best, patience):
     return {"num_steps": int(num_steps), "batch_size": int(batch_size),
             "num_simulations": -1 if num_simulations is None else int(num_simulations),
             "validation_size": int(validation_size), "num_chunks": int(num_chunks),
-            "rng_key": np.asarray(rng_key).astype(np.uint32).tolist()}
+            "rng_key": np.asarray(rng_key).astype(np.uint32).tolist(),
+            "keep_best": bool(keep_best), "patience": int(patience)}
 
 
 def train_record(result: FitResult) -> dict:
@@ -288,12 +290,13 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
                               "state (it was written by save(path, guide, params)); it cannot be "
                               "resumed. Save the FitResult, or use fit(..., checkpoint=path).")
     saved = json.loads(train["run"])
-    if saved and saved != run_config:
-        diff = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+    # settings a checkpoint does not record (written before they were) are not compared
+    diff = {k: (saved[k], v) for k, v in run_config.items() if k in saved and saved[k] != v}
+    if diff:
         raise CheckpointError(
             f"{path}: the checkpoint is of a run with other settings {diff} (saved, now); resume "
-            "with the same rng_key, num_steps, batch_size, num_simulations, validation_size and "
-            "num_chunks to continue that run."
+            "with the same rng_key, num_steps, batch_size, num_simulations, validation_size, "
+            "num_chunks, keep_best and patience to continue that run."
         )
     if guide.structure is None:
         best = restore_guide(guide, body, path, args, kwargs)
@@ -417,7 +420,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
                  data_sharding=batched if n_devices > 1 else None)
     k_init, k_data, k_val = jax.random.split(rng_key, 3)
     run_config = _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks,
-                             rng_key)
+                             rng_key, keep_best, patience)
     history = {"losses": [], "val_steps": [], "val_losses": [], "best": None, "train_time": 0.0,
                "plateau": {}}
     if resume is not None and os.path.exists(os.fspath(resume)):

@@ -266,6 +266,8 @@ def test_resume_with_other_settings_or_another_guide_is_refused(trained):
     fresh = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
     with pytest.raises(CheckpointError, match="other settings.*batch_size"):
         fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, **{**settings, "batch_size": 32})
+    with pytest.raises(CheckpointError, match="other settings.*'patience': \\(0, 3\\)"):
+        fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, keep_best=True, patience=3, **settings)
     other = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
     other.setup(jax.random.PRNGKey(5), x=Z, y=Z)  # set up differently from the saved run
     with pytest.raises(CheckpointError, match="set up for another run"):

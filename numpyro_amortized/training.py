@@ -489,7 +489,12 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
     interrupted = False
     plateau = {"scale": 1.0, "stale": 0, "halvings": 0, "stopped": False, **history["plateau"]}
 
-    member_log_probs = jax.jit(guide.member_log_prob_simulations)
+    def held_out_member_log_probs(params, val):  # (K, n_val), NaN where invalid; or None
+        lps = guide.member_log_prob_simulations(params, val)
+        return None if lps is None else jnp.where(val.valid[None], lps, jnp.nan)
+
+    # replicated output: under several processes every one fits the same weights from all of val
+    member_log_probs = jax.jit(held_out_member_log_probs, out_shardings=replicated)
 
     def with_mixture_weights(params):
         """A flow ensemble's weights fitted to the held-out simulations (EM); other flows as
@@ -497,7 +502,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         lps = member_log_probs(params, val)
         if lps is None:
             return params
-        lps = np.where(_host_value(val.valid)[None], _host_value(lps), np.nan)
+        lps = _host_value(lps)
         log_w = np.maximum(mixture_log_weights(lps), _MIN_LOG_WEIGHT).astype(np.float32)
         flow = dict(params["flow"], log_weights=jax.device_put(log_w, replicated))
         return {**params, "flow": flow}

@@ -28,9 +28,16 @@ z = jnp.zeros(15)
 guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
 result = fit(guide, jax.random.PRNGKey(0), x=z, y=z, num_steps=8, batch_size=64, num_chunks=2,
              validation_size=64, progress_bar=False, checkpoint=checkpoint)
-params = flatten_tree(jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data),
-                                   result.state.params))
+local = lambda tree: flatten_tree(jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data),
+                                               tree))
+params = local(result.state.params)
+# a fixed budget: the flow ensemble, whose mixture weights are fitted on the held-out bank
+bank_guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+bank = fit(bank_guide, jax.random.PRNGKey(1), x=z, y=z, num_steps=8, batch_size=64, num_chunks=2,
+           num_simulations=1280, progress_bar=False)
+weights = local(bank.params[bank_guide.param_name]["flow"]["log_weights"])
 np.savez(out, losses=result.losses, devices=len(jax.devices()),
-         processes=jax.process_count(), **{f"param{i}": v for i, v in enumerate(params.values())})
+         processes=jax.process_count(), **{f"param{i}": v for i, v in enumerate(params.values())},
+         log_weights=next(iter(weights.values())))
 if num_processes:
     jax.distributed.shutdown()

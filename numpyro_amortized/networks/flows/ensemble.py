@@ -118,8 +118,8 @@ def mixture_log_weights(member_log_probs, num_iterations=500):
         joint = log_w[:, None] + lps
         resp = joint - np.logaddexp.reduce(joint, axis=0, keepdims=True)
         new = np.logaddexp.reduce(resp, axis=1) - np.log(lps.shape[1])
-        if np.max(np.abs(np.exp(new) - np.exp(log_w))) < 1e-6:
-            log_w = new
-            break
+        converged = np.max(np.abs(np.exp(new) - np.exp(log_w))) < 1e-6
         log_w = new
+        if converged:
+            break
     return log_w

@@ -42,7 +42,7 @@ SETTINGS = {  # label: (guide kwargs, fit kwargs)
 MAIN = ["spline, keep the best only (patience=0)", "spline, plateau (patience 10)",
         "affine flow", "defaults: ensemble of spline and affine"]
 RUNS = [("gaussian_linear", 10_000, list(SETTINGS)), ("two_moons", 10_000, MAIN),
-        ("bernoulli_glm", 10_000, MAIN), ("gaussian_linear", 100_000, MAIN)]
+        ("bernoulli_glm_raw", 10_000, MAIN), ("gaussian_linear", 100_000, MAIN)]
 
 
 def held_out(name, budget, label, *, quick):

@@ -288,12 +288,18 @@ def _flow_fields(guide, result):
     if log_w is None:
         return {"flow": "spline"}
     return {"flow": "ensemble (spline, affine)",
-            "mixture_weights": np.exp(np.asarray(log_w)).round(3).tolist()}
+            "mixture_weights": [round(float(w), 3) for w in np.exp(np.asarray(log_w))]}
 
 
 def _flow(row):
     """Rows stored before the flow was recorded used the single spline flow."""
     return row.get("flow", "spline")
+
+
+def _weights(row):
+    if "mixture_weights" not in row:
+        return ""
+    return " [" + ", ".join(f"{w:.3f}" for w in row["mixture_weights"]) + "]"
 
 
 def _steps(row):
@@ -316,13 +322,16 @@ def summary(rows):
             if r is None:
                 cells.append("not run")
                 continue
+            dagger = "†" if _flow(r) == "spline" else ""
+            if name not in PUBLISHED_NPE:  # bernoulli_glm_raw: nothing published to compare
+                cells.append(f"{r['c2st_mean']:.3f}{dagger}{_obs_note(r)}")
+                continue
             npe = PUBLISHED_NPE[name][i]
             best = BEST_PUBLISHED_1E5.get(name) if budget == "100000" else None
             ref = f"{npe:.3f}" + ("" if best is None else f" / {best:.3f}")
             c = r["c2st_mean"]
             verdict = ("miss" if c > npe else "" if best is None
                        else "beats both" if c <= best else "misses the best")
-            dagger = "†" if _flow(r) == "spline" else ""
             cells.append(f"{r['c2st_mean']:.3f}{dagger} ({ref}){' ' + verdict if verdict else ''}"
                          f"{_obs_note(r)}")
         r = by.get("online")
@@ -344,7 +353,8 @@ def table(rows):
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     idx = {"1000": 0, "10000": 1, "100000": 2}
     for r in rows:
-        npe = PUBLISHED_NPE[r["task"]][idx[r["budget"]]] if r["budget"] in idx else None
+        published = PUBLISHED_NPE.get(r["task"])
+        npe = published[idx[r["budget"]]] if published and r["budget"] in idx else None
         best = BEST_PUBLISHED_1E5.get(r["task"]) if r["budget"] == "100000" else None
         budget = (f"online {r['num_simulations']:,} ({r['wall_time_s']:.0f} s)"
                   if r["budget"] == "online" else f"{int(r['budget']):,}")
@@ -355,7 +365,7 @@ def table(rows):
             f"{r['num_observations']}"
             f"{' (' + str(r['observations_replaced']) + ' replaced)' if r['observations_replaced'] else ''}"
             f" | {'sbibm recipe' if r['c2st_recipe'] == 'exact sbibm' else 'early stopping'} | "
-            f"{_flow(r)}{' ' + str(r['mixture_weights']) if 'mixture_weights' in r else ''} |")
+            f"{_flow(r)}{_weights(r)} |")
     return "\n".join(lines)
 
 

@@ -68,6 +68,32 @@ def test_every_task_simulates_finite_data_of_the_declared_shape():
         assert theta.shape[0] == 64 and np.isfinite(theta).all(), name
 
 
+def test_bernoulli_glm_statistics_have_the_spike_trains_posterior():
+    """sbibm's bernoulli_glm observes the sufficient statistics X^T y of the spike train: with
+    the same key they are the statistics of bernoulli_glm_raw's spikes, and the two models'
+    log joint densities agree at every latent (so their posteriors are the same). A statistic
+    off by one spike changes the density differently at different latents."""
+    from numpyro_amortized.examples.sbibm import GLM_DESIGN
+
+    stats = simulate(TASKS["bernoulli_glm"].model, jax.random.PRNGKey(5), 8, x=jnp.zeros(10))
+    raw = simulate(TASKS["bernoulli_glm_raw"].model, jax.random.PRNGKey(5), 8, x=jnp.zeros(100))
+    design = np.concatenate([np.ones((100, 1)), GLM_DESIGN], axis=1)
+    np.testing.assert_allclose(stats["x"], np.asarray(raw["x"]) @ design, atol=1e-4)
+    np.testing.assert_allclose(stats["filter"], raw["filter"])
+
+    def joint(name, x, i, latents=stats):
+        params = {"bias": latents["bias"][i], "filter": latents["filter"][i]}
+        return float(log_density(TASKS[name].model, (), {"x": x}, params)[0])
+
+    y, t = raw["x"][0], stats["x"][0]
+    diff = [joint("bernoulli_glm", t, i) - joint("bernoulli_glm_raw", y, i) for i in range(8)]
+    assert np.ptp(diff) < 1e-3 and abs(diff[0]) < 1e-3, diff
+    flipped = t + jnp.asarray(design[np.argmax(np.asarray(y) == 0)], jnp.float32)
+    wrong = [joint("bernoulli_glm", flipped, i) - joint("bernoulli_glm_raw", y, i)
+             for i in range(8)]
+    assert np.ptp(wrong) > 0.1, wrong
+
+
 def test_slcp_symmetrized_draws_fill_the_four_modes():
     task = TASKS["slcp"]
     draws = np.tile(np.array([[0.5, -0.5, 1.0, 2.0, 0.3]]), (4000, 1))

@@ -3,7 +3,7 @@
 Each task is a :class:`Task`: the model, an example of its data (which fixes the shapes), the
 order of the latent sites in the parameter vector, and an exact reference sampler where one
 exists (``gaussian_linear``, ``gaussian_linear_uniform``, ``gaussian_mixture``, ``two_moons``).
-The others (``slcp``, ``bernoulli_glm``, ``sir``, ``lotka_volterra``) are scored against long,
+The others (``slcp``, ``bernoulli_glm`` and ``bernoulli_glm_raw``, ``sir``, ``lotka_volterra``) are scored against long,
 checked NUTS runs (``benchmarks/sbibm.py`` runs and caches them; ``slcp``'s four sign-symmetric
 modes are filled by flipping the signs of theta_3 and theta_4 at random).
 
@@ -22,7 +22,7 @@ ones as task-level figures, not observation by observation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +39,10 @@ from numpyro_amortized.examples.models import (
 
 __all__ = [
     "TASKS",
+    "SpikeStatistics",
     "Task",
     "bernoulli_glm",
+    "bernoulli_glm_raw",
     "gaussian_linear_uniform",
     "gaussian_mixture",
     "lotka_volterra",
@@ -119,18 +121,66 @@ GLM_DESIGN = _glm_design()
 GLM_PRECISION = _glm_filter_precision()
 
 
-def bernoulli_glm(x=None):
-    """A Bernoulli GLM of a neuron: bias ~ N(0, 2), a 9-tap temporal filter with sbibm's
-    smoothing Gaussian prior, spikes ``x`` over 100 time bins of a white-noise stimulus (fixed
-    here by seed 0). sbibm observes the 10 sufficient statistics (spike count and
-    spike-triggered sums), which give the same posterior; here the spike train itself is
-    observed, as one vector (the stimulus differs between bins, so the bins are not
-    exchangeable and must not be a plate a set network would pool)."""
+def _glm_latents():
+    """The GLM's bias ~ N(0, 2) and 9-tap filter (sbibm's smoothing Gaussian prior), and the
+    coefficient vector (bias, filter) they make."""
     bias = numpyro.sample("bias", dist.Normal(0.0, jnp.sqrt(2.0)))
     filt = numpyro.sample("filter", dist.MultivariateNormal(
         jnp.zeros(9), precision_matrix=jnp.asarray(GLM_PRECISION, jnp.float32)))
+    return jnp.concatenate([bias[..., None], filt], axis=-1)
+
+
+class SpikeStatistics(dist.Distribution):
+    """The sufficient statistics ``X^T y`` of a Bernoulli GLM's spike train ``y``, with
+    ``X = [1, design]`` (so the spike count and the nine spike-triggered stimulus sums).
+
+    ``sample`` draws a spike train ``y ~ Bernoulli(sigmoid(X beta))`` and returns its
+    statistics. ``log_prob(t)`` is ``t . beta - sum_t log(1 + exp((X beta)_t))``, the
+    log-likelihood of any spike train with statistics ``t``: the statistics' own log
+    probability up to the log number of such trains, which does not depend on ``beta``, so
+    posteriors (NUTS, or an amortized guide) are exact.
+
+    :param coef: the coefficients ``beta`` (intercept first), shape ``batch + (p,)``.
+    :param design: the design matrix without the intercept column, ``(num_bins, p - 1)``.
+    """
+
+    arg_constraints: ClassVar[dict] = {"coef": dist.constraints.real_vector}
+    support = dist.constraints.real_vector
+
+    def __init__(self, coef, design, *, validate_args=None):
+        self.coef = coef
+        self.design = jnp.concatenate([jnp.ones((design.shape[0], 1), design.dtype), design], 1)
+        super().__init__(batch_shape=jnp.shape(coef)[:-1], event_shape=(self.design.shape[1],),
+                         validate_args=validate_args)
+
+    def _logits(self):
+        return jnp.einsum("tl,...l->...t", self.design, self.coef)
+
+    def sample(self, key, sample_shape=()):
+        spikes = dist.Bernoulli(logits=self._logits()).sample(key, sample_shape)
+        return spikes @ self.design
+
+    def log_prob(self, value):
+        return (jnp.sum(value * self.coef, axis=-1)
+                - jnp.sum(jnp.logaddexp(0.0, self._logits()), axis=-1))
+
+
+def bernoulli_glm(x=None):
+    """sbibm's bernoulli_glm: a Bernoulli GLM of a neuron, bias ~ N(0, 2) and a 9-tap temporal
+    filter with sbibm's smoothing Gaussian prior, spiking over 100 time bins of a white-noise
+    stimulus (fixed here by seed 0); ``x`` is the 10 sufficient statistics sbibm observes
+    (the spike count and the spike-triggered stimulus sums, :class:`SpikeStatistics`)."""
+    coef = _glm_latents()
+    numpyro.sample("x", SpikeStatistics(coef, jnp.asarray(GLM_DESIGN, jnp.float32)), obs=x)
+
+
+def bernoulli_glm_raw(x=None):
+    """sbibm's bernoulli_glm_raw: :func:`bernoulli_glm` observing the spike train itself (100
+    bins), which has the same posterior. The spikes are one vector, not a plate: the stimulus
+    differs between bins, so they are not exchangeable and a set network must not pool them."""
+    coef = _glm_latents()
     design = jnp.asarray(GLM_DESIGN, jnp.float32)
-    logits = bias[..., None] + jnp.einsum("tl,...l->...t", design, filt)
+    logits = coef[..., :1] + jnp.einsum("tl,...l->...t", design, coef[..., 1:])
     numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 
@@ -194,13 +244,15 @@ TASKS = {
     "two_moons": Task(two_moons, {"x": jnp.zeros(2)}, ("theta",),
                       two_moons_reference_posterior),
     "slcp": Task(slcp, {"x": jnp.zeros((4, 2))}, ("theta",), None, slcp_symmetries),
-    "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(100)}, ("bias", "filter")),
+    "bernoulli_glm": Task(bernoulli_glm, {"x": jnp.zeros(10)}, ("bias", "filter")),
+    "bernoulli_glm_raw": Task(bernoulli_glm_raw, {"x": jnp.zeros(100)}, ("bias", "filter")),
     "sir": Task(sir, {"x": jnp.zeros(10, jnp.int32)}, ("beta", "gamma"),
                 guide_kwargs={"time_series": True}),
     "lotka_volterra": Task(lotka_volterra, {"x": jnp.ones(20)},
                            ("alpha", "beta", "gamma", "delta")),
 }
-"""The eight tasks, by sbibm name."""
+"""The eight tasks, by sbibm name, and ``bernoulli_glm_raw`` (sbibm's variant of
+``bernoulli_glm`` that observes the spike train; no published NPE figures)."""
 
 
 def parameter_vector(draws: dict, task: Task):

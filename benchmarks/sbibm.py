@@ -10,7 +10,9 @@ posterior mode, checked (Pareto k-hat); cached in ``benchmarks/results/reference
 
 Observations are drawn from the prior predictive with a fixed seed (sbibm's stored
 observations are not shipped here); an observation whose NUTS reference fails its checks is
-replaced by the next one, and the number replaced is recorded.
+replaced by the next one, and the number replaced is recorded. Refusals are cached too (a
+``.failed.json`` beside the references, with the checks that failed), so a rerun does not
+recompute them; delete the file to try again.
 
     python benchmarks/sbibm.py                                  # the full run (hours on 2 cores)
     python benchmarks/sbibm.py --tasks two_moons slcp --budgets 10000
@@ -78,8 +80,13 @@ def nuts_reference(name, index, x, num_draws, rng, *, seed, quick):
     ``REJECTION_REFERENCE``; ``None`` when the reference fails its checks."""
     task = TASKS[name]
     path = RESULTS / "references" / f"{name}_seed{seed}_obs{index}_{num_draws}.npz"
+    failed = path.with_suffix(".failed.json")
     if path.exists() and not quick:
         return np.load(path)["draws"]
+    if failed.exists() and not quick:  # refused before: not rerun (delete the file to retry)
+        print(f"  {name} obs {index}: reference refused before "
+              f"({json.loads(failed.read_text())['problems']}); next observation", flush=True)
+        return None
     if name in REJECTION_REFERENCE:
         draws, info = rejection_reference(task.model, {"x": jnp.asarray(x)}, num_draws, rng,
                                           seed=seed + index, num_starts=2 if quick else 8)
@@ -89,6 +96,7 @@ def nuts_reference(name, index, x, num_draws, rng, *, seed, quick):
         if draws is None:
             print(f"  {name} obs {index}: reference failed its checks ({info['problems']}); "
                   "next observation", flush=True)
+            _record_failure(failed, info["problems"], quick)
             return None
         draws = parameter_vector(draws, task)
         if not quick:
@@ -108,19 +116,30 @@ def nuts_reference(name, index, x, num_draws, rng, *, seed, quick):
         # chains sit in different symmetric modes: check them folded onto one, then fill all
         folded = draws.copy()
         folded[:, 2:4] = np.abs(folded[:, 2:4])
-        ok = _folded_rhat(folded, chains) < 1.01 and res.diagnostics["divergences"] == 0
+        rhat, divergences = _folded_rhat(folded, chains), res.diagnostics["divergences"]
+        ok = rhat < 1.01 and divergences == 0
+        problems = [f"R-hat {rhat:.3f} folded onto one mode (> 1.01)"] * (rhat >= 1.01) + [
+            f"{divergences} divergent transitions"] * (divergences > 0)
         draws = task.nuts_symmetries(folded, rng)
     else:
-        ok = res.diagnostics["reliable"]
+        ok, problems = res.diagnostics["reliable"], res.diagnostics["problems"]
     if not ok and not quick:
-        print(f"  {name} obs {index}: NUTS reference failed its checks "
-              f"({res.diagnostics['problems']}); next observation", flush=True)
+        print(f"  {name} obs {index}: NUTS reference failed its checks ({problems}); "
+              "next observation", flush=True)
+        _record_failure(failed, problems, quick)
         return None
     draws = draws[rng.permutation(len(draws))[:num_draws]]
     if not quick:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, draws=draws)
     return draws
+
+
+def _record_failure(path, problems, quick):
+    """Remember a refused reference, so a rerun skips its observation without recomputing."""
+    if not quick:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"problems": [str(p) for p in problems]}))
 
 
 # tasks whose reference is drawn by rejection from a Student-t around the posterior mode

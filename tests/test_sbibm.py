@@ -151,3 +151,31 @@ def test_rejection_reference_draws_the_exact_posterior_and_flags_light_tails(mon
                                             np.random.default_rng(0), num_starts=2,
                                             max_proposals=200_000)
     assert draws is None and info["problems"], info
+
+
+def test_a_refused_reference_is_remembered(monkeypatch, tmp_path):
+    """A NUTS reference that fails its checks is cached as refused: the rerun skips the
+    observation without running NUTS again (and a reliable run is not refused)."""
+    from types import SimpleNamespace
+
+    sbibm = _benchmark_module(monkeypatch)
+    monkeypatch.setattr(sbibm, "RESULTS", tmp_path)
+    calls = []
+
+    def fake_nuts(model, key, *, reliable, **kwargs):
+        calls.append(1)
+        samples = {"beta": np.full(40, 0.5), "gamma": np.full(40, 0.1)}
+        problems = [] if reliable else ["R-hat 1.3 > 1.01: the chains disagree"]
+        return SimpleNamespace(samples=samples,
+                               diagnostics={"reliable": reliable, "problems": problems})
+
+    def reference(index, reliable):
+        monkeypatch.setattr(sbibm, "run_nuts", lambda *a, **k: fake_nuts(*a, reliable=reliable, **k))
+        return sbibm.nuts_reference("sir", index, np.zeros(10), 20, np.random.default_rng(0),
+                                    seed=0, quick=False)
+
+    assert reference(3, reliable=False) is None and len(calls) == 1
+    assert "R-hat 1.3" in (tmp_path / "references" / "sir_seed0_obs3_20.failed.json").read_text()
+    assert reference(3, reliable=True) is None and len(calls) == 1  # not rerun
+    assert reference(4, reliable=True).shape == (20, 2) and len(calls) == 2
+    assert reference(4, reliable=False).shape == (20, 2) and len(calls) == 2  # cached draws

@@ -81,8 +81,8 @@ def test_bernoulli_glm_statistics_have_the_spike_trains_posterior():
     np.testing.assert_allclose(stats["x"], np.asarray(raw["x"]) @ design, atol=1e-4)
     np.testing.assert_allclose(stats["filter"], raw["filter"])
 
-    def joint(name, x, i, latents=stats):
-        params = {"bias": latents["bias"][i], "filter": latents["filter"][i]}
+    def joint(name, x, i):
+        params = {"bias": stats["bias"][i], "filter": stats["filter"][i]}
         return float(log_density(TASKS[name].model, (), {"x": x}, params)[0])
 
     y, t = raw["x"][0], stats["x"][0]

@@ -3,8 +3,8 @@
 Each task is a :class:`Task`: the model, an example of its data (which fixes the shapes), the
 order of the latent sites in the parameter vector, and an exact reference sampler where one
 exists (``gaussian_linear``, ``gaussian_linear_uniform``, ``gaussian_mixture``, ``two_moons``).
-The others (``slcp``, ``bernoulli_glm`` and ``bernoulli_glm_raw``, ``sir``, ``lotka_volterra``) are scored against long,
-checked NUTS runs (``benchmarks/sbibm.py`` runs and caches them; ``slcp``'s four sign-symmetric
+The others (``slcp``, ``bernoulli_glm`` and ``bernoulli_glm_raw``, ``sir``,
+``lotka_volterra``) are scored against long, checked NUTS runs (``benchmarks/sbibm.py`` runs and caches them; ``slcp``'s four sign-symmetric
 modes are filled by flipping the signs of theta_3 and theta_4 at random).
 
 The definitions follow the sbibm paper's appendix. Where sbibm fixes something by a seed of its
@@ -153,16 +153,18 @@ class SpikeStatistics(dist.Distribution):
         super().__init__(batch_shape=jnp.shape(coef)[:-1], event_shape=(self.design.shape[1],),
                          validate_args=validate_args)
 
-    def _logits(self):
+    @property
+    def logits(self):
+        """The spike train's Bernoulli logits ``X beta``, shape ``batch + (num_bins,)``."""
         return jnp.einsum("tl,...l->...t", self.design, self.coef)
 
     def sample(self, key, sample_shape=()):
-        spikes = dist.Bernoulli(logits=self._logits()).sample(key, sample_shape)
+        spikes = dist.Bernoulli(logits=self.logits).sample(key, sample_shape)
         return spikes @ self.design
 
     def log_prob(self, value):
         return (jnp.sum(value * self.coef, axis=-1)
-                - jnp.sum(jnp.logaddexp(0.0, self._logits()), axis=-1))
+                - jnp.sum(jnp.logaddexp(0.0, self.logits), axis=-1))
 
 
 def bernoulli_glm(x=None):
@@ -178,9 +180,7 @@ def bernoulli_glm_raw(x=None):
     """sbibm's bernoulli_glm_raw: :func:`bernoulli_glm` observing the spike train itself (100
     bins), which has the same posterior. The spikes are one vector, not a plate: the stimulus
     differs between bins, so they are not exchangeable and a set network must not pool them."""
-    coef = _glm_latents()
-    design = jnp.asarray(GLM_DESIGN, jnp.float32)
-    logits = coef[..., :1] + jnp.einsum("tl,...l->...t", design, coef[..., 1:])
+    logits = SpikeStatistics(_glm_latents(), jnp.asarray(GLM_DESIGN, jnp.float32)).logits
     numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 

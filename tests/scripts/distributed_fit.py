@@ -5,6 +5,7 @@ With NUM_PROCESSES=0 it trains in a single process on all its local devices inst
 """
 
 import sys
+from functools import partial
 
 import jax
 
@@ -23,16 +24,21 @@ import numpy as np
 from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.checkpoint import flatten_tree
 from numpyro_amortized.examples.models import linear_regression
+from numpyro_amortized.networks import ensemble_flow, spline_flow
 
+# small flows: what is tested is that the processes agree, and XLA compilation dominates the run
+small = {"num_layers": 2, "hidden": (32,)}
 z = jnp.zeros(15)
-guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
+                          flow=partial(spline_flow, **small))
 result = fit(guide, jax.random.PRNGKey(0), x=z, y=z, num_steps=8, batch_size=64, num_chunks=2,
              validation_size=64, progress_bar=False, checkpoint=checkpoint)
 local = lambda tree: flatten_tree(jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data),
                                                tree))
 params = local(result.state.params)
 # a fixed budget: the flow ensemble, whose mixture weights are fitted on the held-out bank
-bank_guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+bank_guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
+                               flow=partial(ensemble_flow, **small))
 bank = fit(bank_guide, jax.random.PRNGKey(1), x=z, y=z, num_steps=8, batch_size=64, num_chunks=2,
            num_simulations=1280, progress_bar=False)
 weights = local(bank.params[bank_guide.param_name]["flow"]["log_weights"])

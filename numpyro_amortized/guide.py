@@ -25,7 +25,7 @@ from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from numpyro_amortized.data import DataBatch, DataLayout
-from numpyro_amortized.networks.flows import spline_flow
+from numpyro_amortized.networks.flows import ConditionalFlow, spline_flow
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.simulation import inspect_model, simulate
@@ -343,6 +343,25 @@ class AutoAmortizedFlow(AutoGuide):
         :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
         member is trained as if alone; the posterior is their mixture)."""
         return self.posterior(params).training_log_prob(sims.u, sims.data) - sims.log_det
+
+    def weight_decay(self, params):
+        """Each parameter's decoupled weight decay, a tree like ``params`` (a pure dict, or
+        SVI's param dict): the ``weight_decay`` of the flow it belongs to (see
+        :func:`~numpyro_amortized.networks.coupling_flow`), 0 elsewhere. Static: it depends
+        on the networks' structure only, not on the values."""
+        self._check_setup()
+        module = nnx.merge(self._graphdef, self._param_template, self._buffers)
+        decays = {tuple(path): node.weight_decay for path, node in nnx.iter_graph(module)
+                  if isinstance(node, ConditionalFlow) and node.weight_decay}
+        prefix = (self.param_name,) if self._nn_params(params) is not params else ()
+
+        def decay(path, _):
+            keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+            keys = keys[len(prefix):]
+            return next((decays[keys[:n]] for n in range(len(keys), 0, -1) if keys[:n] in decays),
+                        0.0)
+
+        return jax.tree_util.tree_map_with_path(decay, params)
 
     def member_log_prob_simulations(self, params, sims: Simulations):
         """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or

@@ -109,10 +109,30 @@ class FitResult(NamedTuple):
     plateau: dict | None = None
 
 
-def default_optimizer(num_steps, learning_rate=2e-3):
-    """Adam with a cosine-decayed learning rate and gradient clipping at global norm 1."""
+def _decoupled_weight_decay(weight_decay):
+    """``updates + w * params`` leaf by leaf, ``weight_decay(params)`` giving the ``w`` tree."""
+
+    def update(updates, state, params):
+        decay = weight_decay(params)
+        return jax.tree.map(lambda u, p, w: u + w * p if w else u, updates, params, decay), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
+    """Adam with a cosine-decayed learning rate and gradient clipping at global norm 1.
+
+    :param weight_decay: ``None``, or a function from the parameters to a tree of the same
+        structure holding each leaf's decoupled weight decay (AdamW's, per unit learning rate;
+        ``0`` for none). :func:`fit` passes the guide's
+        :meth:`~numpyro_amortized.AutoAmortizedFlow.weight_decay`.
+    """
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1), alpha=0.01)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    if weight_decay is None:
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
+                       _decoupled_weight_decay(weight_decay),
+                       optax.scale_by_learning_rate(schedule))
 
 
 def _all_finite(tree):
@@ -399,7 +419,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
     num_steps = int(num_steps)
     if num_simulations is not None and guide.flow is None and guide.structure is None:
         guide.flow = ensemble_flow  # the default flow on a fixed budget (see AutoAmortizedFlow)
-    optimizer = default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer
+    if optimizer is None:
+        optimizer = default_optimizer(num_steps, learning_rate, weight_decay=guide.weight_decay)
     loss = NPE() if loss is None else loss
     rng_key = _key_data(rng_key)
     keep_best = num_simulations is not None if keep_best is None else bool(keep_best)

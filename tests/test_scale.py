@@ -99,7 +99,7 @@ def test_two_processes_train_together_like_one(tmp_path):
         np.testing.assert_allclose(a[k], single[k], rtol=0, atol=1e-6)
     np.testing.assert_allclose(a["losses"], single["losses"], rtol=0, atol=1e-5)
     # a flow ensemble's mixture weights: fitted on all the held-out simulations, the same in both
-    assert a["log_weights"].shape == (2,)
+    assert a["log_weights"].shape == (4,)
     np.testing.assert_array_equal(a["log_weights"], b["log_weights"])
     np.testing.assert_allclose(a["log_weights"], single["log_weights"], rtol=0, atol=1e-4)
     # only process 0 writes checkpoints
@@ -156,7 +156,10 @@ def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
-    guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512)
+    # a single spline flow, which memorizes this small bank (the default flow ensemble's
+    # weight-decayed members resist it)
+    guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
+                              flow=spline_flow)
     result = fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=1500, batch_size=64,
                  num_simulations=400, num_chunks=30, patience=0, progress_bar=False)  # overfits
     steps, val = result.validation_losses

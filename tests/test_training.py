@@ -1,5 +1,7 @@
 """The training core: faults never corrupt parameters, offline budgets, one compilation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
+from flax import nnx
 
 import numpyro_amortized
 from numpyro_amortized import NPE, AutoAmortizedFlow, fit, trainer
@@ -101,7 +104,9 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     result = fit(guide, KEY, y=X, num_steps=200, num_simulations=2000, progress_bar=False)
     assert guide.flow is ensemble_flow
     log_w = np.asarray(result.params[guide.param_name]["flow"]["log_weights"])
-    assert log_w.shape == (2,) and abs(np.exp(log_w).sum() - 1) < 1e-5
+    assert log_w.shape == (4,) and abs(np.exp(log_w).sum() - 1) < 1e-5
+    decays = [m.weight_decay for m in guide.posterior(result.params).flow.members]
+    assert decays == [0.0, 0.0, 2.0, 2.0]  # each flow kind plain and regularized
     path = tmp_path / "ensemble.ckpt"
     numpyro_amortized.save(path, guide, result)
     loaded, params = numpyro_amortized.load(path, normal_mean)
@@ -116,17 +121,19 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
 
 
 def test_ensemble_trains_each_member_and_validates_the_mixture():
-    guide = AutoAmortizedFlow(normal_mean, flow=ensemble_flow, num_pilot_simulations=512)
+    # small members: the mixture's arithmetic is what is checked, and compilation dominates
+    small = functools.partial(ensemble_flow, num_layers=1, hidden=(16,))
+    guide = AutoAmortizedFlow(normal_mean, flow=small, num_pilot_simulations=512)
     params = guide.setup(KEY, y=X)
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(KEY, p.shape), params)
-    params["flow"]["log_weights"] = jnp.log(jnp.array([0.5, 0.5]))
+    params["flow"]["log_weights"] = jnp.log(jnp.full(4, 0.25))
     sims = guide.simulate(jax.random.PRNGKey(3), 512, y=X)
     members = guide.member_log_prob_simulations(params, sims)
     train = NPE().simulation_losses(guide, params, None, sims, y=X)
     val = NPE().validation_losses(guide, params, None, sims, y=X)
     np.testing.assert_allclose(train, -members.mean(0), rtol=1e-5)  # each member on its own
     np.testing.assert_allclose(val, -guide.log_prob_simulations(params, sims), rtol=1e-5)
-    np.testing.assert_allclose(val, -jax.nn.logsumexp(members, axis=0) + np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(val, -jax.nn.logsumexp(members, axis=0) + np.log(4), rtol=1e-5)
 
     seen = []
 
@@ -135,8 +142,8 @@ def test_ensemble_trains_each_member_and_validates_the_mixture():
             seen.append(True)
             return super().validation_losses(*args, **kwargs)
 
-    fit(AutoAmortizedFlow(normal_mean, num_pilot_simulations=512), KEY, y=X, num_steps=20,
-        num_simulations=500, loss=Tracked(), progress_bar=False)
+    fit(AutoAmortizedFlow(normal_mean, flow=small, num_pilot_simulations=512), KEY, y=X,
+        num_steps=20, num_simulations=500, loss=Tracked(), progress_bar=False)
     assert seen  # fit keeps the best parameters by the held-out loss of the mixture
 
 
@@ -180,3 +187,36 @@ def test_update_runs_under_pmap():
     stacked = jax.tree.map(lambda a: a[None], state)
     new, info = jax.pmap(lambda s: tr.update(s, x=X), axis_name="d")(stacked)
     assert info.loss.shape == (1,) and int(new.step[0]) == 1
+
+
+def test_weight_decay_reaches_exactly_the_decayed_members():
+    flow = lambda *a, **k: ensemble_flow(*a, transformers=("spline", "affine", "affine"),
+                                         weight_decay=(0.0, 0.0, 0.5), **k)
+    guide = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
+    params = guide.setup(KEY, y=X)
+    decay = guide.weight_decay(params)
+    members = decay["flow"]["members"]
+    assert set(jax.tree.leaves(members[2])) == {0.5}
+    assert set(jax.tree.leaves(members[0])) | set(jax.tree.leaves(members[1])) == {0.0}
+    assert set(jax.tree.leaves(decay["summary_net"])) == {0.0}  # a DeepSet: not decayed
+    # SVI's param dict (keyed by the guide's param name) gets the same values
+    wrapped = guide.weight_decay({guide.param_name: params})
+    assert jax.tree.leaves(wrapped) == jax.tree.leaves(decay)
+    with pytest.raises(ValueError, match="one per member"):
+        ensemble_flow(1, 2, transformers=("spline", "affine"), weight_decay=(0.0, 1.0, 2.0),
+                      rngs=nnx.Rngs(0))
+
+    # with a zero gradient Adam's step is 0, so one step of the default optimizer moves a
+    # decayed parameter by exactly -learning_rate * decay * value and leaves the others alone
+    opt = numpyro_amortized.default_optimizer(10, learning_rate=0.1,
+                                              weight_decay=guide.weight_decay)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    expected = jax.tree.map(lambda p, w: -0.1 * w * p, params, decay)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-12)
+    moved = [float(jnp.abs(u).max()) for u in jax.tree.leaves(updates["flow"]["members"][2])]
+    assert max(moved) > 1e-3  # the decayed member's parameters are not all zero: a real check
+    plain = numpyro_amortized.default_optimizer(10, learning_rate=0.1)
+    updates, _ = plain.update(zero, plain.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))

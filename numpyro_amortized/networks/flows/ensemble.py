@@ -81,10 +81,14 @@ class FlowEnsemble(nnx.Module):
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
 
-def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine"), loc=None, scale=None,
-                  rngs: nnx.Rngs, **kwargs):
+def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline", "affine"),
+                  weight_decay=(0.0, 0.0, 2.0, 2.0), loc=None, scale=None, rngs: nnx.Rngs, **kwargs):
     """A :class:`FlowEnsemble` of one :func:`coupling_flow` per entry of ``transformers``
     (default: a spline flow and an affine flow); ``kwargs`` go to every member.
+
+    :param weight_decay: one number for every member, or one per member (see
+        :func:`~numpyro_amortized.networks.coupling_flow`): members that differ only in their
+        weight decay let the held-out mixture weights choose how strongly to regularize.
 
     The default flow of :class:`~numpyro_amortized.AutoAmortizedFlow` when
     :func:`~numpyro_amortized.fit` trains it on a fixed simulation budget.
@@ -95,8 +99,13 @@ def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine"), loc=No
         guide = AutoAmortizedFlow(model, flow=functools.partial(ensemble_flow,
                                                                 transformers=("spline",) * 3))
     """
-    members = [coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale, rngs=rngs,
-                             **kwargs) for t in transformers]
+    decays = (weight_decay,) * len(transformers) if np.ndim(weight_decay) == 0 else weight_decay
+    if len(decays) != len(transformers):
+        raise ValueError(f"weight_decay has {len(decays)} entries for {len(transformers)} "
+                         "transformers; give one per member, or one number for all.")
+    members = [coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale,
+                             weight_decay=w, rngs=rngs, **kwargs)
+               for t, w in zip(transformers, decays, strict=True)]
     return FlowEnsemble(members, dim)
 
 

@@ -114,9 +114,9 @@ class AutoAmortizedFlow(AutoGuide):
     :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``. Default: a
         :func:`~numpyro_amortized.networks.spline_flow`, except when :func:`fit` sets the guide
         up for a fixed simulation budget: then an
-        :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, trained
-        side by side, mixed with weights fitted to held-out simulations), which over-fits a
-        finite bank less than either flow alone.
+        :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, each
+        plain and with weight decay, trained side by side, mixed with weights fitted to
+        held-out simulations), which over-fits a finite bank less than any one flow alone.
     :param observed: names of sites to treat as observed even without ``obs=``.
     :param data_plate: the plate of exchangeable observations (``"auto"``: found from the model).
     :param set_sizes: ``(min, max)`` dataset sizes to train on. ``max`` must be the plate size in

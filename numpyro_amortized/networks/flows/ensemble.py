@@ -36,7 +36,7 @@ class FlowEnsemble(nnx.Module):
 
     **Example**::
 
-        flow = ensemble_flow(2, 3, rngs=nnx.Rngs(0))  # a spline and an affine flow
+        flow = ensemble_flow(2, 3, rngs=nnx.Rngs(0))  # spline, affine, and both weight-decayed
         u, log_q = flow.sample_and_log_prob(jax.random.PRNGKey(0), jnp.zeros((5, 3)), (100,))
     """
 
@@ -84,7 +84,8 @@ class FlowEnsemble(nnx.Module):
 def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline", "affine"),
                   weight_decay=(0.0, 0.0, 2.0, 2.0), loc=None, scale=None, rngs: nnx.Rngs, **kwargs):
     """A :class:`FlowEnsemble` of one :func:`coupling_flow` per entry of ``transformers``
-    (default: a spline flow and an affine flow); ``kwargs`` go to every member.
+    (default: a spline flow and an affine flow, each twice: plain and with weight decay 2);
+    ``kwargs`` go to every member.
 
     :param weight_decay: one number for every member, or one per member (see
         :func:`~numpyro_amortized.networks.coupling_flow`): members that differ only in their

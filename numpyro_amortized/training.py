@@ -124,8 +124,11 @@ def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
 
     :param weight_decay: ``None``, or a function from the parameters to a tree of the same
         structure holding each leaf's decoupled weight decay (AdamW's, per unit learning rate;
-        ``0`` for none). :func:`fit` passes the guide's
-        :meth:`~numpyro_amortized.AutoAmortizedFlow.weight_decay`.
+        ``0`` for none). :func:`fit` and :func:`trainer` pass the guide's
+        :meth:`~numpyro_amortized.AutoAmortizedFlow.weight_decay`; with
+        ``numpyro.infer.SVI`` or an optimizer of your own, pass it yourself, e.g.
+        ``SVI(model, guide, optax_to_numpyro(default_optimizer(n, weight_decay=guide.weight_decay)),
+        loss=NPE())``, or the flows' weight decay is not applied.
     """
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1), alpha=0.01)
     if weight_decay is None:
@@ -176,7 +179,8 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
         state, info = step(state)
     """
     loss = NPE() if loss is None else loss
-    optimizer = default_optimizer(10_000) if optimizer is None else optimizer
+    if optimizer is None:
+        optimizer = default_optimizer(10_000, weight_decay=guide.weight_decay)
 
     def init(rng_key, *args, **kwargs) -> TrainState:
         k_setup, k_state = jax.random.split(rng_key)

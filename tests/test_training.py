@@ -220,3 +220,7 @@ def test_weight_decay_reaches_exactly_the_decayed_members():
     plain = numpyro_amortized.default_optimizer(10, learning_rate=0.1)
     updates, _ = plain.update(zero, plain.init(params), params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    # trainer's default optimizer is the decaying one too (clip, Adam, decay, learning rate)
+    state = trainer(AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)).init(
+        KEY, y=X)
+    assert len(state.opt_state) == 4 and isinstance(state.opt_state[2], optax.EmptyState)

@@ -110,7 +110,8 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
         location and scale), so the flow's tails contract with the posterior.
     :param loc: prior mean of the unconstrained latents; :param scale: their sd.
     :param weight_decay: decoupled weight decay of this flow's parameters under
-        :func:`~numpyro_amortized.fit`'s default optimizer (pulls the couplings towards the
+        :func:`~numpyro_amortized.fit`'s default optimizer (see
+        :func:`~numpyro_amortized.default_optimizer` for SVI; pulls the couplings towards the
         identity, i.e. the posterior towards a standardized prior: a regularizer against
         memorizing a small simulation bank).
 

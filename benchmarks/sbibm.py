@@ -320,8 +320,7 @@ def _flow(row):
     return row.get("flow", "spline")
 
 
-# the flow the defaults build on a fixed budget now; rows with another were measured before
-CURRENT_FLOW = "ensemble (spline, affine, spline wd 2, affine wd 2)"
+# rows measured with a flow the fixed-budget defaults no longer build
 PREVIOUS_FLOW_MARKS = {"spline": "†", "ensemble (spline, affine)": "‡"}
 
 

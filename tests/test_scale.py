@@ -156,8 +156,7 @@ def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
-    # a single spline flow, which memorizes this small bank (the default flow ensemble's
-    # weight-decayed members resist it)
+    # a single spline flow, which memorizes this small bank (what keep-the-best is for)
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
                               flow=spline_flow)
     result = fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=1500, batch_size=64,

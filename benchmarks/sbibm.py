@@ -37,7 +37,6 @@ from numpyro.infer import init_to_median
 
 from numpyro_amortized import AutoAmortizedFlow, c2st, fit, run_nuts
 from numpyro_amortized.examples.sbibm import TASKS, parameter_vector
-from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,10 +306,9 @@ def _flow_fields(guide, result):
     log_w = result.params[guide.param_name]["flow"].get("log_weights")
     if log_w is None:
         return {"flow": "spline"}
-    members = []
-    for m in guide.posterior(result.params).flow.members:
-        kind = "spline" if any(isinstance(b, SplineCoupling) for b in m.bijections) else "affine"
-        members.append(kind + (f" wd {m.weight_decay:g}" if m.weight_decay else ""))
+    flow = guide.posterior(result.params).flow
+    members = [kind + (f" wd {w:g}" if w else "")
+               for kind, w in zip(flow.member_kinds, flow.weight_decays, strict=True)]
     return {"flow": f"ensemble ({', '.join(members)})",
             "mixture_weights": [round(float(w), 3) for w in np.exp(np.asarray(log_w))]}
 

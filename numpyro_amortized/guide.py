@@ -25,7 +25,7 @@ from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from numpyro_amortized.data import DataBatch, DataLayout
-from numpyro_amortized.networks.flows import ConditionalFlow, spline_flow
+from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, spline_flow
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.simulation import inspect_model, simulate
@@ -351,15 +351,19 @@ class AutoAmortizedFlow(AutoGuide):
         on the networks' structure only, not on the values."""
         self._check_setup()
         module = nnx.merge(self._graphdef, self._param_template, self._buffers)
-        decays = {tuple(path): node.weight_decay for path, node in nnx.iter_graph(module)
-                  if isinstance(node, ConditionalFlow) and node.weight_decay}
+        decays = {}  # path of a flow -> the decay of a parameter leaf under it
+        for path, node in nnx.iter_graph(module):
+            if isinstance(node, StackedFlows) and any(node.weight_decays):
+                decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
+            elif isinstance(node, ConditionalFlow) and node.weight_decay:
+                decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
         prefix = (self.param_name,) if self._nn_params(params) is not params else ()
 
-        def decay(path, _):
+        def decay(path, leaf):
             keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
             keys = keys[len(prefix):]
-            return next((decays[keys[:n]] for n in range(len(keys), 0, -1) if keys[:n] in decays),
-                        0.0)
+            return next((decays[keys[:n]](leaf) for n in range(len(keys), 0, -1)
+                         if keys[:n] in decays), 0.0)
 
         return jax.tree_util.tree_map_with_path(decay, params)
 

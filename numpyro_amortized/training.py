@@ -114,7 +114,8 @@ def _decoupled_weight_decay(weight_decay):
 
     def update(updates, state, params):
         decay = weight_decay(params)
-        return jax.tree.map(lambda u, p, w: u + w * p if w else u, updates, params, decay), state
+        return jax.tree.map(lambda u, p, w: u + w * p if np.any(w) else u, updates, params,
+                            decay), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -105,8 +105,10 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     assert guide.flow is ensemble_flow
     log_w = np.asarray(result.params[guide.param_name]["flow"]["log_weights"])
     assert log_w.shape == (4,) and abs(np.exp(log_w).sum() - 1) < 1e-5
-    decays = [m.weight_decay for m in guide.posterior(result.params).flow.members]
-    assert decays == [0.0, 0.0, 2.0, 2.0]  # each flow kind plain and regularized
+    flow = guide.posterior(result.params).flow
+    assert flow.member_kinds == ("spline", "affine", "spline", "affine")
+    assert flow.weight_decays == (0.0, 0.0, 2.0, 2.0)  # each flow kind plain and regularized
+    assert [g.size for g in flow.groups] == [2, 2]  # one vectorized flow per kind
     path = tmp_path / "ensemble.ckpt"
     numpyro_amortized.save(path, guide, result)
     loaded, params = numpyro_amortized.load(path, normal_mean)
@@ -195,13 +197,17 @@ def test_weight_decay_reaches_exactly_the_decayed_members():
     guide = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
     params = guide.setup(KEY, y=X)
     decay = guide.weight_decay(params)
-    members = decay["flow"]["members"]
-    assert set(jax.tree.leaves(members[2])) == {0.5}
-    assert set(jax.tree.leaves(members[0])) | set(jax.tree.leaves(members[1])) == {0.0}
+    groups = decay["flow"]["groups"]
+    spline, affine = groups[0], groups[1]  # the two affine members are stacked, in order
+    assert set(jax.tree.leaves(spline)) == {0.0}
+    for w, p in zip(jax.tree.leaves(affine), jax.tree.leaves(params["flow"]["groups"][1]),
+                    strict=True):
+        assert np.ndim(w) == np.ndim(p) and np.ravel(w).tolist() == [0.0, 0.5]
     assert set(jax.tree.leaves(decay["summary_net"])) == {0.0}  # a DeepSet: not decayed
     # SVI's param dict (keyed by the guide's param name) gets the same values
     wrapped = guide.weight_decay({guide.param_name: params})
-    assert jax.tree.leaves(wrapped) == jax.tree.leaves(decay)
+    for a, b in zip(jax.tree.leaves(wrapped), jax.tree.leaves(decay), strict=True):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="one per member"):
         ensemble_flow(1, 2, transformers=("spline", "affine"), weight_decay=(0.0, 1.0, 2.0),
                       rngs=nnx.Rngs(0))
@@ -215,8 +221,9 @@ def test_weight_decay_reaches_exactly_the_decayed_members():
     expected = jax.tree.map(lambda p, w: -0.1 * w * p, params, decay)
     for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-12)
-    moved = [float(jnp.abs(u).max()) for u in jax.tree.leaves(updates["flow"]["members"][2])]
-    assert max(moved) > 1e-3  # the decayed member's parameters are not all zero: a real check
+    affine = jax.tree.leaves(updates["flow"]["groups"][1])
+    assert max(float(jnp.abs(u[1]).max()) for u in affine) > 1e-3  # a real check: it moved
+    assert max(float(jnp.abs(u[0]).max()) for u in affine) == 0.0  # the plain one did not
     plain = numpyro_amortized.default_optimizer(10, learning_rate=0.1)
     updates, _ = plain.update(zero, plain.init(params), params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))

@@ -5,6 +5,7 @@ from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
 from numpyro_amortized.networks.flows.conditional_affine import ConditionalAffine
 from numpyro_amortized.networks.flows.ensemble import (
     FlowEnsemble,
+    StackedFlows,
     ensemble_flow,
     mixture_log_weights,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "FlowEnsemble",
     "Permutation",
     "SplineCoupling",
+    "StackedFlows",
     "Standardize",
     "affine_flow",
     "coupling_flow",

@@ -10,6 +10,12 @@ On a fixed simulation budget, flows of different kinds over-fit in different way
 flow memorizes a bank of 10-dimensional Gaussian posteriors that an affine flow fits well,
 while the affine flow cannot bend around a crescent. The mixture is never worse than its best
 member by more than the weight that member gets (``-log w_k`` nats), and usually better.
+
+Members of the same structure (same layers and permutations, as :func:`ensemble_flow` builds
+the members of each kind) are stacked into one vectorized flow (``jax.vmap`` over their
+parameters): one copy of the flow in the compiled program instead of one per member. XLA's
+compile time on CPU grows faster than the program, so this matters: the default four-member
+ensemble compiles its training step about three times faster than with the members side by side.
 """
 
 from __future__ import annotations
@@ -19,9 +25,80 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from numpyro_amortized.networks.flows.flow import coupling_flow
+from numpyro_amortized.networks.flows.flow import ConditionalFlow, coupling_flow
+from numpyro_amortized.networks.flows.permutation import Permutation
 
-__all__ = ["FlowEnsemble", "ensemble_flow", "mixture_log_weights"]
+__all__ = ["FlowEnsemble", "StackedFlows", "ensemble_flow", "mixture_log_weights"]
+
+
+class StackedFlows(nnx.Module):
+    """K flows of one structure as one flow whose parameters carry a leading axis of size K.
+
+    :param members: :class:`~numpyro_amortized.networks.flows.ConditionalFlow` objects with the
+        same graph (layers, sizes, permutations); their ``weight_decay`` may differ.
+
+    Every method evaluates all K members at once (``jax.vmap`` over the stacked parameters) and
+    returns their results stacked on a leading axis.
+    """
+
+    def __init__(self, members):
+        decays = tuple(float(m.weight_decay) for m in members)
+        graphdef, states = None, []
+        for m in members:
+            g, state = _split_without_decay(m)
+            if graphdef is not None and g != graphdef:
+                raise ValueError("StackedFlows needs members of one structure (same layers, "
+                                 "sizes and permutations).")
+            graphdef = g
+            states.append(state)
+        self.flow = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+        self.weight_decays = decays
+        self.size = len(members)
+
+    def _vmap(self, fn, *args):
+        graphdef, state = nnx.split(self.flow)
+        return jax.vmap(lambda st, *a: fn(nnx.merge(graphdef, st), *a))(state, *args)
+
+    def log_probs(self, u, condition):
+        """``(K, ...)``: each member's ``log q_k(u | condition)``."""
+        return self._vmap(lambda f: f.log_prob(u, condition))
+
+    def sample_and_log_probs(self, rng_keys, condition, sample_shape=()):
+        """Member ``k`` draws with ``rng_keys[k]``: ``(K, *sample_shape, *batch, dim)`` draws and
+        their ``(K, ...)`` log densities under the member that drew them."""
+        return self._vmap(lambda f, k: f.sample_and_log_prob(k, condition, sample_shape), rng_keys)
+
+    def decay_of_leaf(self, leaf):
+        """The decoupled weight decay of a stacked parameter, broadcastable against it."""
+        return np.reshape(np.asarray(self.weight_decays, np.float32),
+                          (self.size,) + (1,) * (np.ndim(leaf) - 1))
+
+
+def _split_without_decay(flow):
+    """``nnx.split(flow)`` with the weight decay (a static attribute) left out of the graph, so
+    that members differing only in their decay stack; ``flow`` is left as it was."""
+    decay, flow.weight_decay = flow.weight_decay, 0.0
+    try:
+        return nnx.split(flow)
+    finally:
+        flow.weight_decay = decay
+
+
+def _stack_same_structure(members):
+    """Group ``members`` by graph (weight decay aside) into :class:`StackedFlows`, in order of
+    first appearance; also return each member's (group, index in group)."""
+    groups, where = [], []
+    for m in members:
+        graphdef = _split_without_decay(m)[0]
+        for gi, (g, ms) in enumerate(groups):
+            if g == graphdef:
+                where.append((gi, len(ms)))
+                ms.append(m)
+                break
+        else:
+            where.append((len(groups), 0))
+            groups.append((graphdef, [m]))
+    return [StackedFlows(ms) for _, ms in groups], where
 
 
 class FlowEnsemble(nnx.Module):
@@ -32,7 +109,9 @@ class FlowEnsemble(nnx.Module):
     :param dim: dimension of ``u``.
 
     The log weights are a parameter that no gradient reaches (they are set from held-out data by
-    :func:`~numpyro_amortized.fit`, see :func:`mixture_log_weights`).
+    :func:`~numpyro_amortized.fit`, see :func:`mixture_log_weights`). Members of one structure
+    are stacked into a :class:`StackedFlows` (``groups``); ``member_kinds`` and
+    ``weight_decays`` describe the members in the order given, the order of the weights.
 
     **Example**::
 
@@ -43,17 +122,33 @@ class FlowEnsemble(nnx.Module):
     def __init__(self, members, dim):
         if len(members) < 1:
             raise ValueError("FlowEnsemble needs at least one member flow.")
-        self.members = nnx.List(members)
+        if not all(isinstance(m, ConditionalFlow) for m in members):
+            raise TypeError("FlowEnsemble's members must be ConditionalFlow objects "
+                            "(e.g. from coupling_flow).")
+        self.member_kinds = tuple(_kind(m) for m in members)
+        self.weight_decays = tuple(float(m.weight_decay) for m in members)
+        groups, where = _stack_same_structure(members)
+        self.groups = nnx.List(groups)
+        # position of member k in the concatenation of the groups' outputs
+        offsets = np.cumsum([0] + [g.size for g in groups])
+        self.order = tuple(int(offsets[g] + i) for g, i in where)
         self.dim = dim
         self.log_weights = nnx.Param(jnp.full((len(members),), -np.log(len(members)),
                                               jnp.float32))
 
+    @property
+    def num_members(self):
+        return len(self.order)
+
     def _log_weights(self):
         return jax.nn.log_softmax(jax.lax.stop_gradient(jnp.asarray(self.log_weights[...])))
 
+    def _in_member_order(self, stacked):
+        return jnp.concatenate(stacked)[np.asarray(self.order)]
+
     def member_log_probs(self, u, condition):
         """``log q_k(u | condition)`` of each member, stacked on a leading axis of size K."""
-        return jnp.stack([m.log_prob(u, condition) for m in self.members])
+        return self._in_member_order([g.log_probs(u, condition) for g in self.groups])
 
     def log_prob(self, u, condition):
         """The mixture's ``log q(u | condition)``."""
@@ -68,9 +163,14 @@ class FlowEnsemble(nnx.Module):
     def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
         """Draws from the mixture, shape ``sample_shape + cond_batch + (dim,)``, and their
         mixture ``log q``: each draw comes from member ``k`` with probability ``w_k``."""
-        k_choice, *keys = jax.random.split(rng_key, len(self.members) + 1)
-        draws = jnp.stack([m.sample_and_log_prob(k, condition, sample_shape)[0]
-                           for m, k in zip(self.members, keys, strict=True)])
+        k_choice, k_members = jax.random.split(rng_key)
+        keys = jax.random.split(k_members, self.num_members)
+        draws, start = [], 0
+        for g in self.groups:
+            draws.append(g.sample_and_log_probs(keys[start:start + g.size], condition,
+                                                sample_shape)[0])
+            start += g.size
+        draws = self._in_member_order(draws)
         batch = draws.shape[1:-1]
         which = jax.random.categorical(k_choice, self._log_weights(), shape=batch)
         u = jnp.take_along_axis(draws, which[None, ..., None], axis=0)[0]
@@ -79,6 +179,13 @@ class FlowEnsemble(nnx.Module):
     def sample(self, rng_key, condition, sample_shape=()):
         """Samples only (see :meth:`sample_and_log_prob`)."""
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
+
+
+def _kind(flow):
+    """``"spline"``, ``"affine"`` or ``"mixed"``: the couplings of a flow (for labels)."""
+    names = {type(b).__name__ for b in flow.bijections}
+    spline, affine = "SplineCoupling" in names, "AffineCoupling" in names
+    return "mixed" if spline and affine else "spline" if spline else "affine" if affine else "flow"
 
 
 def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline", "affine"),
@@ -104,10 +211,21 @@ def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline
     if len(decays) != len(transformers):
         raise ValueError(f"weight_decay has {len(decays)} entries for {len(transformers)} "
                          "transformers; give one per member, or one number for all.")
-    members = [coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale,
-                             weight_decay=w, rngs=rngs, **kwargs)
-               for t, w in zip(transformers, decays, strict=True)]
+    members, first = [], {}
+    for t, w in zip(transformers, decays, strict=True):
+        m = coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale,
+                          weight_decay=w, rngs=rngs, **kwargs)
+        _share_permutations(m, first.setdefault(t, m))
+        members.append(m)
     return FlowEnsemble(members, dim)
+
+
+def _share_permutations(flow, like):
+    """Give ``flow`` the permutations of ``like`` (a flow of the same kind), so that the two
+    stack into one vectorized flow; their weights stay independently initialized."""
+    for b, b_like in zip(flow.bijections, like.bijections, strict=True):
+        if isinstance(b, Permutation):
+            b.perm, b.inverse_perm = b_like.perm, b_like.inverse_perm
 
 
 def mixture_log_weights(member_log_probs, num_iterations=500):

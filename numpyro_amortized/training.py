@@ -381,8 +381,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         and minibatches are sampled from them (offline), 10% held out for validation. A guide
         built without a ``flow`` and set up here then gets an
         :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, each
-        plain and weight-decayed, each trained on its own); the returned parameters carry the mixture weights that maximize
-        the held-out likelihood.
+        plain and weight-decayed, each trained on its own); the returned parameters carry the
+        mixture weights that maximize the held-out likelihood.
     :param validation_size: held-out simulations for the validation loss (online mode).
     :param progress_bar: show a tqdm bar with the loss (on process 0 only).
     :param num_chunks: how often (over the run) to report progress and validation.

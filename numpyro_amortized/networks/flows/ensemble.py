@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
 from numpyro_amortized.networks.flows.flow import ConditionalFlow, coupling_flow
 from numpyro_amortized.networks.flows.permutation import Permutation
+from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 
 __all__ = ["FlowEnsemble", "StackedFlows", "ensemble_flow", "mixture_log_weights"]
 
@@ -183,8 +185,8 @@ class FlowEnsemble(nnx.Module):
 
 def _kind(flow):
     """``"spline"``, ``"affine"`` or ``"mixed"``: the couplings of a flow (for labels)."""
-    names = {type(b).__name__ for b in flow.bijections}
-    spline, affine = "SplineCoupling" in names, "AffineCoupling" in names
+    spline = any(isinstance(b, SplineCoupling) for b in flow.bijections)
+    affine = any(isinstance(b, AffineCoupling) for b in flow.bijections)
     return "mixed" if spline and affine else "spline" if spline else "affine" if affine else "flow"
 
 

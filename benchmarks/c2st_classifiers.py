@@ -14,9 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from sbibm import TASKS, observations, parameter_vector, train  # benchmarks/sbibm.py
+from sbibm import TASKS, observations, posterior_draws, train  # benchmarks/sbibm.py
 
 from numpyro_amortized import c2st
 
@@ -24,9 +22,7 @@ from numpyro_amortized import c2st
 def main(name, budget, num_observations):
     xs, refs, _ = observations(name, 10, num_draws=10_000)
     guide, result, _ = train(name, budget, quick=False)
-    draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
-                                         {"x": jnp.asarray(xs)}, sample_shape=(10_000,))
-    theta = parameter_vector(draws, TASKS[name])
+    theta, _ = posterior_draws(guide, result, TASKS[name], xs, 10_000)
     for i in range(num_observations):
         t = time.perf_counter()
         fast = c2st(refs[i], theta[i], classifier_kwargs={"early_stopping": True})

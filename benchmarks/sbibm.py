@@ -267,19 +267,23 @@ def train(name, budget, *, quick, online_seconds=60.0):
 
 
 
+def posterior_draws(guide, result, task, xs, num_draws):
+    """``num_draws`` posterior draws per observation as parameter vectors (obs, draws, dim),
+    and the seconds the sampling took."""
+    t = time.perf_counter()
+    draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
+                                         {"x": jnp.asarray(xs)}, sample_shape=(num_draws,))
+    jax.block_until_ready(draws)
+    return parameter_vector(draws, task), time.perf_counter() - t
+
+
 def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0):
     task = TASKS[name]
     xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
     for budget in budgets:
         guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds)
-        t = time.perf_counter()
-        draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
-                                             {"x": jnp.asarray(xs)},
-                                             sample_shape=(num_draws,))
-        jax.block_until_ready(draws)
-        sampling = time.perf_counter() - t
-        theta = parameter_vector(draws, task)  # (obs, draws, dim)
+        theta, sampling = posterior_draws(guide, result, task, xs, num_draws)
         scores = []
         for i in range(len(xs)):
             scores.append(c2st(refs[i], theta[i], classifier_kwargs=c2st_kwargs))

@@ -171,16 +171,18 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
 
 
 def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
-    # the same over-fitting bank as above: with patience, each plateau goes back to the best
-    # parameters at half the learning rate, and the last plateau ends the run. A single spline
-    # flow (the fixed-budget default is a flow ensemble, which over-fits this bank less: there
-    # the plateau measured 0.54 against 0.50 for keep-the-best alone, not better)
+    # a bank the spline flow over-fits, as above but of 1,000 simulations: with patience, each
+    # plateau goes back to the best parameters at half the learning rate, and the last plateau
+    # ends the run. With 400 simulations the 40 held out are too few to choose among the
+    # plateau's checks (seeds 0-3: fresh loss 0.07 worse on one, 0.13-0.34 better on three); with
+    # 100 held out the plateau was better on all four, by 0.065 to 0.150. A single spline flow
+    # (the fixed-budget default is a flow ensemble, which over-fits a bank less)
     runs = {}
     for patience in (0, 3):
         guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
                                   flow=spline_flow)
         runs[patience] = guide, fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, num_steps=3000,
-                                    batch_size=64, num_simulations=400, num_chunks=60,
+                                    batch_size=64, num_simulations=1000, num_chunks=60,
                                     patience=patience, progress_bar=False)
     stopped = runs[3][1]
     assert stopped.plateau["halvings"] == 4 and stopped.plateau["scale"] == 1 / 16
@@ -191,7 +193,7 @@ def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
     nll = {p: float(jnp.mean(NPE().simulation_losses(g, r.params[g.param_name], None, fresh,
                                                      x=Z, y=Z)))
            for p, (g, r) in runs.items()}
-    assert nll[3] < nll[0] - 0.05, nll
+    assert nll[3] < nll[0] - 0.03, nll
 
 
 def test_patience_needs_keep_best():

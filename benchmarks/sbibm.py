@@ -266,7 +266,6 @@ def train(name, budget, *, quick, online_seconds=60.0):
     return guide, result, time.perf_counter() - t0
 
 
-
 def posterior_draws(guide, result, task, xs, num_draws):
     """``num_draws`` posterior draws per observation as parameter vectors (obs, draws, dim),
     and the seconds the sampling took."""

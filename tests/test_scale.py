@@ -189,6 +189,16 @@ def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
     assert stopped.stopped_early and len(stopped.losses) < 3000
     assert stopped.validation_losses[0][-1] == len(stopped.losses)
     assert not runs[0][1].stopped_early and len(runs[0][1].losses) == 3000
+    # each halving restarts from the best parameters: the next check is back near the best
+    # validation loss (measured, seeds 0 and 1: at most 0.036 above it; continuing from the
+    # stale parameters instead: up to 0.11 and 0.117 above)
+    val, best, stale, gaps = stopped.validation_losses[1], np.inf, 0, []
+    for i, v in enumerate(val[:-1]):
+        best, stale = (v, 0) if v < best else (best, stale + 1)
+        if stale == 3:
+            stale = 0
+            gaps.append(val[i + 1] - best)
+    assert len(gaps) == 4 and max(gaps) < 0.06, gaps
     fresh = runs[0][0].simulate(jax.random.PRNGKey(99), 4096, x=Z, y=Z)
     nll = {p: float(jnp.mean(NPE().simulation_losses(g, r.params[g.param_name], None, fresh,
                                                      x=Z, y=Z)))

@@ -7,6 +7,19 @@ import pathlib
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 
+# pytest-xdist runs one worker per core. Left alone, each worker's BLAS (numpy's, under
+# scikit-learn's C2ST classifier) starts a thread per core as well, and those threads spin while
+# they wait: on 2 cores, a C2ST-heavy test took 132 s next to a training test, 45 s with one BLAS
+# thread per worker. Subprocesses (examples, notebooks, scripts) inherit the variables.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_THREADS))
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(_THREADS)  # also if numpy's BLAS was loaded before this file
+
 import jax
 import numpy as np
 import pytest

@@ -27,7 +27,7 @@ from numpyro_amortized.examples import peak_datasets, peak_model
 matplotlib.use("Agg")
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 EXACT = os.environ.get("EXACT_C2ST", "") not in ("", "0")
-NUM_STEPS = int(os.environ.get("NUM_STEPS") or (300 if QUICK else 20_000))
+NUM_STEPS = int(os.environ.get("NUM_STEPS") or (100 if QUICK else 20_000))
 NUM_DATASETS = 2 if QUICK else 20
 
 

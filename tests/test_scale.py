@@ -28,6 +28,7 @@ from numpyro_amortized.examples.models import linear_regression
 from numpyro_amortized.networks import affine_flow, spline_flow
 
 SCRIPTS = Path(__file__).parent / "scripts"
+NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}  # for the multi-device scripts (below)
 Z = jnp.zeros(15)
 
 
@@ -57,7 +58,9 @@ def trained(tmp_path_factory):
 
 # ---------------------------------------------------------------------------- devices
 def test_same_trajectory_on_1_2_4_devices_and_pmap_gives_the_same_update():
-    out = json.loads(run_script("devices.py").strip().splitlines()[-1])
+    # not through the persistent compilation cache: a 4-device program loaded from it
+    # deadlocks in its all-reduce on CPU (a rerun of this test with the cache warm failed so)
+    out = json.loads(run_script("devices.py", env=NO_CACHE).strip().splitlines()[-1])
     losses = {int(k): np.asarray(v) for k, v in out["losses"].items()}
     assert losses[1].shape == (30,) and losses[1][-1] < losses[1][0] - 0.5  # it trains
     for n in (2, 4):  # same global batch and seed: same trajectory up to reduction order
@@ -79,7 +82,8 @@ def _free_port():
 
 def test_two_processes_train_together_like_one(tmp_path):
     port = _free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+           **NO_CACHE}
     script = str(SCRIPTS / "distributed_fit.py")
     procs = [subprocess.Popen([sys.executable, script, str(port), "2", str(i),
                                str(tmp_path / f"p{i}.npz"), str(tmp_path / f"p{i}.ckpt")],
@@ -89,7 +93,7 @@ def test_two_processes_train_together_like_one(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     run_script("distributed_fit.py", 0, 0, 0, tmp_path / "single.npz",
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", **NO_CACHE})
     a, b, single = (np.load(tmp_path / f) for f in ("p0.npz", "p1.npz", "single.npz"))
     assert int(a["processes"]) == 2 and int(a["devices"]) == 2 and int(single["devices"]) == 2
     params = [k for k in a.files if k.startswith("param")]

@@ -373,7 +373,7 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
 
 def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
-        num_chunks=100, devices=None, keep_best=None, patience=None, checkpoint=None,
+        num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
@@ -398,7 +398,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         mixture weights that maximize the held-out likelihood.
     :param validation_size: held-out simulations for the validation loss (online mode).
     :param progress_bar: show a tqdm bar with the loss (on process 0 only).
-    :param num_chunks: how often (over the run) to report progress and validation.
+    :param num_chunks: how often (over the run) to report progress and validation. Default:
+        100 times, and at most every 10 steps (a validation pass costs about as much as a
+        training step on ``validation_size / 3`` simulations: run after every step of a short
+        run, it took longer than the training itself).
     :param devices: devices to train on, data parallel: ``None`` for all (all processes' under
         ``jax.distributed``), an int for the first ``n``, or a list. The batch is split over
         them; parameters are replicated; the result does not depend on their number.
@@ -435,6 +438,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
             num_train = int(num_simulations) - _num_held_out(num_simulations, validation_size)
             num_steps = min(20_000, max(5000, math.ceil(30 * num_train / batch_size)))
     num_steps = int(num_steps)
+    if num_chunks is None:
+        num_chunks = min(100, max(1, num_steps // 10))
     if num_simulations is not None and guide.flow is None and guide.structure is None:
         guide.flow = ensemble_flow  # the default flow on a fixed budget (see AutoAmortizedFlow)
     if optimizer is None:

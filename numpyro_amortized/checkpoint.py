@@ -47,8 +47,11 @@ def flatten_tree(tree) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def unflatten_tree(template, flat: dict, what: str, path):
-    """Fill ``template``'s structure with ``flat``'s arrays, checking names, shapes and dtypes."""
+def unflatten_tree(template, flat: dict, what: str, path, hint=None):
+    """Fill ``template``'s structure with ``flat``'s arrays, checking names, shapes and dtypes.
+    ``hint`` replaces the advice given when they do not fit."""
+    hint = hint or ("The checkpoint was written for another architecture: build the guide with "
+                    "the summary_net and flow it was trained with and pass it as guide=.")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     names = [jax.tree_util.keystr(p) for p, _ in leaves]
     missing = [n for n in names if n not in flat]
@@ -57,9 +60,7 @@ def unflatten_tree(template, flat: dict, what: str, path):
         raise CheckpointError(
             f"{path}: the {what} in the checkpoint do not fit this guide's networks "
             f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; unexpected: "
-            f"{extra[:3]}{'...' if len(extra) > 3 else ''}). The checkpoint was written for "
-            "another architecture: build the guide with the summary_net and flow it was "
-            "trained with and pass it as guide=."
+            f"{extra[:3]}{'...' if len(extra) > 3 else ''}). {hint}"
         )
     out = []
     for name, (_, leaf) in zip(names, leaves, strict=True):
@@ -68,8 +69,7 @@ def unflatten_tree(template, flat: dict, what: str, path):
         if value.shape != leaf.shape:
             raise CheckpointError(
                 f"{path}: {what} {name} has shape {value.shape} in the checkpoint but "
-                f"{leaf.shape} in this guide: the checkpoint was written for another "
-                "architecture (pass the guide it was trained with as guide=)."
+                f"{leaf.shape} in this guide. {hint}"
             )
         out.append(value.astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

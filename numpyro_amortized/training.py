@@ -355,8 +355,12 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
             )
         best = unflatten_tree(guide.init_params, body["params"], "parameters", path)
     params = unflatten_tree(guide.init_params, train["final_params"], "parameters", path)
-    opt_state = unflatten_tree(optimizer.init(params), train["opt_state"], "optimizer state",
-                               path)
+    opt_state = unflatten_tree(
+        optimizer.init(params), train["opt_state"], "optimizer state", path,
+        hint="Resume with the optimizer the run was trained with. A run saved before the "
+             "default optimizer kept its state in one vector (numpyro_amortized of before "
+             "2026-11-27) cannot be resumed; its parameters still load for sampling with "
+             "numpyro_amortized.load.")
     as_i32 = lambda v: jnp.asarray(int(v), jnp.int32)
     state = TrainState(params, opt_state, jnp.asarray(train["rng_key"]), as_i32(train["step"]),
                        as_i32(train["num_skipped"]), as_i32(train["num_dropped"]))

@@ -294,6 +294,16 @@ def test_resume_with_other_settings_or_another_guide_is_refused(trained):
     other.setup(jax.random.PRNGKey(5), x=Z, y=Z)  # set up differently from the saved run
     with pytest.raises(CheckpointError, match="set up for another run"):
         fit(other, jax.random.PRNGKey(0), x=Z, y=Z, **settings)
+    # a run saved with another optimizer state (another optimizer, or the per-leaf state of the
+    # default optimizer before 2026-11-27): refused, saying so; its parameters still load
+    body = read_file(path)
+    leaf_by_leaf = {f"{k}['leaf']": v for k, v in body["train"]["opt_state"].items()}
+    older = path.parent / "older_optimizer.ckpt"
+    write_file(older, {**body, "train": {**body["train"], "opt_state": leaf_by_leaf}})
+    with pytest.raises(CheckpointError, match="optimizer state.*optimizer the run was trained"):
+        fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, **{**settings, "resume": older})
+    numpyro_amortized.load(older, linear_regression, guide=AutoAmortizedFlow(
+        linear_regression, set_sizes=(5, 15), flow=small_flow()))
     # the guide object of the saved run resumes (the run is complete: nothing more to train)
     again = fit(guide, jax.random.PRNGKey(0), x=Z, y=Z, **settings)
     np.testing.assert_array_equal(again.losses, result.losses)

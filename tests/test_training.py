@@ -120,6 +120,7 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     online = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     result = fit(online, KEY, y=X, num_steps=20, progress_bar=False)
     assert online.flow is None and "log_weights" not in result.params[online.param_name]["flow"]
+    assert list(result.validation_losses[0]) == [10, 20]  # by default, at most every 10 steps
 
 
 def test_ensemble_trains_each_member_and_validates_the_mixture():

@@ -19,6 +19,7 @@ from numpyro_amortized.training import (
     TrainState,
     default_optimizer,
     fit,
+    fixed_budget_flow,
     trainer,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "compare_with_nuts",
     "default_optimizer",
     "fit",
+    "fixed_budget_flow",
     "guide_inference_data",
     "importance_resample",
     "inspect_model",

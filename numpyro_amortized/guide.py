@@ -116,7 +116,8 @@ class AutoAmortizedFlow(AutoGuide):
         up for a fixed simulation budget: then an
         :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, each
         plain and with weight decay, trained side by side, mixed with weights fitted to
-        held-out simulations), which over-fits a finite bank less than any one flow alone.
+        held-out simulations; see :func:`~numpyro_amortized.fixed_budget_flow`), which
+        over-fits a finite bank less than any one flow alone.
     :param observed: names of sites to treat as observed even without ``obs=``.
     :param data_plate: the plate of exchangeable observations (``"auto"``: found from the model).
     :param set_sizes: ``(min, max)`` dataset sizes to train on. ``max`` must be the plate size in

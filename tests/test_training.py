@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import numpyro_amortized
-from numpyro_amortized import NPE, AutoAmortizedFlow, fit, trainer
+from numpyro_amortized import NPE, AutoAmortizedFlow, fit, fixed_budget_flow, trainer
 from numpyro_amortized.examples import gaussian_linear
 from numpyro_amortized.losses import AmortizedLoss
 from numpyro_amortized.networks import FlowEnsemble, affine_flow, coupling_flow, ensemble_flow
@@ -99,15 +99,23 @@ def normal_mean(y=None):
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
-def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path):
+def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path, monkeypatch):
     guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
+    sizes = []  # the bank sizes fit builds the default flow for
+    spy = lambda n: sizes.append(n) or fixed_budget_flow(n)
+    monkeypatch.setattr(numpyro_amortized.training, "fixed_budget_flow", spy)
     result = fit(guide, KEY, y=X, num_steps=200, num_simulations=2000, progress_bar=False)
-    assert guide.flow is ensemble_flow
+    assert sizes == [1800]  # the training simulations: 10% of 2,000 held out
+    assert guide.flow.func is ensemble_flow
     log_w = np.asarray(result.params[guide.param_name]["flow"]["log_weights"])
     assert log_w.shape == (4,) and abs(np.exp(log_w).sum() - 1) < 1e-5
     flow = guide.posterior(result.params).flow
     assert flow.member_kinds == ("spline", "affine", "spline", "affine")
     assert flow.weight_decays == (0.0, 0.0, 2.0, 2.0)  # each flow kind plain and regularized
+    # the decay falls as 1 / bank size beyond 10,000 training simulations (none above 2)
+    decays = {n: fixed_budget_flow(n).keywords["weight_decay"] for n in (900, 9000, 98_976)}
+    assert decays == {900: (0.0, 0.0, 2.0, 2.0), 9000: (0.0, 0.0, 2.0, 2.0),
+                      98_976: (0.0, 0.0, 0.202, 0.202)}
     assert [g.size for g in flow.groups] == [2, 2]  # one vectorized flow per kind
     path = tmp_path / "ensemble.ckpt"
     numpyro_amortized.save(path, guide, result)

@@ -115,6 +115,21 @@ def test_runner_smoke(monkeypatch):
         assert r["sampling_time_s"] > 0 and r["wall_time_s"] > 0
 
 
+def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
+    sbibm = _benchmark_module(monkeypatch)
+    old, new = ("ensemble (spline, affine, spline wd 2, affine wd 2)",
+                "ensemble (spline, affine, spline wd 0.202, affine wd 0.202)")
+    row = {"task": "two_moons", "num_observations": 10}
+    rows = [{**row, "budget": "10000", "c2st_mean": 0.57, "flow": old},
+            {**row, "budget": "100000", "c2st_mean": 0.529, "flow": new}]
+    line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
+    # 10^4 still gets weight decay 2 (no mark); at 10^5 0.529 beats the NPE .542 and best .530
+    assert "| 0.570 (0.606) |" in line and "0.529 (0.542 / 0.530) beats both" in line
+    rows[1].update(flow=old, c2st_mean=0.545)
+    line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
+    assert "0.545§ (0.542 / 0.530) miss" in line
+
+
 def _benchmark_module(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     sys.modules.pop("sbibm", None)

@@ -38,6 +38,7 @@ from numpyro_amortized.checkpoint import (
 )
 from numpyro_amortized.losses import NPE, masked_mean
 from numpyro_amortized.networks.flows import ensemble_flow, mixture_log_weights
+from numpyro_amortized.networks.flows.ensemble import DEFAULT_WEIGHT_DECAY
 
 __all__ = [
     "FitResult", "StepInfo", "TrainState", "Trainer", "data_mesh", "default_optimizer", "fit",
@@ -295,15 +296,16 @@ def fixed_budget_flow(num_train):
     """The flow :func:`fit` gives a guide built without one, for a fixed budget of ``num_train``
     training simulations: :func:`~numpyro_amortized.networks.ensemble_flow`, a spline and an
     affine flow, each plain and weight-decayed. The decay is 2 up to 10,000 training
-    simulations and falls as ``1 / num_train`` beyond (0.2 for a bank of 10^5): a larger bank
+    simulations and falls as ``1 / num_train`` beyond (0.202 for a bank of 10^5): a larger bank
     is memorized less, and the decay that suits 10^4 over-regularizes it.
 
     **Example**::
 
         guide = AutoAmortizedFlow(model, flow=fixed_budget_flow(50_000))
     """
-    decay = round(2.0 * min(1.0, 10_000 / max(int(num_train), 1)), 3)
-    return functools.partial(ensemble_flow, weight_decay=(0.0, 0.0, decay, decay))
+    factor = min(1.0, 10_000 / max(int(num_train), 1))
+    decays = tuple(round(w * factor, 3) for w in DEFAULT_WEIGHT_DECAY)
+    return functools.partial(ensemble_flow, weight_decay=decays)
 
 
 def _run_config(num_steps, batch_size, num_simulations, validation_size, num_chunks, rng_key,

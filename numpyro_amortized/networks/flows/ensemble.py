@@ -190,8 +190,12 @@ def _kind(flow):
     return "mixed" if spline and affine else "spline" if spline else "affine" if affine else "flow"
 
 
+DEFAULT_WEIGHT_DECAY = (0.0, 0.0, 2.0, 2.0)  # of ensemble_flow's default members, in order
+
+
 def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline", "affine"),
-                  weight_decay=(0.0, 0.0, 2.0, 2.0), loc=None, scale=None, rngs: nnx.Rngs, **kwargs):
+                  weight_decay=DEFAULT_WEIGHT_DECAY, loc=None, scale=None, rngs: nnx.Rngs,
+                  **kwargs):
     """A :class:`FlowEnsemble` of one :func:`coupling_flow` per entry of ``transformers``
     (default: a spline flow and an affine flow, each twice: plain and with weight decay 2;
     :func:`~numpyro_amortized.fit` lowers the decay for banks over 10,000 simulations, see

@@ -31,6 +31,7 @@ from numpyro_amortized.checkpoint import (
     CheckpointError,
     checkpoint_body,
     flatten_tree,
+    guide_config,
     read_file,
     restore_guide,
     unflatten_tree,
@@ -353,6 +354,17 @@ def _resume(path, guide, optimizer, args, kwargs, run_config):
             f"{path}: the checkpoint is of a run with other settings {diff} (saved, now); resume "
             "with the same rng_key, num_steps, batch_size, num_simulations, validation_size, "
             "num_chunks, keep_best and patience to continue that run."
+        )
+    # the networks' options (a weight decay, say) change training without changing any shape:
+    # compare them where both guides describe them (a lambda is not described)
+    saved_guide, here = json.loads(body["guide"]), json.loads(json.dumps(guide_config(guide)))
+    diff = {k: (saved_guide[k], v) for k, v in here.items()
+            if k != "num_pilot_simulations"  # the standardization is restored, not re-estimated
+            and saved_guide.get(k) is not None and v is not None and saved_guide[k] != v}
+    if diff:
+        raise CheckpointError(
+            f"{path}: the checkpoint is of a run with another guide {diff} (saved, now); resume "
+            "with a guide built as for that run, or with the guide object that ran it."
         )
     if guide.structure is None:
         best = restore_guide(guide, body, path, args, kwargs)

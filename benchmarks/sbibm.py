@@ -367,7 +367,8 @@ def summary(rows):
             ref = f"{npe:.3f}" + ("" if best is None else f" / {best:.3f}")
             c = r["c2st_mean"]
             verdict = ("miss" if c > npe else "" if best is None
-                       else "beats both" if c <= best else "misses the best")
+                       else "beats both" if round(c, 3) < best
+                       else "level with the best" if c <= best else "misses the best")
             cells.append(f"{r['c2st_mean']:.3f}{dagger} ({ref}){' ' + verdict if verdict else ''}"
                          f"{_obs_note(r)}")
         r = by.get("online")

@@ -128,6 +128,9 @@ def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
     rows[1].update(flow=old, c2st_mean=0.545)
     line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
     assert "0.545§ (0.542 / 0.530) miss" in line
+    rows[1].update(flow=new, c2st_mean=0.52995)  # below the best, but not at three decimals
+    line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
+    assert "0.530 (0.542 / 0.530) level with the best" in line
 
 
 def _benchmark_module(monkeypatch):

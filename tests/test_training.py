@@ -135,7 +135,8 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
 def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     # beyond 10,000 training simulations the default flow's decay depends on the bank size
-    # (here 13,976, 1,024 held out: 1.431), so a new guide resuming the run must rebuild the same flow
+    # (here 13,976, 1,024 held out: 1.431), so a new guide resuming the run must rebuild the
+    # same flow
     budget = {"num_steps": 60, "num_chunks": 6, "num_simulations": 15_000, "batch_size": 64,
               "progress_bar": False}
     ckpt = tmp_path / "run.ckpt"
@@ -163,6 +164,7 @@ def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(
     np.testing.assert_array_equal(resumed.losses, fresh.losses)
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(fresh.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
 
 def test_ensemble_trains_each_member_and_validates_the_mixture():
     # small members: the mixture's arithmetic is what is checked, and compilation dominates

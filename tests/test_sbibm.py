@@ -131,6 +131,11 @@ def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
     rows[1].update(flow=new, c2st_mean=0.52995)  # below the best, but not at three decimals
     line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
     assert "0.530 (0.542 / 0.530) level with the best" in line
+    # the legend explains the marks some row carries, and only those
+    assert sbibm.legend(rows) == ""
+    rows[0].update(budget="100000", flow=old)
+    assert sbibm.legend(rows).startswith("; §: measured with weight decay 2")
+    assert "†" not in sbibm.legend(rows + [{**row, "budget": "online", "flow": "spline"}])
 
 
 def _benchmark_module(monkeypatch):

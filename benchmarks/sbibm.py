@@ -276,7 +276,8 @@ def posterior_draws(guide, result, task, xs, num_draws):
     return parameter_vector(draws, task), time.perf_counter() - t
 
 
-def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0):
+def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0,
+        c2st_jobs=None):
     task = TASKS[name]
     xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
@@ -285,7 +286,8 @@ def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds
         theta, sampling = posterior_draws(guide, result, task, xs, num_draws)
         scores = []
         for i in range(len(xs)):
-            scores.append(c2st(refs[i], theta[i], classifier_kwargs=c2st_kwargs))
+            scores.append(c2st(refs[i], theta[i], classifier_kwargs=c2st_kwargs,
+                               n_jobs=c2st_jobs))
             print(f"  {name} {budget} obs {i}: C2ST {scores[-1]:.3f}", flush=True)
         row = {"task": name, "budget": str(budget), "c2st": scores,
                "c2st_mean": float(np.mean(scores)), "wall_time_s": wall,
@@ -431,6 +433,9 @@ def main(argv=None):
     parser.add_argument("--online-seconds", type=float, default=60.0)
     parser.add_argument("--fast-c2st", action="store_true",
                         help="early-stopping classifier instead of the exact sbibm recipe")
+    parser.add_argument("--c2st-jobs", type=int, default=-1,
+                        help="processes fitting the C2ST folds (-1: every core; the score is "
+                        "the same)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny everything, "
                         "results not stored")
     args = parser.parse_args(argv)
@@ -441,7 +446,8 @@ def main(argv=None):
     rows = []
     for name in args.tasks:
         new = run(name, args.budgets, num_obs=num_obs, num_draws=num_draws, quick=quick,
-                  c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds)
+                  c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds,
+                  c2st_jobs=None if quick else args.c2st_jobs)
         rows += new
         if not quick:
             store(new)  # after each task, so a long run interrupted keeps what it measured

@@ -17,6 +17,7 @@ import pytest
 from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.compare import guide_inference_data
 from numpyro_amortized.diagnostics import (
+    c2st,
     coverage,
     diagnose,
     misspecification_test,
@@ -51,6 +52,21 @@ def conjugate_draws(mean_shift=0.0, sd_scale=1.0, d=D, seed=0):
 def run_all(draws, truths):
     sbc = sbc_test(sbc_ranks(draws, truths), L)
     return sbc, coverage(draws, truths), tarp(draws, truths), recovery(draws, truths)
+
+
+def test_c2st_reads_the_bayes_accuracy_and_parallel_folds_change_nothing():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2000, 2)), rng.normal(size=(2000, 2))
+    fast = {"early_stopping": True}
+    assert abs(c2st(a, b, classifier_kwargs=fast) - 0.5) < 0.03
+    # N(0, I) against N((1, 1), I): the best classifier's accuracy is Phi(sqrt(2) / 2) = 0.760
+    shifted = c2st(a, b + 1.0, classifier_kwargs=fast)
+    assert abs(shifted - 0.760) < 0.02, shifted
+    assert c2st(a, b + 1.0, classifier_kwargs=fast, n_jobs=2) == shifted
+    with pytest.raises(ValueError, match="reference has 2 dimensions but samples have 3"):
+        c2st(a, np.ones((10, 3)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        c2st(a, np.where(b > 2.5, np.nan, b))
 
 
 def test_exact_posterior_passes():

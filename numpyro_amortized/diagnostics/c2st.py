@@ -9,7 +9,8 @@ from sklearn.neural_network import MLPClassifier
 __all__ = ["c2st"]
 
 
-def c2st(reference, samples, *, seed=1, n_folds=5, z_score=True, classifier_kwargs=None) -> float:
+def c2st(reference, samples, *, seed=1, n_folds=5, z_score=True, classifier_kwargs=None,
+         n_jobs=None) -> float:
     """Cross-validated accuracy of a classifier telling ``samples`` from ``reference``.
 
     0.5 means indistinguishable, 1.0 fully separable. The defaults are the sbibm recipe
@@ -21,6 +22,9 @@ def c2st(reference, samples, *, seed=1, n_folds=5, z_score=True, classifier_kwar
 
     :param reference: ``(n, dim)`` draws from the reference (e.g. exact) posterior.
     :param samples: ``(m, dim)`` draws to test.
+    :param n_jobs: folds fitted in parallel processes (scikit-learn's ``n_jobs``: ``-1`` for
+        every core). The score is the same as with one; the exact recipe on 10,000 draws of a
+        10-dimensional posterior takes minutes, so this is worth it on a multi-core machine.
     :return: the mean accuracy over folds.
 
     **Example**::
@@ -50,4 +54,5 @@ def c2st(reference, samples, *, seed=1, n_folds=5, z_score=True, classifier_kwar
     data = np.concatenate([x, y])
     target = np.concatenate([np.zeros(len(x)), np.ones(len(y))])
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return float(np.mean(cross_val_score(clf, data, target, cv=folds, scoring="accuracy")))
+    return float(np.mean(cross_val_score(clf, data, target, cv=folds, scoring="accuracy",
+                                         n_jobs=n_jobs)))

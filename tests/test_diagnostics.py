@@ -6,6 +6,8 @@ by one posterior sd) must fail, each on the right latent. The misspecification c
 guide trained on a Gaussian model.
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -13,6 +15,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from sklearn.model_selection import cross_val_score
 
 from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.compare import guide_inference_data
@@ -54,7 +57,7 @@ def run_all(draws, truths):
     return sbc, coverage(draws, truths), tarp(draws, truths), recovery(draws, truths)
 
 
-def test_c2st_reads_the_bayes_accuracy_and_parallel_folds_change_nothing():
+def test_c2st_reads_the_bayes_accuracy_and_parallel_folds_change_nothing(monkeypatch):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2000, 2)), rng.normal(size=(2000, 2))
     fast = {"early_stopping": True}
@@ -62,7 +65,12 @@ def test_c2st_reads_the_bayes_accuracy_and_parallel_folds_change_nothing():
     # N(0, I) against N((1, 1), I): the best classifier's accuracy is Phi(sqrt(2) / 2) = 0.760
     shifted = c2st(a, b + 1.0, classifier_kwargs=fast)
     assert abs(shifted - 0.760) < 0.02, shifted
+    c2st_module = sys.modules[c2st.__module__]  # the package's name c2st is the function
+    calls = []
+    spy = lambda *args, **kw: calls.append(kw["n_jobs"]) or cross_val_score(*args, **kw)
+    monkeypatch.setattr(c2st_module, "cross_val_score", spy)
     assert c2st(a, b + 1.0, classifier_kwargs=fast, n_jobs=2) == shifted
+    assert calls == [2]  # the folds were handed to two processes
     with pytest.raises(ValueError, match="reference has 2 dimensions but samples have 3"):
         c2st(a, np.ones((10, 3)))
     with pytest.raises(ValueError, match="NaN or infinite"):

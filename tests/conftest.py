@@ -4,16 +4,11 @@ import pathlib
 # The suite's time is mostly XLA compilation, and many tests (and the example, notebook and script
 # subprocesses, which inherit the variable) compile the same programs: share them through JAX's
 # persistent compilation cache. It starts empty on a fresh clone, so CI compiles everything once.
-# JAX's default keeps only programs that took over 1 s to compile; the suite keeps all of them, so
-# the dozens of small programs every guide's set-up compiles (one per initializer shape) are
-# compiled once per run instead of once per process: tests/test_examples.py and
-# tests/test_notebooks.py (eight subprocesses) took 621 s instead of 685 s on 2 cores, with
-# another process training beside them. (An all-reduce
-# loaded from the cache once deadlocked the 4-device test: the multi-device scripts run without
-# the cache, see tests/test_scale.py.)
+# (JAX's default keeps programs that took over 1 s to compile. Keeping all of them, set-up's many
+# small ones too, saved 5 s per subprocess, but the 4-device test then deadlocked in an
+# all-reduce of a program loaded from the cache.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # pytest-xdist runs one worker per core. Left alone, each worker's BLAS (numpy's, under
 # scikit-learn's C2ST classifier) starts a thread per core as well, and those threads spin while
@@ -34,8 +29,6 @@ import pytest
 from flax import nnx
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def perturb(module, scale=0.1, seed=0):

@@ -174,13 +174,15 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     assert nll(result.params[guide.param_name]) < nll(result.state.params) - 0.1
 
 
-def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
+def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
     # a bank the spline flow over-fits, as above but of 1,000 simulations: with patience, each
     # plateau goes back to the best parameters at half the learning rate, and the last plateau
-    # ends the run. With 400 simulations the 40 held out are too few to choose among the
-    # plateau's checks (seeds 0-3: fresh loss 0.07 worse on one, 0.13-0.34 better on three); with
-    # 100 held out the plateau was better on all four, by 0.065 to 0.150. A single spline flow
-    # (the fixed-budget default is a flow ensemble, which over-fits a bank less)
+    # ends the run. A single spline flow (the fixed-budget default is a flow ensemble, which
+    # over-fits a bank less). Whether this generalizes better than keeping the best alone is
+    # measured in docs/benchmarks.md (10^4 and 10^5 simulations): on a bank this small, with 100
+    # held out, the fresh loss went either way (patience 3, seeds 0-3 on the 2026-11-28 machine:
+    # 0.09, 0.19 and 0.03 worse, 0.09 better; earlier machine: better on all four), so it is not
+    # asserted here.
     runs = {}
     for patience in (0, 3):
         guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
@@ -203,11 +205,14 @@ def test_plateau_halves_the_rate_from_the_best_and_generalizes_better():
             stale = 0
             gaps.append(val[i + 1] - best)
     assert len(gaps) == 4 and max(gaps) < 0.06, gaps
+    # the run returns the best parameters, and its loss on fresh simulations is that of a trained
+    # guide (seeds 0-3: 0.35 to 0.46; the first check, after 50 steps, is above 2)
+    assert stopped.best_validation_loss == pytest.approx(val.min())
     fresh = runs[0][0].simulate(jax.random.PRNGKey(99), 4096, x=Z, y=Z)
     nll = {p: float(jnp.mean(NPE().simulation_losses(g, r.params[g.param_name], None, fresh,
                                                      x=Z, y=Z)))
            for p, (g, r) in runs.items()}
-    assert nll[3] < nll[0] - 0.03, nll
+    assert val[0] > 2.0 and nll[3] < 1.0, (val[0], nll)
 
 
 def test_patience_needs_keep_best():

@@ -1,29 +1,41 @@
-"""numpyro_amortized: amortized Bayesian inference for NumPyro models."""
+"""numpyro_amortized: amortized Bayesian inference for NumPyro models.
 
+What a user calls is here. The NUTS comparison and the diagnostics load ArviZ, pandas,
+matplotlib and scikit-learn, so they are imported when first used, not with the package.
+"""
+
+import importlib
+
+from numpyro_amortized._version import __version__
 from numpyro_amortized.checkpoint import CheckpointError, load, save
-from numpyro_amortized.compare import (
-    compare_with_nuts,
-    guide_inference_data,
-    importance_resample,
-    run_nuts,
-    warm_start_nuts,
-)
-from numpyro_amortized.diagnostics import c2st, mmd
-from numpyro_amortized.guide import AutoAmortizedFlow, Simulations
+from numpyro_amortized.guide import AutoAmortizedFlow, Simulations, default_flow, fixed_budget_flow
 from numpyro_amortized.losses import NPE, AmortizedELBO
 from numpyro_amortized.simulation import inspect_model, simulate
-from numpyro_amortized.training import (
-    FitResult,
-    StepInfo,
-    Trainer,
-    TrainState,
-    default_optimizer,
-    fit,
-    fixed_budget_flow,
-    trainer,
-)
+from numpyro_amortized.train import FitResult, fit
 
-__version__ = "0.1.0"
+_LAZY = {  # name -> module that defines it, imported on first access
+    "compare_with_nuts": "numpyro_amortized.compare",
+    "guide_inference_data": "numpyro_amortized.compare",
+    "importance_resample": "numpyro_amortized.compare",
+    "run_nuts": "numpyro_amortized.compare",
+    "warm_start_nuts": "numpyro_amortized.compare",
+    "c2st": "numpyro_amortized.diagnostics",
+    "diagnose": "numpyro_amortized.diagnostics",
+    "mmd": "numpyro_amortized.diagnostics",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'numpyro_amortized' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "NPE",
@@ -32,12 +44,11 @@ __all__ = [
     "CheckpointError",
     "FitResult",
     "Simulations",
-    "StepInfo",
-    "TrainState",
-    "Trainer",
+    "__version__",
     "c2st",
     "compare_with_nuts",
-    "default_optimizer",
+    "default_flow",
+    "diagnose",
     "fit",
     "fixed_budget_flow",
     "guide_inference_data",
@@ -48,6 +59,5 @@ __all__ = [
     "run_nuts",
     "save",
     "simulate",
-    "trainer",
     "warm_start_nuts",
 ]

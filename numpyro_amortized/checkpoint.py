@@ -23,16 +23,23 @@ import json
 import os
 import tempfile
 import time
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import msgpack
 import numpy as np
-from flax import nnx, serialization
+from flax import serialization
+
+from numpyro_amortized._version import __version__
+from numpyro_amortized.data import DataBatch
+from numpyro_amortized.guide import AutoAmortizedFlow, Simulations, describe_factory
+from numpyro_amortized.networks import REGISTRY as NETWORKS
+from numpyro_amortized.simulation import inspect_model
 
 __all__ = ["CheckpointError", "load", "save"]
 
 MAGIC = b"numpyro_amortized checkpoint\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the guide's state (flow chosen at set-up, best parameters as trained)
 _DIGEST = 64  # hex characters of the SHA-256 checksum, followed by a newline
 
 
@@ -76,40 +83,32 @@ def unflatten_tree(template, flat: dict, what: str, path, hint=None):
 
 
 # ---------------------------------------------------------------------------- configuration
-def _describe_factory(factory):
-    """A plain description of a summary-net or flow factory, if it is one of the package's own
-    (possibly in a ``functools.partial`` with plain keyword arguments); else ``None``."""
-    if factory is None:
-        return {"name": None, "kwargs": {}}
-    kwargs = {}
-    if isinstance(factory, functools.partial):
-        if factory.args:
-            return None
-        kwargs = dict(factory.keywords)
-        factory = factory.func
-    module = getattr(factory, "__module__", "") or ""
-    if not module.startswith("numpyro_amortized."):
-        return None
-    try:
-        json.dumps(kwargs)
-    except TypeError:
-        return None
-    return {"name": factory.__name__, "kwargs": kwargs}
+def guide_config(guide) -> dict:
+    """The guide's constructor options as plain data (the networks by description)."""
+    return {
+        "summary_net": describe_factory(guide.summary_net) if guide.summary_net else
+        {"name": None, "kwargs": {}},
+        "flow": describe_factory(guide.flow) if guide.flow else {"name": None, "kwargs": {}},
+        "observed": list(guide.observed),
+        "data_plate": guide.data_plate,
+        "set_sizes": None if guide.set_sizes is None else list(guide.set_sizes),
+        "time_series": guide.time_series,
+        "num_pilot_simulations": guide.num_pilot_simulations,
+        "prefix": guide.prefix,
+    }
 
 
 def _resolve_factory(desc, role, path):
-    """The factory a description names, looked up only among the package's public networks."""
-    from numpyro_amortized import networks
-
+    """The factory a description names, looked up only in the package's registry."""
     if desc["name"] is None:
         return None
-    obj = getattr(networks, desc["name"], None)
-    if obj is None or not callable(obj):
+    obj = NETWORKS.get(desc["name"]) if isinstance(desc["name"], str) else None
+    if obj is None:
         raise CheckpointError(
             f"{path}: the {role} '{desc['name']}' is not one of numpyro_amortized.networks. "
             "Build the guide yourself and pass it as guide=."
         )
-    kwargs = _tuples(desc["kwargs"])
+    kwargs = _tuples(desc.get("kwargs") or {})
     return functools.partial(obj, **kwargs) if kwargs else obj
 
 
@@ -120,19 +119,6 @@ def _tuples(obj):
     if isinstance(obj, list):
         return tuple(_tuples(v) for v in obj)
     return obj
-
-
-def guide_config(guide) -> dict:
-    return {
-        "summary_net": _describe_factory(guide.summary_net),
-        "flow": _describe_factory(guide.flow),
-        "observed": list(guide.observed),
-        "data_plate": guide.data_plate,
-        "set_sizes": None if guide.set_sizes is None else list(guide.set_sizes),
-        "time_series": guide.time_series,
-        "num_pilot_simulations": guide.num_pilot_simulations,
-        "prefix": guide.prefix,
-    }
 
 
 # ---------------------------------------------------------------------------- model arguments
@@ -180,6 +166,29 @@ def decode_model_args(enc):
 
 
 # ---------------------------------------------------------------------------- file format
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path):
+    """Refuse, before any training, a checkpoint path whose folder cannot be written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise CheckpointError(f"{path}: the checkpoint cannot be written there ({e}); choose a "
+                              "folder you can write to.") from None
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file; choose a file path for the "
+                              "checkpoint.")
+
+
 def write_file(path, body: dict):
     """Write ``body`` atomically: a temporary file in the same folder, then a rename, so an
     interruption leaves the previous checkpoint intact."""
@@ -194,6 +203,7 @@ def write_file(path, body: dict):
             f.write(MAGIC + digest + b"\n" + payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file opened for writing would be
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -204,6 +214,9 @@ def write_file(path, body: dict):
 def read_file(path) -> dict:
     """Read and verify a checkpoint file; every failure is a :class:`CheckpointError`."""
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file (a folder, device or pipe); a "
+                              "checkpoint is a file written by numpyro_amortized.save.")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -229,61 +242,70 @@ def read_file(path) -> dict:
         raise CheckpointError(f"{path}: the checkpoint body cannot be decoded ({e}).") from None
     if not isinstance(body, dict):
         raise CheckpointError(f"{path}: the checkpoint body is not a checkpoint record.")
-    version = int(body.get("format_version", -1))
-    if version > FORMAT_VERSION or version < 1:
+    try:
+        version = int(body.get("format_version", -1))
+    except (TypeError, ValueError):
+        version = -1
+    if version != FORMAT_VERSION:
+        newer = version > FORMAT_VERSION
         raise CheckpointError(
             f"{path}: checkpoint format {version}, written by numpyro_amortized "
             f"{body.get('package_version', '?')}; this numpyro_amortized reads format "
-            f"{FORMAT_VERSION} and older. Upgrade numpyro_amortized to load it."
+            f"{FORMAT_VERSION} only. "
+            + ("Upgrade numpyro_amortized to load it." if newer else
+               "Load it with the numpyro_amortized version that wrote it, or retrain.")
         )
     return body
 
 
 # ---------------------------------------------------------------------------- public API
-def checkpoint_body(guide, params, *, train=None) -> dict:
-    """The contents of a checkpoint (see :func:`save`)."""
-    from numpyro_amortized import __version__
+def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
+    """The contents of a checkpoint (see :func:`save`), through the guide's public state.
 
-    guide._check_setup()
-    params = guide._nn_params(params)
-    model_args, why = encode_model_args(guide._args, guide._kwargs)
+    :param probe: :func:`probe_simulations` of the guide (computed here when not given).
+    """
+    params = guide.network_params(params)
+    state = guide.state_dict()
+    model_args, why = encode_model_args(*guide.model_args)
     structure = guide.structure
-    body = {
+    stats = state["stats"]
+    return {
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "jax_version": jax.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fingerprint": structure.fingerprint(),
+        "fingerprint": state["fingerprint"],
         "structure": {
             "latents": ", ".join(f"{s.name}{list(s.shape)}" for s in structure.latents),
             "observed": ", ".join(f"{s.name}{list(s.shape)}" for s in structure.observed),
         },
         "guide": json.dumps(guide_config(guide)),
+        "flow": json.dumps(state["flow"]),
         "model_args": model_args if model_args is not None else {},
         "model_args_missing": why or "",
         "stats": {
-            "u_loc": guide._stats["u_loc"], "u_scale": guide._stats["u_scale"],
+            "u_loc": stats["u_loc"], "u_scale": stats["u_scale"],
             "data": {str(i): {"kind": "none"} if x is None else {"kind": "array", "value": x}
-                     for i, x in enumerate(guide._stats["data"])},
+                     for i, x in enumerate(stats["data"])},
         },
-        "setup_key": np.asarray(guide._setup_key, np.uint32),
-        "probe": _probe(guide, params),
+        "setup_key": state["setup_key"],
+        "probe": _probe(guide, params, probe or probe_simulations(guide)),
         "params": flatten_tree(params),
-        "buffers": flatten_tree(nnx.to_pure_dict(guide._buffers)),
+        "buffers": flatten_tree(state["buffers"]),
+        **({"train": train} if train is not None else {}),
     }
-    if train is not None:
-        body["train"] = train
-    return body
 
 
-def _probe(guide, params, n=16):
-    """A few simulations and their guide densities: loading recomputes them, so a guide that
-    does not compute what was saved (other network code) is caught."""
-    if getattr(guide, "_probe_cache", None) is None:  # simulated and compiled once per guide
-        sims = jax.jit(lambda k: guide.simulate(k, n, *guide._args, **guide._kwargs))(
-            jax.random.PRNGKey(12345))
-        guide._probe_cache = (sims, jax.jit(guide.log_prob_simulations))
-    sims, log_prob = guide._probe_cache
+def probe_simulations(guide, n=16):
+    """A few simulations whose guide densities a checkpoint stores: loading recomputes them,
+    so a guide that does not compute what was saved (other network code) is caught."""
+    args, kwargs = guide.model_args
+    sims = jax.jit(lambda k: guide.simulate(k, n, *args, **kwargs))(jax.random.PRNGKey(12345))
+    return sims, jax.jit(guide.log_prob_simulations)
+
+
+def _probe(guide, params, probe):
+    sims, log_prob = probe
     log_q = log_prob(params, sims)
     data = {name: {"kind": "none"} if x is None else {"kind": "array", "value": np.asarray(x)}
             for name, x in zip(("set", "mask", "flat"), sims.data, strict=True)}
@@ -299,9 +321,6 @@ def _version_of(path):
 
 
 def _check_probe(guide, params, probe, path):
-    from numpyro_amortized.data import DataBatch
-    from numpyro_amortized.guide import Simulations
-
     data = DataBatch(*(_decode_value(probe["data"][k]) for k in ("set", "mask", "flat")))
     sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
                        data, None, jax.numpy.asarray(probe["valid"]))
@@ -319,6 +338,51 @@ def _check_probe(guide, params, probe, path):
         )
 
 
+def train_record(result, best_params=None) -> dict:
+    """What a checkpoint keeps of a training run (a :class:`~numpyro_amortized.FitResult`).
+
+    :param best_params: the network parameters of the best validation step as trained (a flow
+        ensemble's mixture weights as in training, not the fitted ones of ``result.params``);
+        default: those of ``result.params``.
+    """
+    state = jax.tree.map(_host_array, result.state)
+    run = result.config or {}
+    if best_params is None:
+        best_params = next(iter(result.params.values()))
+    return {
+        "opt_state": flatten_tree(state.opt_state),
+        "final_params": flatten_tree(state.params),
+        "best_params": flatten_tree(jax.tree.map(_host_array, best_params)),
+        "rng_key": np.asarray(state.rng_key),
+        "step": int(state.step), "num_skipped": int(state.num_skipped),
+        "num_dropped": int(state.num_dropped),
+        "losses": np.asarray(result.losses, np.float32),
+        "val_steps": np.asarray(result.validation_losses[0], np.int64),
+        "val_losses": np.asarray(result.validation_losses[1], np.float32),
+        "best_step": int(result.best_step),
+        "best_validation_loss": float(result.best_validation_loss),
+        "train_time": float(result.train_time),
+        "run": json.dumps(run),
+    }
+
+
+def _host_array(x):
+    """A replicated array as numpy, also when its devices span several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
+
+@runtime_checkable
+class TrainingRun(Protocol):
+    """What :func:`save` keeps of a training run (a :class:`~numpyro_amortized.FitResult`)."""
+
+    params: dict
+    state: Any
+    losses: Any
+    validation_losses: tuple
+
+
 def save(path, guide, params):
     """Save a trained guide to ``path`` (one file; no pickle).
 
@@ -334,10 +398,8 @@ def save(path, guide, params):
         # later, in another process:
         guide, params = numpyro_amortized.load("regression.ckpt", model)
     """
-    from numpyro_amortized.training import FitResult, train_record
-
     train = None
-    if isinstance(params, FitResult):
+    if isinstance(params, TrainingRun):  # a FitResult: keep its run, to resume it
         train = train_record(params)
         params = params.params
     write_file(path, checkpoint_body(guide, params, train=train))
@@ -353,8 +415,6 @@ def load(path, model, *args, guide=None, **kwargs):
         of your own; the package's own are rebuilt from the stored configuration).
     :return: ``(guide, params)``, ready for ``guide.sample_posterior(key, params, ...)``.
     """
-    from numpyro_amortized.guide import AutoAmortizedFlow
-
     body = read_file(path)
     config = json.loads(body["guide"])
     if not args and not kwargs:
@@ -381,17 +441,30 @@ def load(path, model, *args, guide=None, **kwargs):
             time_series=bool(config.get("time_series", False)),
             num_pilot_simulations=config["num_pilot_simulations"], prefix=config["prefix"],
         )
-    elif guide.structure is not None:
+    elif guide.is_setup:
         raise CheckpointError("load(guide=...) needs a guide that has not been set up yet.")
     params = restore_guide(guide, body, path, args, kwargs)
     return guide, {guide.param_name: params}
 
 
+def _state_of(body):
+    stats_data = body["stats"]["data"]
+    return {
+        "setup_key": np.asarray(body["setup_key"], np.uint32),
+        "stats": {
+            "u_loc": np.asarray(body["stats"]["u_loc"]),
+            "u_scale": np.asarray(body["stats"]["u_scale"]),
+            "data": tuple(_decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
+        },
+        "flow": json.loads(body["flow"]),
+    }
+
+
 def restore_guide(guide, body, path, args, kwargs):
     """Set ``guide`` up for ``args`` from the checkpoint ``body`` (no pilot simulations) and
-    return its parameters, after checking the model's structure and the networks' shapes."""
-    from numpyro_amortized.simulation import inspect_model
-
+    return its parameters, after checking the model's structure and the networks' shapes. A
+    guide already set up must be the one of the checkpoint (same model, key, standardization
+    and flow): it is checked, not rebuilt."""
     structure = inspect_model(guide.model, *args, observed=guide.observed,
                               data_plate=guide.data_plate, **kwargs)
     if structure.fingerprint() != body["fingerprint"]:
@@ -403,24 +476,49 @@ def restore_guide(guide, body, path, args, kwargs):
             f"this model has latents [{here}] and observed [{obs}] (names, shapes and supports "
             "must match). Load it with the model it was trained for."
         )
-    stats_data = body["stats"]["data"]
-    stats = {
-        "u_loc": np.asarray(body["stats"]["u_loc"]),
-        "u_scale": np.asarray(body["stats"]["u_scale"]),
-        "data": tuple(_decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
-    }
+    _check_config(guide, body, path)
+    state = _state_of(body)
+    if guide.is_setup:
+        here = guide.state_dict()
+        buffers = unflatten_tree(here["buffers"], body["buffers"], "buffers", path)
+        same = (here["fingerprint"] == body["fingerprint"]
+                and np.array_equal(here["setup_key"], state["setup_key"])
+                and json.loads(json.dumps(here["flow"])) == state["flow"]
+                and all(np.array_equal(a, b) for a, b in zip(
+                    jax.tree.leaves(here["buffers"]), jax.tree.leaves(buffers), strict=True)))
+        if not same:
+            raise CheckpointError(
+                f"{path}: this guide was set up for another run (other model, key, flow or "
+                "standardization) than the checkpoint's. Resume with a new guide built as for "
+                "that run, or with the guide object that ran it."
+            )
+        return unflatten_tree(guide.init_params, body["params"], "parameters", path)
     try:
-        return _restore_networks(guide, body, path, args, kwargs, stats)
+        guide.initialize(None, args, kwargs, state={**state, "buffers": None})
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        here = guide.state_dict()["buffers"]
+        buffers = unflatten_tree(here, body["buffers"], "buffers", path)
+        guide.load_buffers(buffers)
+        params = unflatten_tree(guide.init_params, body["params"], "parameters", path)
+        _check_probe(guide, params, body["probe"], path)
     except BaseException:
-        guide.structure = None  # leave the guide as it was: not set up
+        guide.reset()  # leave the guide as it was: not set up
         raise
-
-
-def _restore_networks(guide, body, path, args, kwargs, stats):
-    guide._build(jax.numpy.asarray(body["setup_key"]), args, kwargs, stats=stats)
-    buffers = unflatten_tree(nnx.to_pure_dict(guide._buffers), body["buffers"], "buffers", path)
-    nnx.replace_by_pure_dict(guide._buffers, buffers)
-    params = unflatten_tree(guide.init_params, body["params"], "parameters", path)
-    _check_probe(guide, params, body["probe"], path)
     guide.init_params = params
     return params
+
+
+def _check_config(guide, body, path):
+    """The networks' options (a weight decay, say) change training without changing any
+    shape: compare them where both guides describe them (a lambda is not described)."""
+    saved, here = json.loads(body["guide"]), json.loads(json.dumps(guide_config(guide)))
+    diff = {k: (saved[k], v) for k, v in here.items()
+            if k != "num_pilot_simulations"  # the standardization is restored, not re-estimated
+            and saved.get(k) is not None and v is not None and saved[k] != v}
+    if diff:
+        raise CheckpointError(
+            f"{path}: the checkpoint is of another guide (another architecture or options: "
+            f"{diff}, saved and now); build the guide as for that run."
+        )

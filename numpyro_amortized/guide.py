@@ -9,6 +9,7 @@ which conditions a normalizing flow over the model's latents in unconstrained sp
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from typing import NamedTuple
 
@@ -19,19 +20,93 @@ import numpyro
 import numpyro.distributions as dist
 from flax import nnx
 from numpyro.distributions import constraints
-from numpyro.handlers import block, condition, seed, trace
+from numpyro.handlers import condition
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from numpyro_amortized.data import DataBatch, DataLayout
-from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, spline_flow
+from numpyro_amortized.networks import REGISTRY as NETWORKS
+from numpyro_amortized.networks.flows import (
+    ConditionalFlow,
+    StackedFlows,
+    ensemble_flow,
+    mixture_log_weights,
+    spline_flow,
+)
+from numpyro_amortized.networks.flows.ensemble import DEFAULT_WEIGHT_DECAY
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
-from numpyro_amortized.simulation import inspect_model, simulate
+from numpyro_amortized.simulation import inspect_model, observed_values, simulate
 from numpyro_amortized.transforms import LatentLayout
 
-__all__ = ["AutoAmortizedFlow", "Simulations"]
+__all__ = ["AutoAmortizedFlow", "Simulations", "default_flow", "fixed_budget_flow"]
+
+_MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
+
+
+def fixed_budget_flow(num_train):
+    """The default flow for a fixed budget of ``num_train`` training simulations:
+    :func:`~numpyro_amortized.networks.ensemble_flow`, a spline and an affine flow, each plain
+    and weight-decayed. The decay is 2 up to 10,000 training simulations and falls as
+    ``1 / num_train`` beyond (0.202 for a bank of 10^5): a larger bank is memorized less, and
+    the decay that suits 10^4 over-regularizes it.
+
+    **Example**::
+
+        guide = AutoAmortizedFlow(model, flow=fixed_budget_flow(50_000))
+    """
+    factor = min(1.0, 10_000 / max(int(num_train), 1))
+    decays = tuple(round(w * factor, 3) for w in DEFAULT_WEIGHT_DECAY)
+    return functools.partial(ensemble_flow, weight_decay=decays)
+
+
+def default_flow(num_train_simulations=None):
+    """The flow a guide built without ``flow=`` gets: a
+    :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and
+    :func:`fixed_budget_flow` for a fixed bank of ``num_train_simulations``."""
+    if num_train_simulations is None:
+        return spline_flow
+    return fixed_budget_flow(num_train_simulations)
+
+
+def describe_factory(factory):
+    """A plain description of a network factory of the package's own (possibly in a
+    ``functools.partial`` with plain keyword arguments), or ``None`` for any other."""
+    kwargs = {}
+    if isinstance(factory, functools.partial):
+        if factory.args:
+            return None
+        kwargs = dict(factory.keywords)
+        factory = factory.func
+    module = getattr(factory, "__module__", "") or ""
+    if not module.startswith("numpyro_amortized.") or module.startswith("numpyro_amortized.examples"):
+        return None
+    try:
+        json.dumps(kwargs)
+    except TypeError:
+        return None
+    return {"name": factory.__name__, "kwargs": kwargs}
+
+
+def _flow_from_description(desc):
+    if desc is None or desc.get("name") not in NETWORKS:
+        raise ValueError(
+            f"The flow {None if desc is None else desc.get('name')!r} is not one of the "
+            "package's own; build the guide with the flow it was trained with (flow=...)."
+        )
+    kwargs = _tuples(desc.get("kwargs") or {})
+    obj = NETWORKS[desc["name"]]
+    return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def _tuples(obj):
+    """msgpack turns tuples into lists; network options are tuples (hidden sizes)."""
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    return obj
 
 
 class Simulations(NamedTuple):
@@ -104,20 +179,23 @@ class AutoAmortizedFlow(AutoGuide):
 
     :param model: a NumPyro model. Call the guide (and :func:`fit`) with the arguments you would
         call the model with for one dataset of the largest size you want to handle: observed
-        sites must have values (``obs=``), which fixes their shapes; their values are not used
-        for training.
+        sites must have values (``obs=``), which fixes their shapes; those values are not used
+        for training (they are simulated). Every other argument (a covariate matrix, group
+        indices) is used as given in every simulation, and the summary network does not see
+        it: to amortize over covariates, write them as observed sites
+        (``numpyro.sample("x", prior, obs=x)``), as the quick start does.
     :param summary_net: a summary-network class or ``functools.partial`` of one, called as
         ``summary_net(spec, rngs=rngs)`` (see :mod:`numpyro_amortized.networks.summary`); by
         default a :class:`~numpyro_amortized.networks.DeepSet` for observations in a plate (a
         :class:`~numpyro_amortized.networks.TimeSeriesNet` with ``time_series=True``) and
         the data themselves (:class:`~numpyro_amortized.networks.Identity`) or an MLP otherwise.
-    :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``. Default: a
-        :func:`~numpyro_amortized.networks.spline_flow`, except when :func:`fit` sets the guide
-        up for a fixed simulation budget: then an
-        :func:`~numpyro_amortized.networks.ensemble_flow` (a spline and an affine flow, each
-        plain and with weight decay, trained side by side, mixed with weights fitted to
-        held-out simulations; see :func:`~numpyro_amortized.fixed_budget_flow`), which
-        over-fits a finite bank less than any one flow alone.
+    :param flow: a flow factory ``flow(dim, context_dim, *, loc, scale, rngs)``. Default
+        (``None``): chosen at set-up by :func:`default_flow` for how the guide is trained: a
+        :func:`~numpyro_amortized.networks.spline_flow` online, and on a fixed simulation
+        budget (:func:`fit` with ``num_simulations``) an
+        :func:`~numpyro_amortized.networks.ensemble_flow` (see :func:`fixed_budget_flow`),
+        which over-fits a finite bank less than any one flow alone. This attribute stays
+        ``None``; :attr:`flow_factory` is what was built.
     :param observed: names of sites to treat as observed even without ``obs=``.
     :param data_plate: the plate of exchangeable observations (``"auto"``: found from the model).
     :param set_sizes: ``(min, max)`` dataset sizes to train on. ``max`` must be the plate size in
@@ -169,18 +247,82 @@ class AutoAmortizedFlow(AutoGuide):
         """Name of the ``numpyro.param`` site that holds the network parameters."""
         return f"{self.prefix}_amortized$params"
 
+    @property
+    def is_setup(self) -> bool:
+        """Whether the networks are built (by :func:`fit`, ``SVI``, :meth:`setup` or ``load``)."""
+        return self.structure is not None
+
+    @property
+    def model_args(self) -> tuple:
+        """``(args, kwargs)``: the model arguments the guide was set up with."""
+        self._check_setup()
+        return self._args, self._kwargs
+
+    @property
+    def flow_factory(self):
+        """The flow factory the networks were built with: ``flow`` when given, otherwise the
+        default chosen at set-up (:func:`default_flow`)."""
+        self._check_setup()
+        return self._flow_factory
+
     def setup(self, rng_key, *args, **kwargs):
         """Inspect the model, standardize from pilot simulations, build the networks.
 
         Called once, eagerly (``fit`` and the first call under ``SVI`` do it). Returns the
-        initial network parameters (a pure dict).
+        initial network parameters (a pure dict). The default flow is the one for online
+        training; :func:`fit` on a fixed budget calls :meth:`initialize` with the budget.
         """
+        return self.initialize(rng_key, args, kwargs)
+
+    def initialize(self, rng_key, args=(), kwargs=None, *, num_train_simulations=None,
+                   state=None):
+        """Set the guide up for the model arguments ``args``/``kwargs``.
+
+        :param num_train_simulations: ``None`` for online training, or the size of a fixed
+            bank of training simulations: the default flow depends on it (see
+            :func:`default_flow`); a ``flow`` given to the constructor is used as it is.
+        :param state: a :meth:`state_dict` (from a checkpoint): the guide is rebuilt with its
+            standardization, set-up key and flow, without pilot simulations.
+        :return: the initial network parameters (a pure dict). A guide already set up returns
+            its parameters unchanged.
+        """
+        kwargs = dict(kwargs or {})
         if self.structure is not None:
             return self.init_params
-        return self._build(rng_key, args, kwargs)
+        if state is None:
+            factory = self.flow if self.flow is not None else default_flow(num_train_simulations)
+            return self._build(rng_key, args, kwargs, factory)
+        factory = self.flow if self.flow is not None else _flow_from_description(state["flow"])
+        return self._build(jnp.asarray(state["setup_key"]), args, kwargs, factory,
+                           stats=state["stats"], buffers=state["buffers"])
 
-    def _build(self, rng_key, args, kwargs, stats=None):
-        """Set-up proper; ``stats`` (from a checkpoint) replaces the pilot simulations."""
+    def state_dict(self) -> dict:
+        """What rebuilds this guide's networks without pilot simulations (parameters apart):
+        the set-up key, the standardization, the buffers, the model's structure fingerprint and
+        the chosen flow. Arrays, numbers and strings only (see :mod:`~numpyro_amortized.checkpoint`).
+        """
+        self._check_setup()
+        return {
+            "setup_key": np.asarray(self._setup_key, np.uint32),
+            "stats": self._stats,
+            "buffers": nnx.to_pure_dict(self._buffers),
+            "fingerprint": self.structure.fingerprint(),
+            "flow": describe_factory(self._flow_factory),
+        }
+
+    def load_buffers(self, buffers):
+        """Set the networks' buffers (standardization constants) from a pure dict, as
+        :meth:`state_dict` gives them."""
+        self._check_setup()
+        nnx.replace_by_pure_dict(self._buffers, buffers)
+
+    def reset(self):
+        """Forget the set-up: the next use builds the networks anew."""
+        self.structure = None
+        self.init_params = None
+
+    def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None):
+        """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
         structure = inspect_model(
             self.model, *args, observed=self.observed, data_plate=self.data_plate, **kwargs
         )
@@ -198,9 +340,15 @@ class AutoAmortizedFlow(AutoGuide):
         self.latent_layout = LatentLayout(structure.latents)
         self.data_layout = DataLayout(structure.observed, plate_size)
         self.structure = structure
+        try:
+            return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
+        except BaseException:
+            self.structure = None  # a failed set-up leaves the guide as it was
+            raise
+
+    def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers):
         self._args, self._kwargs = args, kwargs
         self._setup_key = np.asarray(rng_key)
-        self._probe_cache = None
         k_pilot, k_net = jax.random.split(rng_key)
         if stats is None:
             n = self.num_pilot_simulations
@@ -212,13 +360,16 @@ class AutoAmortizedFlow(AutoGuide):
         rngs = nnx.Rngs(k_net)
         summary = summary_cls(self.data_layout.spec, rngs=rngs)
         self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))
-        flow_factory = self.flow if self.flow is not None else spline_flow
+        self._flow_factory = flow_factory
         flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
                             loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
         posterior = AmortizedPosterior(summary, flow, stats["data"])
         self._graphdef, params, self._buffers = nnx.split(posterior, nnx.Param, ...)
+        if buffers is not None:
+            nnx.replace_by_pure_dict(self._buffers, buffers)
         self._param_template = params
         self.init_params = nnx.to_pure_dict(params)
+        self._param_structure = jax.tree.structure(self.init_params)
         self._sample_batch_jit = jax.jit(self._sample_batch, static_argnames=("sample_shape",))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
         self._embed_batch_jit = jax.jit(self._embed_batch)
@@ -234,15 +385,53 @@ class AutoAmortizedFlow(AutoGuide):
     def posterior(self, params) -> AmortizedPosterior:
         """The posterior network with ``params`` (a pure dict, or SVI's param dict)."""
         self._check_setup()
-        params = self._nn_params(params)
+        params = self.network_params(params)
         state = jax.tree.map(lambda x: x, self._param_template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self._graphdef, state, self._buffers)
 
-    def _nn_params(self, params):
+    def network_params(self, params) -> dict:
+        """The networks' parameters (a pure dict) from ``params``: ``fit(...).params``, SVI's
+        ``svi.get_params(state)``, or the pure dict itself. Raises a clear error when they do
+        not fit this guide's networks (missing or extra entries, other shapes)."""
+        self._check_setup()
         if isinstance(params, dict) and self.param_name in params:
-            return params[self.param_name]
+            params = params[self.param_name]
+        if jax.tree.structure(params) != self._param_structure:
+            want = {jax.tree_util.keystr(p) for p, _ in
+                    jax.tree_util.tree_flatten_with_path(self.init_params)[0]}
+            got = {jax.tree_util.keystr(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(params)[0]}
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise ValueError(
+                f"The parameters do not fit this guide's networks (missing: {missing[:3]}"
+                f"{'...' if len(missing) > 3 else ''}; unexpected: {extra[:3]}"
+                f"{'...' if len(extra) > 3 else ''}). Pass the parameters this guide was trained "
+                f"with: fit(...).params, or svi.get_params(state) with the '{self.param_name}' "
+                "entry."
+            )
+        for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                     jax.tree.leaves(self.init_params), strict=True):
+            if jnp.shape(got) != jnp.shape(want):
+                raise ValueError(
+                    f"Parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(got)}; this "
+                    f"guide's networks need {jnp.shape(want)}. Pass the parameters this guide "
+                    "was trained with."
+                )
         return params
+
+    def set_mixture_weights(self, params, member_log_probs):
+        """``params`` with a flow ensemble's mixture weights fitted to ``(K, N)`` held-out
+        member log densities (EM, see :func:`~numpyro_amortized.networks.flows.mixture_log_weights`);
+        a single flow's parameters come back unchanged. Host-side; ``fit`` calls it at the end."""
+        if member_log_probs is None:
+            return params
+        outer = isinstance(params, dict) and self.param_name in params
+        posterior = self.posterior(params)
+        log_w = np.maximum(mixture_log_weights(np.asarray(member_log_probs)), _MIN_LOG_WEIGHT)
+        posterior.flow.log_weights.set_value(jnp.asarray(log_w, jnp.float32))
+        new = nnx.to_pure_dict(nnx.state(posterior, nnx.Param))
+        return {**params, self.param_name: new} if outer else new
 
     # ------------------------------------------------------------------ simulation
     def simulate(self, rng_key, num_simulations, *args, **kwargs) -> Simulations:
@@ -292,18 +481,13 @@ class AutoAmortizedFlow(AutoGuide):
     def observed_data(self, *args, **kwargs) -> dict:
         """The observed values in the model's arguments, checked against the trained shapes."""
         self._check_setup()
-        with block():
-            tr = trace(seed(self.model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-        data = {}
-        for s in self.data_layout.sites:
-            site = tr.get(s.name)
-            if site is not None and site["type"] == "sample" and site["is_observed"]:
-                data[s.name] = site["value"]
+        values = observed_values(self.model, *args, **kwargs)
+        data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
         self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
         self._warn_size(self.data_layout.set_size(data))
         return data
 
-    def _warn_size(self, n):
+    def _warn_size(self, n, stacklevel=3):
         if n is None or self.structure.data_plate is None:
             return
         lo, hi = self.set_sizes or (self.structure.data_plate_size,) * 2
@@ -312,7 +496,7 @@ class AutoAmortizedFlow(AutoGuide):
                 f"The dataset has {n} observations in plate '{self.structure.data_plate}' but the "
                 f"guide was trained on {lo} to {hi}: the answer is an extrapolation. Train with "
                 "set_sizes covering this size to rely on it.",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=stacklevel,
             )
 
     def _encode(self, data, num_obs=None):
@@ -320,13 +504,49 @@ class AutoAmortizedFlow(AutoGuide):
         pad = max(n, self.data_layout.max_set_size) if n is not None else None
         return self.data_layout.encode(data, num_obs, pad_to=pad)
 
+    def _batch_inputs(self, data, num_obs):
+        """A batch of datasets checked and as arrays: the sites the guide reads (no more, no
+        fewer), a non-empty batch, and sizes within the padded size."""
+        self._check_setup()
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict from observed site name to values with a "
+                            f"leading dataset axis; got {type(data).__name__}.")
+        names = [site.name for site in self.data_layout.sites]
+        extra = sorted(set(data) - set(names))
+        if extra:
+            raise ValueError(f"data has entries {extra} that are not observed sites of the "
+                             f"model; the guide reads {names}.")
+        data = {k: jnp.asarray(v) for k, v in data.items()}
+        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
+        if sizes == {0} or None in sizes:
+            raise ValueError("data holds no datasets: give each site a leading dataset axis of "
+                             "length >= 1.")
+        n = self.data_layout.set_size(data, batch_ndim=1)
+        if num_obs is not None:
+            num_obs = jnp.asarray(num_obs)
+            b = next(iter(sizes))
+            if n is None:
+                raise ValueError("num_obs was given but the model has no plate of observations.")
+            if (num_obs.shape != (b,) or not jnp.issubdtype(num_obs.dtype, jnp.integer)
+                    or bool(jnp.any(num_obs < 1)) or bool(jnp.any(num_obs > n))):
+                raise ValueError(f"num_obs: need {b} integers between 1 and the padded size {n} "
+                                 f"(one per dataset); got {np.asarray(num_obs)!r}.")
+            self._warn_size(int(jnp.max(num_obs)), stacklevel=4)
+            self._warn_size(int(jnp.min(num_obs)), stacklevel=4)
+        else:
+            self._warn_size(n, stacklevel=4)
+        return data, num_obs
+
     # ------------------------------------------------------------------ core (jittable)
     def _sample_batch(self, rng_key, params, data, num_obs, sample_shape):
         posterior = self.posterior(params)
         u, _ = posterior.sample_and_log_prob(rng_key, self._encode(data, num_obs), sample_shape)
         values, _ = self.latent_layout.constrain(u)
         k = len(sample_shape)
-        return {name: jnp.moveaxis(v, k, 0) for name, v in values.items()}
+        draws = {name: jnp.moveaxis(v, k, 0) for name, v in values.items()}
+        finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+        return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u))
 
     def _log_prob_batch(self, params, latents, data, num_obs):
         u, log_det = self.latent_layout.unconstrain_with_log_det(latents)
@@ -358,7 +578,7 @@ class AutoAmortizedFlow(AutoGuide):
                 decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
             elif isinstance(node, ConditionalFlow) and node.weight_decay:
                 decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
-        prefix = (self.param_name,) if self._nn_params(params) is not params else ()
+        prefix = (self.param_name,) if self.network_params(params) is not params else ()
 
         def decay(path, leaf):
             keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
@@ -407,10 +627,8 @@ class AutoAmortizedFlow(AutoGuide):
         :return: dict from latent site name to values of shape ``sample_shape + site_shape``.
         """
         data = self.observed_data(*args, **kwargs)
-        out = self.sample_posterior_batch(
-            rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},
-            sample_shape=sample_shape,
-        )
+        out = self._draw(rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},
+                         None, sample_shape)
         return {k: v[0] for k, v in out.items()}
 
     def sample_posterior_batch(self, rng_key, params, data, *, sample_shape=(), num_obs=None):
@@ -425,28 +643,39 @@ class AutoAmortizedFlow(AutoGuide):
 
             draws = guide.sample_posterior_batch(key, params, {"y": Y}, sample_shape=(1000,))
         """
-        self._check_setup()
-        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        if num_obs is not None:
-            num_obs = jnp.asarray(num_obs)
-        return self._sample_batch_jit(rng_key, self._nn_params(params), dict(data), num_obs,
-                                      sample_shape=tuple(sample_shape))
+        data, num_obs = self._batch_inputs(data, num_obs)
+        return self._draw(rng_key, params, data, num_obs, sample_shape)
+
+    def _draw(self, rng_key, params, data, num_obs, sample_shape):
+        draws, params_ok, draws_ok = self._sample_batch_jit(
+            rng_key, self.network_params(params), data, num_obs,
+            sample_shape=tuple(sample_shape))
+        if not params_ok:
+            raise ValueError(
+                "The parameters contain NaN or infinity, so every draw would be NaN: training "
+                "diverged, or the parameters were changed. Train again (a smaller learning_rate "
+                "helps), or use the parameters of an earlier checkpoint.")
+        if not draws_ok:
+            warnings.warn(
+                "Some posterior draws are NaN or infinite: the data may be far outside what the "
+                "guide was trained on (check the data's scale against the prior predictive).",
+                UserWarning, stacklevel=3)
+        return draws
 
     def log_prob(self, params, latents, *args, **kwargs):
         """``log q(theta | x)``: the density of constrained latent values given the data in
         ``args``/``kwargs``; ``latents`` may have leading sample dims."""
         data = self.observed_data(*args, **kwargs)
         latents = {k: jnp.asarray(v)[None] for k, v in latents.items()}
-        lp = self.log_prob_batch(params, latents, {k: jnp.asarray(v)[None] for k, v in data.items()})
-        return lp[0]
+        data = {k: jnp.asarray(v)[None] for k, v in data.items()}
+        return self._log_prob_batch_jit(self.network_params(params), latents, data, None)[0]
 
     def log_prob_batch(self, params, latents, data, num_obs=None):
         """``log q(theta | x)`` for a batch of datasets; ``latents`` shaped
         ``(num_datasets, *sample_shape, *site_shape)``."""
-        self._check_setup()
-        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        return self._log_prob_batch_jit(self._nn_params(params), dict(latents), dict(data),
-                                        None if num_obs is None else jnp.asarray(num_obs))
+        data, num_obs = self._batch_inputs(data, num_obs)
+        latents = {k: jnp.asarray(v) for k, v in latents.items()}
+        return self._log_prob_batch_jit(self.network_params(params), latents, data, num_obs)
 
     def summary_statistics_batch(self, params, data, num_obs=None):
         """The summary network's output ``(num_datasets, summary_dim)`` for a batch of datasets
@@ -455,10 +684,8 @@ class AutoAmortizedFlow(AutoGuide):
         :param data: observed values with a leading dataset axis, as in
             :meth:`sample_posterior_batch`.
         """
-        self._check_setup()
-        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        return self._embed_batch_jit(self._nn_params(params), dict(data),
-                                     None if num_obs is None else jnp.asarray(num_obs))
+        data, num_obs = self._batch_inputs(data, num_obs)
+        return self._embed_batch_jit(self.network_params(params), data, num_obs)
 
     def quantiles(self, params, quantiles, *args, rng_key=None, num_samples=4000, **kwargs):
         """Posterior quantiles of each latent for the data in ``args``, by Monte Carlo.
@@ -467,9 +694,13 @@ class AutoAmortizedFlow(AutoGuide):
         :param rng_key: key for the draws (default ``PRNGKey(0)``, so the result is repeatable).
         :return: dict from site name to ``(len(quantiles), *site_shape)``.
         """
+        q = np.asarray(quantiles, dtype=float)
+        if q.ndim != 1 or q.size == 0 or not np.all((q > 0) & (q < 1)):
+            raise ValueError(f"quantiles={quantiles!r}: need a sequence of levels in (0, 1), "
+                             "e.g. [0.05, 0.5, 0.95].")
         key = jax.random.PRNGKey(0) if rng_key is None else rng_key
         draws = self.sample_posterior(key, params, *args, sample_shape=(num_samples,), **kwargs)
-        q = jnp.asarray(quantiles)
+        q = jnp.asarray(q)
         return {k: jnp.quantile(v, q, axis=0) for k, v in draws.items()}
 
     def median(self, params, *args, rng_key=None, num_samples=4000, **kwargs):

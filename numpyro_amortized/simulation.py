@@ -15,10 +15,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 
-__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "simulate"]
+__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "observed_values",
+           "simulate"]
 
 
 class LatentSite(NamedTuple):
@@ -75,8 +77,19 @@ def _support_name(support) -> str:
 
 
 def _model_trace(model, rng_key, args, kwargs):
-    with block():
+    """One trace, for the model's structure only: the values of one prior draw must not
+    matter, so NumPyro's argument validation (which a draw in a region where the model gives
+    NaN would trip) is off here; simulations count such draws instead (see ``fit``)."""
+    with block(), numpyro.validation_enabled(False):
         return trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+
+
+def observed_values(model, *args, **kwargs) -> dict:
+    """The values of the model's observed sample sites in these arguments (one trace; the
+    latents' values do not matter)."""
+    tr = _model_trace(model, jax.random.PRNGKey(0), args, kwargs)
+    return {name: s["value"] for name, s in tr.items()
+            if s["type"] == "sample" and s["is_observed"]}
 
 
 def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> ModelStructure:
@@ -116,6 +129,13 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
             f"observed={sorted(unknown)} names no sample site of the model; "
             f"its sample sites are {sorted(names)}."
         )
+    factors = [s["name"] for s in sites if type(s["fn"]).__name__ == "Unit"]
+    if factors:
+        raise ValueError(
+            f"The model adds numpyro.factor term(s) {factors}. Simulations from the model's "
+            "prior predictive do not see a factor, so the guide would learn a posterior without "
+            "it. Write the term as a distribution of observed data instead (for a marginalized "
+            "discrete variable, e.g. dist.MixtureSameFamily), or drop it.")
     obs_sites = [s for s in sites if s["is_observed"] or s["name"] in observed]
     lat_sites = [
         s
@@ -136,8 +156,9 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
             raise ValueError(
                 f"Latent site '{s['name']}' has a discrete support ({type(s['fn']).__name__}). "
                 "A normalizing flow models continuous latents only: marginalize the discrete "
-                "variable out of the model (sum its values with jax.nn.logsumexp and add the "
-                "result with numpyro.factor), or make it observed."
+                "variable out of the observations' distribution (e.g. a mixture written as "
+                "dist.MixtureSameFamily(dist.Categorical(probs), component_dist), observed), "
+                "or make it observed."
             )
     _check_static_supports(model, args, kwargs, lat_sites)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-__all__ = ["LatentLayout"]
+__all__ = ["LatentLayout", "flatten_draws"]
 
 
 class LatentLayout:
@@ -73,3 +74,22 @@ class LatentLayout:
         u = self.unconstrain(latents)
         _, log_det = self.constrain(u)
         return u, log_det
+
+
+def flatten_draws(draws: dict, names=None):
+    """Draws by site, ``(num_draws, *site_shape)``, as one ``(num_draws, columns)`` matrix.
+
+    :param names: the site order (default: the dict's order).
+    :return: ``(matrix, column_names)``, e.g. ``["beta[0]", "beta[1]", "sigma"]``.
+    """
+    names = list(draws) if names is None else list(names)
+    cols, labels = [], []
+    for name in names:
+        v = np.asarray(draws[name], dtype=np.float64)
+        shape = v.shape[1:]
+        cols.append(v.reshape(v.shape[0], -1))
+        if shape == ():
+            labels.append(name)
+        else:
+            labels += [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+    return np.concatenate(cols, axis=1), labels

@@ -20,6 +20,7 @@ import pytest
 
 from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.compare import (
+    NUTSRunner,
     compare_with_nuts,
     guide_inference_data,
     importance_resample,
@@ -102,7 +103,8 @@ def good_report(datasets):
 
 
 def test_nuts_reference_matches_exact_posterior_and_compiles_once(datasets):
-    runs = [run_nuts(linear_gaussian, jax.random.PRNGKey(i), **d) for i, d in enumerate(datasets)]
+    runner = NUTSRunner(linear_gaussian)
+    runs = [runner.run(jax.random.PRNGKey(i), **d) for i, d in enumerate(datasets)]
     assert runs[0].compile_time > 0
     assert all(r.compile_time == 0 for r in runs[1:])  # one compilation for all datasets
     for r, d in zip(runs, datasets):
@@ -283,6 +285,7 @@ def trained_regression():
     return guide, result, data
 
 
+@pytest.mark.slow
 def test_trained_guide_against_nuts(trained_regression):
     guide, result, data = trained_regression
     report = compare_with_nuts(guide, result.params, jax.random.PRNGKey(1), data,
@@ -299,3 +302,13 @@ def test_trained_guide_against_nuts(trained_regression):
                                  warn=False, **data[0])
     good = importance_resample(guide, result.params, jax.random.PRNGKey(2), **data[0])
     assert broken.pareto_k > 0.7 and good.pareto_k < 0.7, (broken.pareto_k, good.pareto_k)
+
+
+def test_every_dataset_is_checked_before_any_nuts_run(datasets, monkeypatch):
+    ran = []
+    monkeypatch.setattr(NUTSRunner, "run", lambda self, *a, **k: ran.append(1) / 0)
+    bad = dict(datasets[1], y=datasets[1]["y"].at[4].set(jnp.nan))
+    with pytest.raises(ValueError, match="dataset 1: observed site.*'y'.*NaN"):
+        compare_with_nuts(GaussianGuide(), GOOD, jax.random.PRNGKey(0), [datasets[0], bad],
+                          nuts_kwargs=NUTS_FAST, progress_bar=False)
+    assert ran == []  # refused before the first (expensive) NUTS run

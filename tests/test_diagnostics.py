@@ -171,6 +171,7 @@ def observations(kind, seed, n_datasets=5):
     return {"y": jnp.asarray(y, jnp.float32)}
 
 
+@pytest.mark.slow
 def test_misspecification_is_flagged(gaussian_guide):
     guide, params = gaussian_guide
     z = jnp.zeros(N_POINTS)

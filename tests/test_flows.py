@@ -173,6 +173,7 @@ def test_mixture_weights_maximize_the_held_out_likelihood(rng):
     assert w[0] > 0.99 and w[2] < 1e-6
 
 
+@pytest.mark.slow
 def test_members_of_one_structure_stack_into_one_vectorized_flow_in_member_order():
     # the two spline members share their graph (same construction key, hence permutations) and
     # differ in weights and decay; the affine one stands alone

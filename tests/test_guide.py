@@ -34,6 +34,7 @@ def trained(model, steps=200, **kwargs):
     return guide, result.params
 
 
+@pytest.mark.slow
 def test_all_kinds_of_supports_stay_in_support():
     def model(y=None):
         s = numpyro.sample("s", dist.LogNormal(0.0, 0.5))
@@ -88,6 +89,7 @@ def test_log_prob_of_untrained_guide_is_the_known_transformed_density(prior, kno
     [(dist.LogNormal(0.0, 0.5), 1e-6, 30.0), (dist.Beta(2.0, 2.0), 1e-7, 1 - 1e-7)],
     ids=["positive", "unit_interval"],
 )
+@pytest.mark.slow
 def test_log_prob_of_trained_guide_integrates_to_one(prior, lo, hi):
     guide, params = trained(one_latent_model(prior))
     y = jnp.array([0.2, 0.9, 1.4, 0.3, 0.6, 1.1])
@@ -96,6 +98,7 @@ def test_log_prob_of_trained_guide_integrates_to_one(prior, lo, hi):
     np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, atol=5e-3)
 
 
+@pytest.mark.slow
 def test_simplex_log_prob_integrates_to_one():
     guide, params = trained(one_latent_model(dist.Dirichlet(jnp.array([2.0, 3.0, 4.0]))))
     y = jnp.full(6, 0.4)
@@ -243,6 +246,7 @@ def test_positive_data_is_read_on_the_log_scale_and_non_positive_data_is_refused
         guide.data_layout.check({"y": y.at[3].set(0.0)})
 
 
+@pytest.mark.slow
 def test_guide_for_positive_data_matches_the_exact_posterior():
     """Trained on the log scale, the guide's posterior of mu matches the exact Normal posterior
     on five datasets (mean within 0.25 sd, sd within 15%); a posterior as wide as the prior,

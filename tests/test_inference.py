@@ -72,6 +72,7 @@ def test_npe_fit_matches_exact_posterior(npe_guide):
     assert_matches_exact(guide_draws(guide, result.params))
 
 
+@pytest.mark.slow
 def test_amortized_elbo_fit_matches_exact_posterior():
     guide = AutoAmortizedFlow(gaussian_linear)
     result = fit(guide, jax.random.PRNGKey(1), x=X, num_steps=NUM_STEPS,
@@ -81,6 +82,7 @@ def test_amortized_elbo_fit_matches_exact_posterior():
 
 @pytest.mark.parametrize("loss", [NPE(num_simulations=256), AmortizedELBO(num_simulations=256)],
                          ids=["NPE", "AmortizedELBO"])
+@pytest.mark.slow
 def test_numpyro_svi_trains_the_guide(loss):
     guide = AutoAmortizedFlow(gaussian_linear)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),

@@ -59,6 +59,7 @@ def test_exact_reference_is_the_models_posterior(name):
                for j in range(len(x))) < 1e-3
 
 
+@pytest.mark.slow
 def test_every_task_simulates_finite_data_of_the_declared_shape():
     for name, task in TASKS.items():
         sims = simulate(task.model, jax.random.PRNGKey(0), 64, **task.data)
@@ -103,6 +104,7 @@ def test_slcp_symmetrized_draws_fill_the_four_modes():
     np.testing.assert_array_equal(np.abs(out), np.abs(draws))
 
 
+@pytest.mark.slow
 def test_runner_smoke(monkeypatch):
     sbibm = _benchmark_module(monkeypatch)
 
@@ -146,6 +148,7 @@ def _benchmark_module(monkeypatch):
     return sbibm
 
 
+@pytest.mark.slow
 def test_rejection_reference_draws_the_exact_posterior_and_flags_light_tails(monkeypatch):
     """lotka_volterra's reference sampler, on posteriors we know: gaussian_linear's exact
     Gaussian (C2ST and moments against the analytic posterior), and gaussian_mixture's narrow

@@ -57,6 +57,7 @@ def trained(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- devices
+@pytest.mark.slow
 def test_same_trajectory_on_1_2_4_devices_and_pmap_gives_the_same_update():
     # not through the persistent compilation cache: a 4-device program loaded from it
     # deadlocks in its all-reduce on CPU (a rerun of this test with the cache warm failed so)
@@ -80,6 +81,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path):
     port = _free_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
@@ -111,6 +113,7 @@ def test_two_processes_train_together_like_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_save_load_in_a_new_process_gives_identical_draws(trained, tmp_path):
     guide, result, path = trained
     run_script("load_and_sample.py", path, tmp_path / "draws.npy")
@@ -132,6 +135,7 @@ def test_checkpoint_holds_no_pickle_and_its_metadata(trained):
     assert body["train"]["step"] == 60 and body["train"]["losses"].shape == (60,)
 
 
+@pytest.mark.slow
 def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
     ckpt, script = tmp_path / "run.ckpt", str(SCRIPTS / "interruptible_fit.py")
     proc = subprocess.Popen([sys.executable, script, str(ckpt), str(tmp_path / "a.npz")],
@@ -159,6 +163,7 @@ def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(resumed[k], fresh[k])
 
 
+@pytest.mark.slow
 def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     # a single spline flow, which memorizes this small bank (what keep-the-best is for)
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
@@ -174,6 +179,7 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     assert nll(result.params[guide.param_name]) < nll(result.state.params) - 0.1
 
 
+@pytest.mark.slow
 def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
     # a bank the spline flow over-fits, as above but of 1,000 simulations: with patience, each
     # plateau goes back to the best parameters at half the learning rate, and the last plateau
@@ -191,7 +197,7 @@ def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
                                     batch_size=64, num_simulations=1000, num_chunks=60,
                                     patience=patience, progress_bar=False)
     stopped = runs[3][1]
-    assert stopped.plateau["halvings"] == 4 and stopped.plateau["scale"] == 1 / 16
+    assert stopped.config["plateau"]["halvings"] == 4 and stopped.config["plateau"]["scale"] == 1 / 16
     assert stopped.stopped_early and len(stopped.losses) < 3000
     assert stopped.validation_losses[0][-1] == len(stopped.losses)
     assert not runs[0][1].stopped_early and len(runs[0][1].losses) == 3000
@@ -219,7 +225,7 @@ def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
 def test_patience_needs_keep_best():
     with pytest.raises(ValueError, match="patience needs keep_best"):
         fit(AutoAmortizedFlow(linear_regression), jax.random.PRNGKey(0), x=Z, y=Z,
-            num_simulations=100, keep_best=False, patience=3, progress_bar=False)
+            num_simulations=100, batch_size=32, keep_best=False, patience=3, progress_bar=False)
 
 
 # ---------------------------------------------------------------------------- faults

@@ -61,6 +61,7 @@ def mean_model(y=None, n_max=60):
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
+@pytest.mark.slow
 def test_set_transformer_posterior_shrinks_like_one_over_sqrt_n():
     guide = AutoAmortizedFlow(mean_model, set_sizes=(5, 60), summary_net=SetTransformer)
     result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(60), num_steps=1500, batch_size=128,
@@ -83,6 +84,7 @@ def trend_model(y=None, t_max=30):
         numpyro.sample("y", dist.Normal(level + 3.0 * slope * t, 0.5), obs=y)
 
 
+@pytest.mark.slow
 def test_time_series_net_learns_the_exact_posterior_of_a_trend():
     guide = AutoAmortizedFlow(trend_model, set_sizes=(10, 30), time_series=True)
     assert isinstance(guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(30)), dict)

@@ -13,10 +13,11 @@ from flax import nnx
 from tqdm.auto import tqdm as tqdm_auto
 
 import numpyro_amortized
-from numpyro_amortized import NPE, AutoAmortizedFlow, fit, fixed_budget_flow, trainer
+from numpyro_amortized import NPE, AutoAmortizedFlow, fit, fixed_budget_flow
 from numpyro_amortized.examples import gaussian_linear
 from numpyro_amortized.losses import AmortizedLoss
 from numpyro_amortized.networks import FlowEnsemble, affine_flow, coupling_flow, ensemble_flow
+from numpyro_amortized.train import default_optimizer, trainer
 
 KEY = jax.random.PRNGKey(0)
 X = jnp.zeros(10)
@@ -62,6 +63,7 @@ def flaky_model(y=None):
         numpyro.sample("y", dist.Normal(mu, scale), obs=y)
 
 
+@pytest.mark.slow
 def test_non_finite_simulations_are_dropped_and_counted():
     guide = AutoAmortizedFlow(flaky_model)
     result = fit(guide, KEY, y=jnp.zeros(5), num_steps=1000, batch_size=128, progress_bar=False)
@@ -100,14 +102,18 @@ def normal_mean(y=None):
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
+@pytest.mark.slow
 def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path, monkeypatch):
     guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     sizes = []  # the bank sizes fit builds the default flow for
     spy = lambda n: sizes.append(n) or fixed_budget_flow(n)
-    monkeypatch.setattr(numpyro_amortized.training, "fixed_budget_flow", spy)
+    monkeypatch.setattr(numpyro_amortized.guide, "fixed_budget_flow", spy)
     result = fit(guide, KEY, y=X, num_steps=200, num_simulations=2000, progress_bar=False)
     assert sizes == [1800]  # the training simulations: 10% of 2,000 held out
-    assert guide.flow.func is ensemble_flow
+    assert guide.flow is None  # the user's setting is left alone; the choice is reported
+    assert guide.flow_factory.func is ensemble_flow
+    assert result.config["flow"] == {"name": "ensemble_flow",
+                                     "kwargs": {"weight_decay": (0.0, 0.0, 2.0, 2.0)}}
     log_w = np.asarray(result.params[guide.param_name]["flow"]["log_weights"])
     assert log_w.shape == (4,) and abs(np.exp(log_w).sum() - 1) < 1e-5
     flow = guide.posterior(result.params).flow
@@ -129,9 +135,11 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     online = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     result = fit(online, KEY, y=X, num_steps=20, progress_bar=False)
     assert online.flow is None and "log_weights" not in result.params[online.param_name]["flow"]
+    assert result.config["flow"] == {"name": "spline_flow", "kwargs": {}}
     assert list(result.validation_losses[0]) == [10, 20]  # by default, at most every 10 steps
 
 
+@pytest.mark.slow
 def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     # beyond 10,000 training simulations the default flow's decay depends on the bank size
@@ -150,7 +158,7 @@ def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(
             if Interrupting.done >= 30:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(numpyro_amortized.training, "tqdm", Interrupting)
+    monkeypatch.setattr(numpyro_amortized.train.callbacks, "tqdm", Interrupting)
     with pytest.warns(UserWarning, match="interrupted at step 30"):
         stopped = fit(AutoAmortizedFlow(normal_mean, num_pilot_simulations=512), KEY, y=X,
                       checkpoint=ckpt, **budget)
@@ -158,7 +166,7 @@ def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(
     monkeypatch.undo()
     resumed_guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     resumed = fit(resumed_guide, KEY, y=X, resume=ckpt, **budget)
-    assert resumed_guide.flow.keywords["weight_decay"] == (0.0, 0.0, 1.431, 1.431)
+    assert resumed_guide.flow_factory.keywords["weight_decay"] == (0.0, 0.0, 1.431, 1.431)
     fresh = fit(AutoAmortizedFlow(normal_mean, num_pilot_simulations=512), KEY, y=X, **budget)
     assert not resumed.interrupted and int(resumed.state.step) == 60
     np.testing.assert_array_equal(resumed.losses, fresh.losses)
@@ -166,6 +174,7 @@ def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_ensemble_trains_each_member_and_validates_the_mixture():
     # small members: the mixture's arithmetic is what is checked, and compilation dominates
     small = functools.partial(ensemble_flow, num_layers=1, hidden=(16,))
@@ -193,6 +202,7 @@ def test_ensemble_trains_each_member_and_validates_the_mixture():
     assert seen  # fit keeps the best parameters by the held-out loss of the mixture
 
 
+@pytest.mark.slow
 def test_mixture_weights_go_to_the_member_that_fits():
     # one member can learn the posterior; the other is the prior (a flow with no layers): the
     # weights fitted on held-out simulations leave it out, and the mixture is the posterior
@@ -258,7 +268,7 @@ def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
 
     # with a zero gradient Adam's step is 0, so one step of the default optimizer moves a
     # decayed parameter by exactly -learning_rate * decay * value and leaves the others alone
-    opt = numpyro_amortized.default_optimizer(10, learning_rate=0.1,
+    opt = default_optimizer(10, learning_rate=0.1,
                                               weight_decay=guide.weight_decay)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero, opt.init(params), params)
@@ -268,7 +278,7 @@ def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
     affine = jax.tree.leaves(updates["flow"]["groups"][1])
     assert max(float(jnp.abs(u[1]).max()) for u in affine) > 1e-3  # a real check: it moved
     assert max(float(jnp.abs(u[0]).max()) for u in affine) == 0.0  # the plain one did not
-    plain = numpyro_amortized.default_optimizer(10, learning_rate=0.1)
+    plain = default_optimizer(10, learning_rate=0.1)
     updates, _ = plain.update(zero, plain.init(params), params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
     # the update runs on one raveled vector: Adam's moments are one vector each
@@ -277,8 +287,8 @@ def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
     assert [np.shape(x) for x in moments] == [(size,), (size,)]
     # trainer's default optimizer is the decaying one too
     calls = []
-    real = numpyro_amortized.training.default_optimizer
-    monkeypatch.setattr(numpyro_amortized.training, "default_optimizer",
+    real = numpyro_amortized.train.step.default_optimizer
+    monkeypatch.setattr(numpyro_amortized.train.step, "default_optimizer",
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     other = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
     trainer(other)

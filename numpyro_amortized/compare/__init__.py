@@ -19,7 +19,13 @@ from numpyro_amortized.compare.draws import (
     response_sites,
 )
 from numpyro_amortized.compare.importance import ImportanceResult, importance_resample
-from numpyro_amortized.compare.nuts import NUTSResult, nuts_diagnostics, run_nuts, warm_start_nuts
+from numpyro_amortized.compare.nuts import (
+    NUTSResult,
+    NUTSRunner,
+    nuts_diagnostics,
+    run_nuts,
+    warm_start_nuts,
+)
 from numpyro_amortized.compare.plots import plot_comparison
 from numpyro_amortized.compare.report import (
     Comparison,
@@ -31,6 +37,7 @@ __all__ = [
     "Comparison",
     "ImportanceResult",
     "NUTSResult",
+    "NUTSRunner",
     "compare_with_nuts",
     "flatten_draws",
     "guide_inference_data",

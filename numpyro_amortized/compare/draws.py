@@ -20,6 +20,8 @@ from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from numpyro_amortized.simulation import inspect_model
+from numpyro_amortized.simulation import observed_values as _observed_values
+from numpyro_amortized.transforms import flatten_draws
 
 __all__ = [
     "flatten_draws",
@@ -30,34 +32,9 @@ __all__ = [
 ]
 
 
-def flatten_draws(draws: dict, names=None):
-    """Draws by site, ``(num_draws, *site_shape)``, as one ``(num_draws, columns)`` matrix.
-
-    :param names: the site order (default: the dict's order).
-    :return: ``(matrix, column_names)``, e.g. ``["beta[0]", "beta[1]", "sigma"]``.
-    """
-    names = list(draws) if names is None else list(names)
-    cols, labels = [], []
-    for name in names:
-        v = np.asarray(draws[name], dtype=np.float64)
-        shape = v.shape[1:]
-        cols.append(v.reshape(v.shape[0], -1))
-        if shape == ():
-            labels.append(name)
-        else:
-            labels += [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
-    return np.concatenate(cols, axis=1), labels
-
-
 def observed_values(model, *args, **kwargs) -> dict:
-    """The values of the model's observed sample sites in these arguments."""
-    with block():
-        tr = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
-    return {
-        name: np.asarray(s["value"])
-        for name, s in tr.items()
-        if s["type"] == "sample" and s["is_observed"]
-    }
+    """The values of the model's observed sample sites in these arguments, as numpy."""
+    return {k: np.asarray(v) for k, v in _observed_values(model, *args, **kwargs).items()}
 
 
 def response_sites(model, *args, **kwargs) -> tuple:

@@ -30,11 +30,9 @@ from numpyro_amortized.compare.draws import posterior_predictive as _replicate
 from numpyro_amortized.compare.importance import importance_resample
 from numpyro_amortized.simulation import inspect_model
 
-__all__ = ["NUTSResult", "nuts_diagnostics", "run_nuts", "warm_start_nuts"]
+__all__ = ["NUTSResult", "NUTSRunner", "nuts_diagnostics", "run_nuts", "warm_start_nuts"]
 
 _EXTRA_FIELDS = ("num_steps", "adapt_state.step_size", "energy", "accept_prob")
-_COMPILED: OrderedDict = OrderedDict()  # (model, settings, data shapes) -> compiled program
-_MAX_COMPILED = 32
 
 
 class NUTSResult(NamedTuple):
@@ -55,6 +53,93 @@ class NUTSResult(NamedTuple):
     diagnostics: dict
     run_time: float
     compile_time: float
+
+
+class NUTSRunner:
+    """NumPyro's NUTS for one model and one set of sampler settings, compiled once per data
+    shape: the object owns its compiled programs (at most ``max_programs``, the oldest
+    dropped first), so running it on many datasets of the same shapes compiles once.
+
+    :param model: the NumPyro model.
+    :param settings: as :func:`run_nuts` takes them (``num_warmup``, ``num_samples``,
+        ``num_chains``, ``dense_mass``, ``target_accept_prob``, ``max_tree_depth``,
+        ``chain_method``, ``adapt_mass_matrix``, ``init_strategy``).
+
+    **Example**::
+
+        runner = NUTSRunner(model, num_warmup=500)
+        refs = [runner.run(jax.random.PRNGKey(i), x=x, y=y) for i, (x, y) in enumerate(data)]
+        refs[1].compile_time  # 0.0: the program of the first dataset was reused
+    """
+
+    def __init__(self, model, *, num_warmup=1000, num_samples=1000, num_chains=4,
+                 dense_mass=False, target_accept_prob=0.8, max_tree_depth=10,
+                 chain_method="vectorized", adapt_mass_matrix=True, init_strategy=None,
+                 max_programs=8):
+        if chain_method not in ("vectorized", "sequential"):
+            raise ValueError(
+                f"chain_method={chain_method!r}: run_nuts compiles the whole run once for all "
+                "datasets and supports 'vectorized' or 'sequential'. For chains on several "
+                "devices use numpyro.infer.MCMC(..., chain_method='parallel') directly."
+            )
+        dense = (tuple(map(tuple, dense_mass)) if isinstance(dense_mass, (list, tuple))
+                 else dense_mass)
+        self.model = model
+        self.num_warmup, self.num_chains = int(num_warmup), int(num_chains)
+        self.settings = (int(num_warmup), int(num_samples), int(num_chains), dense,
+                         float(target_accept_prob), int(max_tree_depth), chain_method,
+                         bool(adapt_mass_matrix), init_strategy or init_to_uniform)
+        self.max_programs = int(max_programs)
+        self.programs: OrderedDict = OrderedDict()  # (data spec, shapes) -> compiled program
+
+    def run(self, rng_key, *args, init_params=None, inverse_mass_matrix=None,
+            posterior_predictive=False, predictive_sites=None, **kwargs) -> NUTSResult:
+        """Run NUTS on the data in ``args``/``kwargs`` (see :func:`run_nuts`)."""
+        model, num_chains, num_warmup = self.model, self.num_chains, self.num_warmup
+        dynamic, spec = split_static((args, kwargs))
+        if init_params is not None:
+            init_params = {k: jax.numpy.asarray(v) for k, v in init_params.items()}
+        if inverse_mass_matrix is not None:
+            inverse_mass_matrix = jax.numpy.asarray(inverse_mass_matrix)
+        extra = (init_params, inverse_mass_matrix)
+        key = (spec, abstract_key(dynamic), jax.tree.structure(extra),
+               abstract_key(jax.tree.leaves(extra)))
+        compile_time = 0.0
+        compiled = self.programs.get(key)
+        if compiled is None:
+            t0 = time.perf_counter()
+            program = jax.jit(_nuts_program(model, self.settings, spec))
+            compiled = program.lower(rng_key, dynamic, *extra).compile()
+            compile_time = time.perf_counter() - t0
+            self.programs[key] = compiled
+            while len(self.programs) > self.max_programs:
+                self.programs.popitem(last=False)
+        t0 = time.perf_counter()
+        samples, fields = jax.block_until_ready(compiled(rng_key, dynamic, *extra))
+        run_time = time.perf_counter() - t0
+
+        samples = {k: np.asarray(v) for k, v in samples.items()}
+        n_steps = np.asarray(fields["num_steps"])
+        stats = {
+            "diverging": np.asarray(fields["diverging"]),
+            "n_steps": n_steps,
+            "tree_depth": (np.log2(np.maximum(n_steps, 1)).astype(int) + 1),
+            "step_size": np.asarray(fields["adapt_state.step_size"]),
+            "energy": np.asarray(fields["energy"]),
+            "acceptance_rate": np.asarray(fields["accept_prob"]),
+        }
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+        ppc = None
+        if posterior_predictive:
+            ppc = _replicate(model, jax.random.fold_in(rng_key, 1), flat, *args,
+                             sites=predictive_sites, **kwargs)
+        idata = to_inference_data(
+            flat, chains=num_chains, sample_stats=stats,
+            observed_data=observed_values(model, *args, **kwargs),
+            posterior_predictive_draws=ppc,
+            attrs={"inference": "NUTS", "num_warmup": int(num_warmup)},
+        )
+        return NUTSResult(idata, flat, nuts_diagnostics(idata), run_time, compile_time)
 
 
 def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chains=4,
@@ -80,71 +165,28 @@ def run_nuts(model, rng_key, *args, num_warmup=1000, num_samples=1000, num_chain
     :param init_strategy: NumPyro's initialization strategy when ``init_params`` is not given
         (default ``init_to_uniform``, uniform in (-2, 2) in unconstrained space; models whose
         likelihood is flat far from the prior's centre, such as an epidemic that never takes
-        off, want ``numpyro.infer.init_to_median``). Pass the same object again to reuse the
-        compiled run.
+        off, want ``numpyro.infer.init_to_median``).
     :param posterior_predictive: add a ``posterior_predictive`` group (see
         :func:`~numpyro_amortized.compare.posterior_predictive`).
     :return: a :class:`NUTSResult`.
+
+    Each call compiles its run; a :class:`NUTSRunner` compiles once for every dataset of the
+    same shapes.
 
     **Example**::
 
         ref = run_nuts(model, jax.random.PRNGKey(0), x=x, y=y)
         arviz.summary(ref.inference_data)
     """
-    if chain_method not in ("vectorized", "sequential"):
-        raise ValueError(
-            f"chain_method={chain_method!r}: run_nuts compiles the whole run once for all "
-            "datasets and supports 'vectorized' or 'sequential'. For chains on several devices "
-            "use numpyro.infer.MCMC(..., chain_method='parallel') directly."
-        )
-    dense = tuple(map(tuple, dense_mass)) if isinstance(dense_mass, (list, tuple)) else dense_mass
-    settings = (int(num_warmup), int(num_samples), int(num_chains), dense,
-                float(target_accept_prob), int(max_tree_depth), chain_method,
-                bool(adapt_mass_matrix), init_strategy or init_to_uniform)
-    dynamic, spec = split_static((args, kwargs))
-    if init_params is not None:
-        init_params = {k: jax.numpy.asarray(v) for k, v in init_params.items()}
-    if inverse_mass_matrix is not None:
-        inverse_mass_matrix = jax.numpy.asarray(inverse_mass_matrix)
-    extra = (init_params, inverse_mass_matrix)
-    key = (model, settings, spec, abstract_key(dynamic),
-           jax.tree.structure(extra), abstract_key(jax.tree.leaves(extra)))
-    compile_time = 0.0
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        t0 = time.perf_counter()
-        program = jax.jit(_nuts_program(model, settings, spec))
-        compiled = program.lower(rng_key, dynamic, *extra).compile()
-        compile_time = time.perf_counter() - t0
-        _COMPILED[key] = compiled
-        while len(_COMPILED) > _MAX_COMPILED:
-            _COMPILED.popitem(last=False)
-    t0 = time.perf_counter()
-    samples, fields = jax.block_until_ready(compiled(rng_key, dynamic, *extra))
-    run_time = time.perf_counter() - t0
-
-    samples = {k: np.asarray(v) for k, v in samples.items()}
-    n_steps = np.asarray(fields["num_steps"])
-    stats = {
-        "diverging": np.asarray(fields["diverging"]),
-        "n_steps": n_steps,
-        "tree_depth": (np.log2(np.maximum(n_steps, 1)).astype(int) + 1),
-        "step_size": np.asarray(fields["adapt_state.step_size"]),
-        "energy": np.asarray(fields["energy"]),
-        "acceptance_rate": np.asarray(fields["accept_prob"]),
-    }
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
-    ppc = None
-    if posterior_predictive:
-        ppc = _replicate(model, jax.random.fold_in(rng_key, 1), flat, *args,
-                         sites=predictive_sites, **kwargs)
-    idata = to_inference_data(
-        flat, chains=num_chains, sample_stats=stats,
-        observed_data=observed_values(model, *args, **kwargs),
-        posterior_predictive_draws=ppc,
-        attrs={"inference": "NUTS", "num_warmup": int(num_warmup)},
-    )
-    return NUTSResult(idata, flat, nuts_diagnostics(idata), run_time, compile_time)
+    runner = NUTSRunner(model, num_warmup=num_warmup, num_samples=num_samples,
+                        num_chains=num_chains, dense_mass=dense_mass,
+                        target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
+                        chain_method=chain_method, adapt_mass_matrix=adapt_mass_matrix,
+                        init_strategy=init_strategy)
+    return runner.run(rng_key, *args, init_params=init_params,
+                      inverse_mass_matrix=inverse_mass_matrix,
+                      posterior_predictive=posterior_predictive,
+                      predictive_sites=predictive_sites, **kwargs)
 
 
 def _nuts_program(model, settings, spec):

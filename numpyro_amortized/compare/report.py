@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from numpyro_amortized.compare.draws import flatten_draws
 from numpyro_amortized.compare.importance import PARETO_K_THRESHOLD, importance_resample
-from numpyro_amortized.compare.nuts import run_nuts
+from numpyro_amortized.compare.nuts import NUTSRunner
 from numpyro_amortized.diagnostics import c2st, mmd
+from numpyro_amortized.guide import AutoAmortizedFlow
+from numpyro_amortized.simulation import observed_values
 
 __all__ = ["Comparison", "compare_with_nuts", "standardized_differences"]
 
@@ -124,7 +126,21 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         print(report); report.plot(0)
     """
     items = _as_datasets(datasets)
+    for i, (args, kwargs) in enumerate(items):  # every dataset checked before any NUTS run
+        try:
+            if isinstance(guide, AutoAmortizedFlow):  # shapes and values against training
+                guide.observed_data(*args, **kwargs)
+            values = observed_values(guide.model, *args, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"dataset {i}: {e}") from None
+        bad = [k for k, v in values.items() if not np.all(np.isfinite(np.asarray(v, float)))]
+        if bad:
+            raise ValueError(f"dataset {i}: observed site(s) {bad} hold NaN or infinite values; "
+                             "fix or drop them before comparing.")
     nuts_kwargs = dict(nuts_kwargs or {})
+    run_keys = ("init_params", "inverse_mass_matrix", "posterior_predictive", "predictive_sites")
+    run_kwargs = {k: nuts_kwargs.pop(k) for k in run_keys if k in nuts_kwargs}
+    nuts_runner = NUTSRunner(guide.model, **nuts_kwargs)
     keys = jax.random.split(rng_key, len(items))
     lat_rows, ds_rows, all_draws, nuts_runs = [], [], [], []
     amortized_compile = nuts_compile = 0.0
@@ -155,7 +171,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
             corrected = flatten_draws(res.draws, names)[0]
             k_hat, is_ess = res.pareto_k, res.ess
 
-        ref = run_nuts(guide.model, k_nuts, *args, **nuts_kwargs, **kwargs)
+        ref = nuts_runner.run(k_nuts, *args, **run_kwargs, **kwargs)
         nuts_compile += ref.compile_time
         nuts_runs.append(ref)
         nuts = flatten_draws(ref.samples, names)[0]

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from numpyro_amortized.compare.draws import flatten_draws
 from numpyro_amortized.diagnostics import plots
 from numpyro_amortized.diagnostics.calibration import coverage, recovery, tarp
 from numpyro_amortized.diagnostics.misspecification import misspecification_test
 from numpyro_amortized.diagnostics.sbc import sbc_ranks, sbc_test
+from numpyro_amortized.transforms import flatten_draws
 
 __all__ = ["DiagnosticsReport", "calibration_draws", "diagnose"]
 

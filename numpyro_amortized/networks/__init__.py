@@ -17,7 +17,15 @@ from numpyro_amortized.networks.summary import (
     default_summary_net,
 )
 
+# the factories a checkpoint may name: only these are rebuilt from a stored description
+REGISTRY = {
+    f.__name__: f
+    for f in (affine_flow, coupling_flow, ensemble_flow, spline_flow, DeepSet, Identity,
+              LinearSummary, MLPSummary, SetTransformer, TimeSeriesNet)
+}
+
 __all__ = [
+    "REGISTRY",
     "ConditionalFlow",
     "DeepSet",
     "FlowEnsemble",

@@ -15,7 +15,12 @@ class AmortizedPosterior(nnx.Module):
     """``q(u | x) = flow(u | summary_net(standardize(x)))``.
 
     :param summary_net: a summary network (``__call__(DataBatch) -> (B, summary_dim)``).
-    :param flow: a :class:`~numpyro_amortized.networks.flows.ConditionalFlow`.
+    :param flow: a conditional density over ``u``: ``log_prob(u, c)``,
+        ``sample_and_log_prob(key, c, sample_shape)``, ``training_log_prob(u, c)`` (what NPE
+        maximizes) and ``member_log_probs(u, c)`` (``(K, ...)`` for a mixture whose weights are
+        fitted on held-out data, ``None`` otherwise), as
+        :class:`~numpyro_amortized.networks.flows.ConditionalFlow` and
+        :class:`~numpyro_amortized.networks.flows.FlowEnsemble` have.
     :param data_stats: ``(set_loc, set_scale, flat_loc, flat_scale)`` from prior simulations;
         entries are ``None`` where the data have no such part.
     """
@@ -52,13 +57,10 @@ class AmortizedPosterior(nnx.Module):
     def training_log_prob(self, u, data: DataBatch):
         """What NPE maximizes: ``log q(u | x)``, or for a flow ensemble the mean of its members'
         (each member is fitted on its own)."""
-        fn = getattr(self.flow, "training_log_prob", self.flow.log_prob)
-        return fn(u, self._condition(u, data))
+        return self.flow.training_log_prob(u, self._condition(u, data))
 
     def member_log_probs(self, u, data: DataBatch):
         """``(K, B, ...)`` log densities of a flow ensemble's K members (``None`` for one flow)."""
-        if not hasattr(self.flow, "member_log_probs"):
-            return None
         return self.flow.member_log_probs(u, self._condition(u, data))
 
     def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):

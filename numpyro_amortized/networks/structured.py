@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP
-from numpyro_amortized.networks.summary import masked_moments
+from numpyro_amortized.networks.layers import MLP, masked_moments
 
 __all__ = ["SetTransformer", "TimeSeriesNet"]
 

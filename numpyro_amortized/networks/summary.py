@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP
+from numpyro_amortized.networks.layers import MLP, masked_moments
 
-__all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary", "default_summary_net",
-           "masked_moments"]
+__all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary"]
 
 
 def _flatten_all(data: DataBatch):
@@ -146,28 +144,6 @@ class DeepSet(nnx.Module):
         if data.flat is not None:
             parts.append(data.flat)
         return self.outer(jnp.concatenate(parts, axis=-1))
-
-
-def masked_moments(x, mask, *, max_corr_features=16):
-    """Standardize each dataset of a masked set by its own mean and sd per feature.
-
-    :param x: ``(..., N, F)`` observations; ``mask``: ``(..., N)``.
-    :return: the standardized set (zero where masked) and ``[mean, log sd]`` (``(..., F)``
-        each), plus the feature correlations (upper triangle) when ``F <= max_corr_features``.
-    """
-    m = mask[..., None].astype(x.dtype)
-    n_safe = jnp.maximum(jnp.sum(m, axis=-2), 1.0)
-    mean = jnp.sum(x * m, axis=-2) / n_safe
-    var = jnp.sum(((x - mean[..., None, :]) * m) ** 2, axis=-2) / n_safe
-    sd = jnp.sqrt(var + 1e-6)
-    z = (x - mean[..., None, :]) / sd[..., None, :] * m
-    stats = [mean, jnp.log(sd)]
-    f = x.shape[-1]
-    if 1 < f <= max_corr_features:
-        corr = jnp.einsum("...ni,...nj->...ij", z, z) / n_safe[..., None]
-        i, j = np.triu_indices(f, k=1)
-        stats.append(corr[..., i, j])
-    return z, stats
 
 
 def default_summary_net(spec: DataSpec, *, time_series=False):

@@ -16,10 +16,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from numpyro_amortized import AutoAmortizedFlow, fit, trainer
+from numpyro_amortized import AutoAmortizedFlow, fit
 from numpyro_amortized.examples.models import linear_regression
 from numpyro_amortized.networks import affine_flow
-from numpyro_amortized.training import data_mesh
+from numpyro_amortized.train import data_mesh, trainer
 
 
 def small_guide():

@@ -93,6 +93,14 @@ class ConditionalFlow(nnx.Module):
         """Samples only (see :meth:`sample_and_log_prob`)."""
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
+    def training_log_prob(self, u, condition):
+        """What NPE maximizes: for one flow, its ``log q(u | condition)``."""
+        return self.log_prob(u, condition)
+
+    def member_log_probs(self, u, condition):
+        """One flow has no members to weight on held-out data: ``None``."""
+        return
+
 
 def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(64, 64),
                   num_bins=8, bound=5.0, conditional_affine=False, loc=None, scale=None,
@@ -111,7 +119,7 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     :param loc: prior mean of the unconstrained latents; :param scale: their sd.
     :param weight_decay: decoupled weight decay of this flow's parameters under
         :func:`~numpyro_amortized.fit`'s default optimizer (see
-        :func:`~numpyro_amortized.default_optimizer` for SVI; pulls the couplings towards the
+        :func:`~numpyro_amortized.train.default_optimizer` for SVI; pulls the couplings towards the
         identity, i.e. the posterior towards a standardized prior: a regularizer against
         memorizing a small simulation bank).
 

@@ -1,0 +1,31 @@
+"""Training: the pure step, the optimizer, callbacks and the ``fit`` loop.
+
+- :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
+- :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay.
+- :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
+  (:class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
+"""
+
+from numpyro_amortized.train.callbacks import Callback, Chunk, Plateau, ProgressBar, Run
+from numpyro_amortized.train.checkpointing import Checkpointer
+from numpyro_amortized.train.loop import FitResult, fit
+from numpyro_amortized.train.optim import default_optimizer
+from numpyro_amortized.train.sharding import data_mesh
+from numpyro_amortized.train.step import StepInfo, Trainer, TrainState, trainer
+
+__all__ = [
+    "Callback",
+    "Checkpointer",
+    "Chunk",
+    "FitResult",
+    "Plateau",
+    "ProgressBar",
+    "Run",
+    "StepInfo",
+    "TrainState",
+    "Trainer",
+    "data_mesh",
+    "default_optimizer",
+    "fit",
+    "trainer",
+]

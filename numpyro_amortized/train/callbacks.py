@@ -1,0 +1,125 @@
+"""What :func:`~numpyro_amortized.fit` does between compiled chunks, as callbacks.
+
+After every chunk of steps the loop records the training losses and the validation loss in a
+:class:`Run`, tracks the best validation loss, then calls each callback's ``on_chunk(run,
+chunk)`` in order. A callback may change ``run.state`` (e.g. go back to the best parameters),
+``run.scale`` (the learning-rate factor, a traced input: no recompilation) or set
+``run.stop`` to end training. Pass your own with ``fit(..., callbacks=[...])``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from numpyro_amortized.train.sharding import host_value
+
+__all__ = ["Callback", "Chunk", "Plateau", "ProgressBar", "Run"]
+
+
+class Chunk(NamedTuple):
+    """What one compiled chunk did: ``losses`` and ``num_dropped`` per step (numpy), the
+    validation loss after it, and the number of steps it counted (the last may be short)."""
+
+    losses: np.ndarray
+    num_dropped: np.ndarray
+    validation_loss: float
+    num_steps: int
+
+
+@dataclass
+class Run:
+    """A running :func:`~numpyro_amortized.fit`, as callbacks see and change it.
+
+    :param state: the :class:`~numpyro_amortized.train.TrainState` (on the devices).
+    :param step: steps done; :param num_steps: steps planned.
+    :param scale: the learning-rate factor of the next chunk.
+    :param stop: set to a reason (a short string) to end training after this chunk.
+    :param best_step: the step with the lowest validation loss, ``best_loss`` that loss and
+        ``best_params`` its parameters.
+    """
+
+    state: Any
+    step: int
+    num_steps: int
+    scale: float = 1.0
+    stop: str | None = None
+    losses: list = field(default_factory=list)
+    val_steps: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    best_step: int = -1
+    best_loss: float = math.inf
+    best_params: Any = None
+    plateau: dict = field(default_factory=lambda: {"stale": 0, "halvings": 0})
+    train_time: float = 0.0  # seconds of training before this process (a resumed run)
+    interrupted: bool = False
+
+
+class Callback:
+    """Base class: override what you need. ``on_chunk`` runs after every chunk, ``on_end``
+    once when training ends (also after an interruption), with ``run.interrupted`` set then."""
+
+    def on_chunk(self, run: Run, chunk: Chunk) -> None:
+        pass
+
+    def on_end(self, run: Run) -> None:
+        pass
+
+
+class Plateau(Callback):
+    """Reduce the learning rate on a validation plateau, from the best parameters.
+
+    After ``patience`` validation checks without improvement, training goes back to the best
+    parameters and the learning-rate factor is multiplied by ``factor``; after
+    ``max_reductions`` reductions, the next plateau ends training. (``optax.contrib.
+    reduce_on_plateau`` scales the rate the same way but cannot restore the best parameters,
+    which is what keeps a run on a fixed bank from memorizing it.)
+    """
+
+    def __init__(self, patience=10, factor=0.5, max_reductions=4):
+        if int(patience) < 1:
+            raise ValueError(f"patience={patience}: need a positive number of validation checks.")
+        self.patience, self.factor, self.max_reductions = int(patience), factor, max_reductions
+
+    def on_chunk(self, run, chunk):
+        p = run.plateau
+        if run.best_step == run.step:
+            p["stale"] = 0
+            return
+        p["stale"] += 1
+        if p["stale"] < self.patience:
+            return
+        p["stale"] = 0
+        if p["halvings"] == self.max_reductions:
+            run.stop = "validation plateau"
+        else:
+            p["halvings"] += 1
+            run.scale *= self.factor
+            run.state = run.state._replace(params=run.best_params)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar with the training and validation loss (on process 0 only)."""
+
+    def __init__(self, num_steps, initial=0, disable=False):
+        self.bar = tqdm(total=num_steps, initial=initial, disable=disable, desc="training",
+                        unit="step", mininterval=0.5)
+
+    def on_chunk(self, run, chunk):
+        n = chunk.num_steps
+        self.bar.set_postfix(loss=f"{float(np.mean(chunk.losses[:n])):.4g}",
+                             val=f"{chunk.validation_loss:.4g}",
+                             skipped=int(host_value(run.state.num_skipped)),
+                             dropped=int(host_value(run.state.num_dropped)))
+        self.bar.update(n)
+        if run.stop:  # the bar ends where training did
+            self.bar.total = run.step
+            self.bar.set_description(f"training (stopped: {run.stop})")
+            self.bar.refresh()
+
+    def on_end(self, run):
+        self.bar.close()

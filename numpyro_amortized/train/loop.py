@@ -1,0 +1,322 @@
+"""``fit``: the training loop, a short loop over a data source, a compiled chunk of steps and
+callbacks (see :mod:`numpyro_amortized.train.callbacks`)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
+from numpyro_amortized.guide import describe_factory
+from numpyro_amortized.losses import NPE, masked_mean
+from numpyro_amortized.train.callbacks import Chunk, Plateau, ProgressBar, Run
+from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
+from numpyro_amortized.train.optim import default_optimizer
+from numpyro_amortized.train.settings import resolve_settings
+from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value
+from numpyro_amortized.train.step import TrainState, trainer
+
+__all__ = ["FitResult", "fit"]
+
+
+class FitResult(NamedTuple):
+    """The result of :func:`fit`.
+
+    :param params: trained parameters, ``{guide.param_name: ...}`` as ``SVI.get_params`` gives.
+    :param losses: training loss per step.
+    :param validation_losses: ``(steps, losses)`` of the held-out loss during training.
+    :param state: the final :class:`~numpyro_amortized.train.TrainState` (to continue training).
+    :param num_skipped: updates skipped because the loss or gradient was not finite.
+    :param num_dropped: simulations dropped because they contained NaN or infinity.
+    :param num_simulations: simulations used for training (drawn online, or the bank size).
+    :param compile_time: seconds spent compiling; :param train_time: seconds spent training.
+    :param best_step: the step with the lowest validation loss (``params`` are that step's
+        with ``keep_best``, the last step's otherwise); ``best_validation_loss`` its loss.
+    :param interrupted: training was stopped early (``KeyboardInterrupt``).
+    :param stopped_early: the validation loss stopped improving after the last learning-rate
+        reduction (``patience``), so training ended before ``num_steps``.
+    :param config: the run's settings, the flow the guide was built with, and the plateau
+        counters (what a resumed run is checked against and continues from).
+    """
+
+    params: dict
+    losses: np.ndarray
+    validation_losses: tuple
+    state: TrainState
+    num_skipped: int
+    num_dropped: int
+    num_simulations: int
+    compile_time: float
+    train_time: float
+    best_step: int = -1
+    best_validation_loss: float = float("inf")
+    interrupted: bool = False
+    stopped_early: bool = False
+    config: dict | None = None
+
+
+def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimizer=None,
+        learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
+        num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
+        checkpoint_every=None, resume=None, callbacks=(), **kwargs) -> FitResult:
+    """Train an amortized guide on simulations from its model.
+
+    :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`. It is set up here if it is
+        not yet; its own attributes (``flow``, ``summary_net``, ...) are never changed. A guide
+        built without ``flow`` gets :func:`~numpyro_amortized.default_flow` for how it is
+        trained (one spline flow online; a flow ensemble on a fixed budget), reported in
+        ``result.config["flow"]`` and ``guide.flow_factory``.
+    :param rng_key: a PRNG key.
+    :param args: the model's arguments for one dataset (observed sites with values, of the
+        largest size); ``kwargs`` likewise. Covariates passed here are used as they are for
+        every simulation.
+    :param num_steps: optimizer steps. Default: 5,000 online; with a fixed budget, 30 passes over
+        the training simulations, at least 5,000 and at most 20,000 steps.
+    :param batch_size: simulations per step (the global batch, over all devices).
+    :param loss: :class:`~numpyro_amortized.NPE` (default) or
+        :class:`~numpyro_amortized.AmortizedELBO`.
+    :param optimizer: any optax transformation (default
+        :func:`~numpyro_amortized.train.default_optimizer` from ``learning_rate``).
+    :param num_simulations: ``None`` (default) simulates fresh data every step, inside the jitted
+        step (online); an integer fixes a simulation budget: that many simulations are drawn once
+        and minibatches are sampled from them, 10% (at most ``validation_size``) held out.
+    :param validation_size: held-out simulations for the validation loss (online mode).
+    :param progress_bar: show a tqdm bar with the loss (on process 0 only).
+    :param num_chunks: how often to report progress and validate. Default: 100 times over the
+        run, at most every 10 steps.
+    :param devices: devices to train on, data parallel: ``None`` for all (all processes' under
+        ``jax.distributed``), an int for the first ``n``, or a list.
+    :param keep_best: return the parameters with the lowest validation loss instead of the last
+        ones (``result.state`` is always the last). Default: on with a fixed budget, off online.
+    :param patience: validation checks without improvement after which training goes back to
+        the best parameters and halves the learning rate (:class:`~numpyro_amortized.train.Plateau`);
+        after the fourth halving the next plateau ends training. Default: 10 with a fixed budget,
+        off (0) online.
+    :param checkpoint: a file to save the run to (process 0 writes): every
+        ``checkpoint_every`` steps (default: a tenth of the run), at the end, and when training
+        is interrupted. Load it with :func:`~numpyro_amortized.load`.
+    :param resume: a checkpoint written by ``fit(..., checkpoint=...)``: continue that run
+        (same ``rng_key`` and settings) to the same result as an uninterrupted run.
+    :param callbacks: more :class:`~numpyro_amortized.train.Callback` objects, called after the
+        built-in ones after every chunk.
+    :return: a :class:`FitResult`.
+
+    Non-finite simulations are dropped from their batch and counted (an error is raised when
+    most of them are); Ctrl-C stops training and returns (and saves) the last completed chunk's
+    result, with ``result.interrupted`` set.
+
+    **Example**::
+
+        result = fit(guide, jax.random.PRNGKey(0), x=x, y=y, num_steps=3000)
+        result.params, result.losses[-1]
+    """
+    cfg = resolve_settings(rng_key, num_steps=num_steps, batch_size=batch_size,
+                           learning_rate=learning_rate, num_simulations=num_simulations,
+                           validation_size=validation_size, num_chunks=num_chunks,
+                           keep_best=keep_best, patience=patience, checkpoint=checkpoint,
+                           checkpoint_every=checkpoint_every, resume=resume)
+    mesh = data_mesh(devices)
+    if cfg.batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the "
+                         f"{mesh.devices.size} devices; use a multiple, or fewer (devices=...).")
+    loss = NPE() if loss is None else loss
+    program = _Program(guide, cfg, loss, optimizer, mesh, args, kwargs)
+    make_result = lambda r: program.result(r, compile_time, t0)
+    is_writer = jax.process_index() == 0
+    hooks = [Plateau(cfg.patience)] if cfg.patience else []
+    if checkpoint is not None:  # the path is checked before any work
+        resuming = resume is not None and os.fspath(resume) == os.fspath(checkpoint)
+        hooks.append(Checkpointer(checkpoint, guide, cfg.checkpoint_every, make_result, is_writer,
+                                  resuming=resuming))
+    run = program.start(resume)
+    compiled, compile_time = program.compile(run.state)
+    hooks += [ProgressBar(cfg.num_steps, run.step, not progress_bar or not is_writer),
+              *callbacks]
+    t0 = time.perf_counter()
+    try:
+        while run.step < cfg.num_steps and not run.stop:
+            new_state, losses, dropped, v = compiled(run.state, program.bank, program.val,
+                                                     jnp.float32(run.scale))
+            n = min(cfg.chunk, cfg.num_steps - run.step)
+            losses, dropped, v = host_tree((losses, dropped, v))
+            program.check_dropped(dropped[:n], n)
+            run.state, run.step = new_state, run.step + n
+            run.losses.append(losses[:n])
+            run.val_steps.append(run.step)
+            run.val_losses.append(float(v))
+            if float(v) < run.best_loss:  # tracked always; returned only with keep_best
+                run.best_step, run.best_loss, run.best_params = run.step, float(v), new_state.params
+            for hook in hooks:
+                hook.on_chunk(run, Chunk(losses, dropped, float(v), n))
+    except KeyboardInterrupt:
+        run.interrupted = True
+        warnings.warn(
+            f"Training interrupted at step {run.step} of {cfg.num_steps}: returning the "
+            "parameters of the last completed chunk"
+            + (f" (saved to {checkpoint}; continue with fit(..., resume={checkpoint!r}))."
+               if checkpoint is not None else "."), UserWarning, stacklevel=2)
+    finally:
+        for hook in hooks:
+            hook.on_end(run)
+    jax.block_until_ready(run.state.params)
+    return make_result(run)
+
+
+class _Program:
+    """The parts of one run: the step, the simulations it trains and validates on, the
+    compiled chunk, and the result."""
+
+    def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs):
+        self.guide, self.cfg, self.loss, self.args, self.kwargs = guide, cfg, loss, args, kwargs
+        self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self.n_devices = mesh.devices.size
+        self.optimizer = optimizer
+        self.tr = None
+        # replicated: under several processes every one fits the same weights from all of val
+        self.member_log_probs = jax.jit(_held_out_member_log_probs(guide),
+                                        out_shardings=self.replicated)
+
+    def start(self, resume) -> Run:
+        """Set the guide up (or restore it) and the initial state, then draw the simulations."""
+        guide, cfg = self.guide, self.cfg
+        k_init, k_data, k_val = jax.random.split(cfg.rng_key, 3)
+        history = {"losses": [], "val_steps": [], "val_losses": [], "best": None,
+                   "train_time": 0.0, "plateau": {}}
+        resuming = resume is not None and os.path.exists(os.fspath(resume))
+        if not resuming:  # resume=path of a run not yet started: start it
+            k_setup, _ = jax.random.split(k_init)
+            guide.initialize(k_setup, self.args, self.kwargs,
+                             num_train_simulations=cfg.num_train)
+        optimizer = self.optimizer
+        if optimizer is None:
+            if not guide.is_setup:  # the decay depends on the networks: set up from the file
+                restore_guide(guide, read_file(resume), resume, self.args, self.kwargs)
+            optimizer = default_optimizer(cfg.num_steps, cfg.learning_rate,
+                                          weight_decay=guide.weight_decay)
+        self.tr = trainer(guide, loss=self.loss, optimizer=optimizer,
+                          batch_size=cfg.batch_size,
+                          data_sharding=self.batched if self.n_devices > 1 else None)
+        if resuming:
+            state, history = resume_run(resume, guide, optimizer, self.args, self.kwargs,
+                                        cfg.record)
+        else:
+            state = self.tr.init(k_init, *self.args, **self.kwargs)
+        state = jax.device_put(host_tree(state), self.replicated)
+        self._draw_simulations(k_data, k_val)
+        best_step, best_loss, best_params = history["best"] or (-1, math.inf, None)
+        run = Run(state=state, step=int(host_value(state.step)), num_steps=cfg.num_steps,
+                  losses=history["losses"], val_steps=history["val_steps"],
+                  val_losses=history["val_losses"], best_step=best_step, best_loss=best_loss,
+                  best_params=best_params, train_time=history["train_time"])
+        plateau = history["plateau"]
+        run.plateau.update({k: plateau[k] for k in ("stale", "halvings") if k in plateau})
+        run.scale = float(plateau.get("scale", 1.0))
+        if plateau.get("stopped"):
+            run.stop = "validation plateau"
+        if run.step % cfg.chunk and run.step < cfg.num_steps:
+            raise CheckpointError(f"{resume}: the checkpoint stopped at step {run.step}, not at "
+                                  f"a multiple of this run's chunk ({cfg.chunk}).")
+        return run
+
+    def _draw_simulations(self, k_data, k_val):
+        """One simulation program draws the validation set (and the bank, on a budget)."""
+        cfg, guide = self.cfg, self.guide
+        n = cfg.num_simulations if cfg.num_simulations is not None else cfg.validation_size
+        simulate = jax.jit(lambda k: guide.simulate(k, n, *self.args, **self.kwargs),
+                           out_shardings=self.replicated)
+        if cfg.num_simulations is None:
+            self.bank, val = None, simulate(k_val)
+        else:
+            sims = simulate(k_data)
+            val = jax.tree.map(lambda x: x[:cfg.num_held_out], sims)
+            self.bank = jax.tree.map(lambda x: x[cfg.num_held_out:], sims)
+        self.val = jax.device_put(val, self.batched) if len(val.u) % self.n_devices == 0 else val
+
+    def compile(self, state):
+        cfg, tr, guide, loss = self.cfg, self.tr, self.guide, self.loss
+        args, kwargs = self.args, self.kwargs
+
+        # the bank and the validation set are arguments, not constants baked into the program
+        def run_chunk(state, bank, val, scale):
+            def step(state, _):
+                sims = None
+                if bank is not None:
+                    idx = jax.random.randint(jax.random.fold_in(state.rng_key, 1),
+                                             (cfg.batch_size,), 0, bank.u.shape[0])
+                    sims = jax.tree.map(lambda x: x[idx], bank)
+                new_state, info = tr.update(state, *args, simulations=sims,
+                                            update_scale=scale if cfg.patience else None,
+                                            **kwargs)
+                active = state.step < cfg.num_steps
+                new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
+                return new_state, (info.loss, info.num_dropped)
+
+            state, (losses, dropped) = jax.lax.scan(step, state, length=cfg.chunk)
+            val_losses = loss.validation_losses(guide, state.params, jax.random.PRNGKey(0), val,
+                                                *args, **kwargs)
+            return state, losses, dropped, masked_mean(val_losses, val.valid)
+
+        t0 = time.perf_counter()
+        out = (self.replicated,) * 4
+        compiled = jax.jit(run_chunk, out_shardings=out).lower(
+            state, self.bank, self.val, jnp.float32(1.0)).compile()
+        return compiled, time.perf_counter() - t0
+
+    def check_dropped(self, dropped, n):
+        if dropped.sum() > 0.5 * n * self.cfg.batch_size:
+            raise RuntimeError(
+                f"Most simulations in the last {n} steps were non-finite ({int(dropped.sum())} of "
+                f"{n * self.cfg.batch_size}). Check the model for values outside a "
+                "distribution's domain.")
+
+    def result(self, run, compile_time, t0) -> FitResult:
+        guide, cfg = self.guide, self.cfg
+        chosen = run.best_params if cfg.keep_best and run.best_params is not None else \
+            run.state.params
+        params = chosen
+        member_lps = self.member_log_probs(chosen, self.val)
+        if member_lps is not None:  # a flow ensemble's weights, fitted on held-out simulations
+            params = guide.set_mixture_weights(host_tree(chosen), host_value(member_lps))
+            params = jax.device_put(jax.tree.map(np.asarray, params), self.replicated)
+        config = dict(cfg.record, flow=_describe(guide),
+                      plateau={**run.plateau, "scale": run.scale,
+                               "stopped": run.stop == "validation plateau"})
+        return FitResult(
+            params={guide.param_name: params},
+            losses=np.concatenate(run.losses) if run.losses else np.zeros(0),
+            validation_losses=(np.asarray(run.val_steps), np.asarray(run.val_losses)),
+            state=run.state,
+            num_skipped=int(host_value(run.state.num_skipped)),
+            num_dropped=int(host_value(run.state.num_dropped)),
+            num_simulations=(cfg.num_steps * cfg.batch_size if self.bank is None
+                             else cfg.num_simulations),
+            compile_time=compile_time,
+            train_time=run.train_time + time.perf_counter() - t0,
+            best_step=run.best_step,
+            best_validation_loss=run.best_loss,
+            interrupted=run.interrupted,
+            stopped_early=run.stop is not None and run.step < cfg.num_steps,
+            config=config,
+        )
+
+
+def _held_out_member_log_probs(guide):
+    def member_log_probs(params, val):  # (K, n_val), NaN where invalid; None for one flow
+        lps = guide.member_log_prob_simulations(params, val)
+        return None if lps is None else jnp.where(val.valid[None], lps, jnp.nan)
+
+    return member_log_probs
+
+
+def _describe(guide):
+    desc = describe_factory(guide.flow_factory)
+    return desc if desc is not None else repr(guide.flow_factory)

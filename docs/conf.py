@@ -27,7 +27,7 @@ copyright = "2026, " + author
 release = version = numpyro_amortized.__version__
 
 extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.mathjax"]
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "notebooks/README.md"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "notebooks/README.md", "dev"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 

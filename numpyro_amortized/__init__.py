@@ -8,8 +8,10 @@ import importlib
 
 from numpyro_amortized._version import __version__
 from numpyro_amortized.checkpoint import CheckpointError, load, save
-from numpyro_amortized.guide import AutoAmortizedFlow, Simulations, default_flow, fixed_budget_flow
+from numpyro_amortized.data import Simulations
+from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.losses import NPE, AmortizedELBO
+from numpyro_amortized.networks import default_flow, fixed_budget_flow
 from numpyro_amortized.simulation import inspect_model, simulate
 from numpyro_amortized.train import FitResult, fit
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DataBatch", "DataLayout", "DataSpec"]
+__all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statistics"]
 
 
 class DataSpec(NamedTuple):
@@ -155,3 +155,51 @@ def _read(site, value):
         return value
     value = value.astype(jnp.result_type(float))
     return jnp.log(jnp.maximum(value, jnp.finfo(value.dtype).tiny))
+
+
+class Simulations(NamedTuple):
+    """A batch of prior-predictive simulations, ready for training.
+
+    :param latents: constrained latent values by site, leading axis ``B``.
+    :param u: ``(B, D)`` unconstrained latents.
+    :param log_det: ``(B,)`` ``log|det d theta/d u|`` at ``u``.
+    :param observed: observed values by site, leading axis ``B``.
+    :param data: the encoded :class:`~numpyro_amortized.data.DataBatch`.
+    :param num_obs: ``(B,)`` dataset sizes (``None`` without a data plate).
+    :param valid: ``(B,)`` ``False`` where the simulation produced NaN or infinity (those
+        entries are zeroed and must be left out of any loss).
+    """
+
+    latents: dict
+    u: jax.Array
+    log_det: jax.Array
+    observed: dict
+    data: DataBatch
+    num_obs: jax.Array | None
+    valid: jax.Array
+
+
+def pilot_statistics(pilot: Simulations):
+    """Means and sds of unconstrained latents and of data features, from valid simulations."""
+    valid = np.asarray(pilot.valid)
+    if valid.mean() < 0.5:
+        raise ValueError(
+            f"{int((~valid).sum())} of {valid.size} prior simulations produced NaN or infinity. "
+            "Check the model's priors and likelihood for values outside their domain."
+        )
+
+    def moments(x, mask=None):
+        x = np.asarray(x, dtype=np.float64)
+        w = valid.astype(float)
+        if mask is not None:  # set data: rows (B, N, F) weighted by mask
+            w = (np.asarray(mask) * w[:, None]).reshape(-1)
+            x = x.reshape(-1, x.shape[-1])
+        w = w / w.sum()
+        loc = np.einsum("i,i...->...", w, x)
+        sd = np.sqrt(np.einsum("i,i...->...", w, (x - loc) ** 2))
+        return loc.astype(np.float32), np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
+
+    u_loc, u_scale = moments(pilot.u)
+    set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
+    flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
+    return {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}

@@ -9,9 +9,7 @@ which conditions a normalizing flow over the model's latents in unconstrained sp
 from __future__ import annotations
 
 import functools
-import json
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,110 +23,21 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from numpyro_amortized.data import DataBatch, DataLayout
-from numpyro_amortized.networks import REGISTRY as NETWORKS
-from numpyro_amortized.networks.flows import (
-    ConditionalFlow,
-    StackedFlows,
-    ensemble_flow,
-    mixture_log_weights,
-    spline_flow,
+from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
+from numpyro_amortized.networks.factories import (
+    default_flow,
+    describe_factory,
+    factory_from_description,
 )
-from numpyro_amortized.networks.flows.ensemble import DEFAULT_WEIGHT_DECAY
+from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, mixture_log_weights
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.simulation import inspect_model, observed_values, simulate
 from numpyro_amortized.transforms import LatentLayout
 
-__all__ = ["AutoAmortizedFlow", "Simulations", "default_flow", "fixed_budget_flow"]
+__all__ = ["AutoAmortizedFlow"]
 
 _MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
-
-
-def fixed_budget_flow(num_train):
-    """The default flow for a fixed budget of ``num_train`` training simulations:
-    :func:`~numpyro_amortized.networks.ensemble_flow`, a spline and an affine flow, each plain
-    and weight-decayed. The decay is 2 up to 10,000 training simulations and falls as
-    ``1 / num_train`` beyond (0.202 for a bank of 10^5): a larger bank is memorized less, and
-    the decay that suits 10^4 over-regularizes it.
-
-    **Example**::
-
-        guide = AutoAmortizedFlow(model, flow=fixed_budget_flow(50_000))
-    """
-    factor = min(1.0, 10_000 / max(int(num_train), 1))
-    decays = tuple(round(w * factor, 3) for w in DEFAULT_WEIGHT_DECAY)
-    return functools.partial(ensemble_flow, weight_decay=decays)
-
-
-def default_flow(num_train_simulations=None):
-    """The flow a guide built without ``flow=`` gets: a
-    :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and
-    :func:`fixed_budget_flow` for a fixed bank of ``num_train_simulations``."""
-    if num_train_simulations is None:
-        return spline_flow
-    return fixed_budget_flow(num_train_simulations)
-
-
-def describe_factory(factory):
-    """A plain description of a network factory of the package's own (possibly in a
-    ``functools.partial`` with plain keyword arguments), or ``None`` for any other."""
-    kwargs = {}
-    if isinstance(factory, functools.partial):
-        if factory.args:
-            return None
-        kwargs = dict(factory.keywords)
-        factory = factory.func
-    module = getattr(factory, "__module__", "") or ""
-    if not module.startswith("numpyro_amortized.") or module.startswith("numpyro_amortized.examples"):
-        return None
-    try:
-        json.dumps(kwargs)
-    except TypeError:
-        return None
-    return {"name": factory.__name__, "kwargs": kwargs}
-
-
-def _flow_from_description(desc):
-    if desc is None or desc.get("name") not in NETWORKS:
-        raise ValueError(
-            f"The flow {None if desc is None else desc.get('name')!r} is not one of the "
-            "package's own; build the guide with the flow it was trained with (flow=...)."
-        )
-    kwargs = _tuples(desc.get("kwargs") or {})
-    obj = NETWORKS[desc["name"]]
-    return functools.partial(obj, **kwargs) if kwargs else obj
-
-
-def _tuples(obj):
-    """msgpack turns tuples into lists; network options are tuples (hidden sizes)."""
-    if isinstance(obj, dict):
-        return {k: _tuples(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return tuple(_tuples(v) for v in obj)
-    return obj
-
-
-class Simulations(NamedTuple):
-    """A batch of prior-predictive simulations, ready for training.
-
-    :param latents: constrained latent values by site, leading axis ``B``.
-    :param u: ``(B, D)`` unconstrained latents.
-    :param log_det: ``(B,)`` ``log|det d theta/d u|`` at ``u``.
-    :param observed: observed values by site, leading axis ``B``.
-    :param data: the encoded :class:`~numpyro_amortized.data.DataBatch`.
-    :param num_obs: ``(B,)`` dataset sizes (``None`` without a data plate).
-    :param valid: ``(B,)`` ``False`` where the simulation produced NaN or infinity (those
-        entries are zeroed and must be left out of any loss).
-    """
-
-    latents: dict
-    u: jax.Array
-    log_det: jax.Array
-    observed: dict
-    data: DataBatch
-    num_obs: jax.Array | None
-    valid: jax.Array
 
 
 class _MaskDataPlate(Messenger):
@@ -292,7 +201,7 @@ class AutoAmortizedFlow(AutoGuide):
         if state is None:
             factory = self.flow if self.flow is not None else default_flow(num_train_simulations)
             return self._build(rng_key, args, kwargs, factory)
-        factory = self.flow if self.flow is not None else _flow_from_description(state["flow"])
+        factory = self.flow if self.flow is not None else factory_from_description(state["flow"])
         return self._build(jnp.asarray(state["setup_key"]), args, kwargs, factory,
                            stats=state["stats"], buffers=state["buffers"])
 
@@ -353,7 +262,7 @@ class AutoAmortizedFlow(AutoGuide):
         if stats is None:
             n = self.num_pilot_simulations
             pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
-            stats = _pilot_statistics(pilot)
+            stats = pilot_statistics(pilot)
         self._stats = stats
         summary_cls = self.summary_net or default_summary_net(self.data_layout.spec,
                                                               time_series=self.time_series)
@@ -708,29 +617,3 @@ class AutoAmortizedFlow(AutoGuide):
         q = self.quantiles(params, [0.5], *args, rng_key=rng_key, num_samples=num_samples,
                            **kwargs)
         return {k: v[0] for k, v in q.items()}
-
-
-def _pilot_statistics(pilot: Simulations):
-    """Means and sds of unconstrained latents and of data features, from valid simulations."""
-    valid = np.asarray(pilot.valid)
-    if valid.mean() < 0.5:
-        raise ValueError(
-            f"{int((~valid).sum())} of {valid.size} prior simulations produced NaN or infinity. "
-            "Check the model's priors and likelihood for values outside their domain."
-        )
-
-    def moments(x, mask=None):
-        x = np.asarray(x, dtype=np.float64)
-        w = valid.astype(float)
-        if mask is not None:  # set data: rows (B, N, F) weighted by mask
-            w = (np.asarray(mask) * w[:, None]).reshape(-1)
-            x = x.reshape(-1, x.shape[-1])
-        w = w / w.sum()
-        loc = np.einsum("i,i...->...", w, x)
-        sd = np.sqrt(np.einsum("i,i...->...", w, (x - loc) ** 2))
-        return loc.astype(np.float32), np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
-
-    u_loc, u_scale = moments(pilot.u)
-    set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
-    flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
-    return {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}

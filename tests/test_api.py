@@ -295,3 +295,29 @@ def test_factors_are_refused_and_the_discrete_advice_works():
     guide = AutoAmortizedFlow(marginalized, flow=small_flow, num_pilot_simulations=256)
     params = guide.setup(KEY, y=Y)
     assert guide.sample_posterior(KEY, params, y=Y, sample_shape=(4,))["mu"].shape == (4,)
+
+
+def test_forged_network_names_are_refused(tmp_path):
+    import json
+
+    from numpyro_amortized import CheckpointError, load, save
+    from numpyro_amortized.checkpoint import read_file, write_file
+    from numpyro_amortized.networks import spline_flow
+
+    guide = AutoAmortizedFlow(normal_mean, flow=spline_flow, num_pilot_simulations=256)
+    params = guide.setup(KEY, y=Y)
+    save(tmp_path / "a.ckpt", guide, params)
+    body = read_file(tmp_path / "a.ckpt")
+    for name in ("__class__", "AutoAmortizedFlow", ["spline_flow"], 7):
+        config = dict(json.loads(body["guide"]), flow={"name": name, "kwargs": {}})
+        write_file(tmp_path / "forged.ckpt", {**body, "guide": json.dumps(config)})
+        with pytest.raises(CheckpointError, match="not one of numpyro_amortized.networks"):
+            load(tmp_path / "forged.ckpt", normal_mean)
+    write_file(tmp_path / "forged.ckpt", {**body, "format_version": "two"})
+    with pytest.raises(CheckpointError, match="checkpoint format -1"):
+        load(tmp_path / "forged.ckpt", normal_mean)
+    write_file(tmp_path / "old.ckpt", {**body, "format_version": 1})
+    with pytest.raises(CheckpointError, match="format 1.*reads format 2 only"):
+        load(tmp_path / "old.ckpt", normal_mean)
+    loaded, _ = load(tmp_path / "a.ckpt", normal_mean)
+    assert loaded.flow_factory is spline_flow

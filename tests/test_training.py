@@ -107,7 +107,7 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
     guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     sizes = []  # the bank sizes fit builds the default flow for
     spy = lambda n: sizes.append(n) or fixed_budget_flow(n)
-    monkeypatch.setattr(numpyro_amortized.guide, "fixed_budget_flow", spy)
+    monkeypatch.setattr(numpyro_amortized.networks.factories, "fixed_budget_flow", spy)
     result = fit(guide, KEY, y=X, num_steps=200, num_simulations=2000, progress_bar=False)
     assert sizes == [1800]  # the training simulations: 10% of 2,000 held out
     assert guide.flow is None  # the user's setting is left alone; the choice is reported

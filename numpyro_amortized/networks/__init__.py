@@ -1,5 +1,12 @@
 """Summary networks and conditional normalizing flows (Flax NNX)."""
 
+from numpyro_amortized.networks.factories import (
+    REGISTRY,
+    default_flow,
+    describe_factory,
+    factory_from_description,
+    fixed_budget_flow,
+)
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
     FlowEnsemble,
@@ -17,13 +24,6 @@ from numpyro_amortized.networks.summary import (
     default_summary_net,
 )
 
-# the factories a checkpoint may name: only these are rebuilt from a stored description
-REGISTRY = {
-    f.__name__: f
-    for f in (affine_flow, coupling_flow, ensemble_flow, spline_flow, DeepSet, Identity,
-              LinearSummary, MLPSummary, SetTransformer, TimeSeriesNet)
-}
-
 __all__ = [
     "REGISTRY",
     "ConditionalFlow",
@@ -36,7 +36,11 @@ __all__ = [
     "TimeSeriesNet",
     "affine_flow",
     "coupling_flow",
+    "default_flow",
     "default_summary_net",
+    "describe_factory",
     "ensemble_flow",
+    "factory_from_description",
+    "fixed_budget_flow",
     "spline_flow",
 ]

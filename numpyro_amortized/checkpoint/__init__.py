@@ -17,70 +17,34 @@ checkpoint format, or for a network of another shape.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import os
-import tempfile
 import time
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import msgpack
 import numpy as np
-from flax import serialization
 
 from numpyro_amortized._version import __version__
-from numpyro_amortized.data import DataBatch
-from numpyro_amortized.guide import AutoAmortizedFlow, Simulations, describe_factory
-from numpyro_amortized.networks import REGISTRY as NETWORKS
+from numpyro_amortized.checkpoint.format import (
+    FORMAT_VERSION,
+    CheckpointError,
+    check_writable,
+    decode_model_args,
+    decode_value,
+    encode_model_args,
+    flatten_tree,
+    read_file,
+    unflatten_tree,
+    write_file,
+)
+from numpyro_amortized.data import DataBatch, Simulations
+from numpyro_amortized.guide import AutoAmortizedFlow
+from numpyro_amortized.networks import describe_factory, factory_from_description
 from numpyro_amortized.simulation import inspect_model
 
-__all__ = ["CheckpointError", "load", "save"]
-
-MAGIC = b"numpyro_amortized checkpoint\n"
-FORMAT_VERSION = 2  # 2: the guide's state (flow chosen at set-up, best parameters as trained)
-_DIGEST = 64  # hex characters of the SHA-256 checksum, followed by a newline
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, or does not fit the model or guide it is loaded for."""
-
-
-# ---------------------------------------------------------------------------- trees <-> flat
-def flatten_tree(tree) -> dict:
-    """``{path: numpy array}`` for the leaves of a pytree (paths as ``jax.tree_util.keystr``)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def unflatten_tree(template, flat: dict, what: str, path, hint=None):
-    """Fill ``template``'s structure with ``flat``'s arrays, checking names, shapes and dtypes.
-    ``hint`` replaces the advice given when they do not fit."""
-    hint = hint or ("The checkpoint was written for another architecture: build the guide with "
-                    "the summary_net and flow it was trained with and pass it as guide=.")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [jax.tree_util.keystr(p) for p, _ in leaves]
-    missing = [n for n in names if n not in flat]
-    extra = [n for n in flat if n not in set(names)]
-    if missing or extra:
-        raise CheckpointError(
-            f"{path}: the {what} in the checkpoint do not fit this guide's networks "
-            f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; unexpected: "
-            f"{extra[:3]}{'...' if len(extra) > 3 else ''}). {hint}"
-        )
-    out = []
-    for name, (_, leaf) in zip(names, leaves, strict=True):
-        value = np.asarray(flat[name])
-        leaf = np.asarray(leaf)
-        if value.shape != leaf.shape:
-            raise CheckpointError(
-                f"{path}: {what} {name} has shape {value.shape} in the checkpoint but "
-                f"{leaf.shape} in this guide. {hint}"
-            )
-        out.append(value.astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
+__all__ = ["CheckpointError", "check_writable", "checkpoint_body", "flatten_tree", "load",
+           "probe_simulations", "read_file", "restore_guide", "save", "train_record",
+           "unflatten_tree", "write_file"]
 
 # ---------------------------------------------------------------------------- configuration
 def guide_config(guide) -> dict:
@@ -102,160 +66,13 @@ def _resolve_factory(desc, role, path):
     """The factory a description names, looked up only in the package's registry."""
     if desc["name"] is None:
         return None
-    obj = NETWORKS.get(desc["name"]) if isinstance(desc["name"], str) else None
-    if obj is None:
+    try:
+        return factory_from_description(desc)
+    except (ValueError, TypeError, KeyError):
         raise CheckpointError(
-            f"{path}: the {role} '{desc['name']}' is not one of numpyro_amortized.networks. "
+            f"{path}: the {role} {desc.get('name')!r} is not one of numpyro_amortized.networks. "
             "Build the guide yourself and pass it as guide=."
-        )
-    kwargs = _tuples(desc.get("kwargs") or {})
-    return functools.partial(obj, **kwargs) if kwargs else obj
-
-
-def _tuples(obj):
-    """msgpack turns tuples into lists; network options are tuples (hidden sizes)."""
-    if isinstance(obj, dict):
-        return {k: _tuples(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return tuple(_tuples(v) for v in obj)
-    return obj
-
-
-# ---------------------------------------------------------------------------- model arguments
-def _encode_value(v):
-    if v is None:
-        return {"kind": "none"}
-    if isinstance(v, bool):
-        return {"kind": "bool", "value": v}
-    if isinstance(v, int | float):
-        return {"kind": type(v).__name__, "value": v}
-    if isinstance(v, str):
-        return {"kind": "str", "value": v}
-    if isinstance(v, np.ndarray | jax.Array | np.generic):
-        return {"kind": "array", "value": np.asarray(v)}
-    raise TypeError(type(v).__name__)
-
-
-def _decode_value(d):
-    kind = d["kind"]
-    if kind == "none":
-        return None
-    if kind == "array":
-        return np.asarray(d["value"])
-    if kind in ("bool", "int", "float", "str"):
-        return {"bool": bool, "int": int, "float": float, "str": str}[kind](d["value"])
-    raise CheckpointError(f"unknown model argument kind {kind!r}")
-
-
-def encode_model_args(args, kwargs):
-    """The model's example arguments as plain data, or ``(None, reason)``."""
-    try:
-        enc = {
-            "args": {str(i): _encode_value(a) for i, a in enumerate(args)},
-            "kwargs": {k: _encode_value(v) for k, v in kwargs.items()},
-        }
-    except TypeError as e:
-        return None, f"a model argument is a {e}, which a checkpoint does not store"
-    return enc, None
-
-
-def decode_model_args(enc):
-    args = tuple(_decode_value(enc["args"][str(i)]) for i in range(len(enc["args"])))
-    kwargs = {k: _decode_value(v) for k, v in enc["kwargs"].items()}
-    return args, kwargs
-
-
-# ---------------------------------------------------------------------------- file format
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def check_writable(path):
-    """Refuse, before any training, a checkpoint path whose folder cannot be written."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise CheckpointError(f"{path}: the checkpoint cannot be written there ({e}); choose a "
-                              "folder you can write to.") from None
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not a regular file; choose a file path for the "
-                              "checkpoint.")
-
-
-def write_file(path, body: dict):
-    """Write ``body`` atomically: a temporary file in the same folder, then a rename, so an
-    interruption leaves the previous checkpoint intact."""
-    payload = serialization.msgpack_serialize(body)
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + digest + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as a file opened for writing would be
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def read_file(path) -> dict:
-    """Read and verify a checkpoint file; every failure is a :class:`CheckpointError`."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not a regular file (a folder, device or pipe); a "
-                              "checkpoint is a file written by numpyro_amortized.save.")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file.") from None
-    if not raw.startswith(MAGIC):
-        raise CheckpointError(
-            f"{path}: not a numpyro_amortized checkpoint (it does not start with the checkpoint "
-            "header). Write checkpoints with numpyro_amortized.save or fit(..., checkpoint=...)."
-        )
-    head = len(MAGIC)
-    digest = raw[head:head + _DIGEST]
-    payload = raw[head + _DIGEST + 1:]
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(
-            f"{path}: the checkpoint is truncated or corrupted (its checksum does not match its "
-            f"contents; {len(raw)} bytes). Use an intact copy, or the periodic checkpoint "
-            "written before it."
-        )
-    try:
-        body = serialization.msgpack_restore(payload)
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:  # a forged file
-        raise CheckpointError(f"{path}: the checkpoint body cannot be decoded ({e}).") from None
-    if not isinstance(body, dict):
-        raise CheckpointError(f"{path}: the checkpoint body is not a checkpoint record.")
-    try:
-        version = int(body.get("format_version", -1))
-    except (TypeError, ValueError):
-        version = -1
-    if version != FORMAT_VERSION:
-        newer = version > FORMAT_VERSION
-        raise CheckpointError(
-            f"{path}: checkpoint format {version}, written by numpyro_amortized "
-            f"{body.get('package_version', '?')}; this numpyro_amortized reads format "
-            f"{FORMAT_VERSION} only. "
-            + ("Upgrade numpyro_amortized to load it." if newer else
-               "Load it with the numpyro_amortized version that wrote it, or retrain.")
-        )
-    return body
+        ) from None
 
 
 # ---------------------------------------------------------------------------- public API
@@ -321,7 +138,7 @@ def _version_of(path):
 
 
 def _check_probe(guide, params, probe, path):
-    data = DataBatch(*(_decode_value(probe["data"][k]) for k in ("set", "mask", "flat")))
+    data = DataBatch(*(decode_value(probe["data"][k]) for k in ("set", "mask", "flat")))
     sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
                        data, None, jax.numpy.asarray(probe["valid"]))
     got = np.asarray(guide.log_prob_simulations(params, sims))
@@ -454,7 +271,7 @@ def _state_of(body):
         "stats": {
             "u_loc": np.asarray(body["stats"]["u_loc"]),
             "u_scale": np.asarray(body["stats"]["u_scale"]),
-            "data": tuple(_decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
+            "data": tuple(decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
         },
         "flow": json.loads(body["flow"]),
     }

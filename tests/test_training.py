@@ -293,3 +293,43 @@ def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
     other = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
     trainer(other)
     assert calls[-1]["weight_decay"] == other.weight_decay
+
+
+@pytest.mark.slow
+def test_resumed_fixed_budget_run_with_plateaus_equals_the_uninterrupted_one(tmp_path):
+    # a flow ensemble (its mixture weights are fitted on held-out data for every result) and a
+    # plateau at every stale check, so the run goes back to its best parameters several times
+    # on both sides of the interruption: everything that drives a decision must match
+    from numpyro_amortized.train import Callback
+
+    flow = functools.partial(ensemble_flow, transformers=("affine", "affine"),
+                             weight_decay=(0.0, 2.0), num_layers=2, hidden=(16,))
+    budget = {"num_steps": 200, "num_chunks": 20, "num_simulations": 2000, "batch_size": 64,
+              "patience": 1, "progress_bar": False}
+
+    class StopAfter(Callback):  # Ctrl-C after the 8th chunk
+        def on_chunk(self, run, chunk):
+            if run.step == 80:
+                raise KeyboardInterrupt
+
+    make = lambda: AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.warns(UserWarning, match="interrupted at step 80"):
+        stopped = fit(make(), KEY, y=X, checkpoint=ckpt, callbacks=[StopAfter()], **budget)
+    assert stopped.config["plateau"]["halvings"] >= 1  # reverts happened before the stop
+    resumed = fit(make(), KEY, y=X, checkpoint=ckpt, resume=ckpt, **budget)
+    fresh = fit(make(), KEY, y=X, **budget)
+    # the stop came at a new best and the first check after it was stale, so the resumed run
+    # went back to the best parameters saved before the interruption (restoring them with the
+    # fitted mixture weights, as checkpoints of format 1 did, changed its validation history)
+    assert stopped.best_step == 80 and resumed.validation_losses[1][8] > stopped.best_validation_loss
+    assert resumed.config["plateau"]["halvings"] > stopped.config["plateau"]["halvings"]
+    for field in ("losses", "validation_losses", "best_step", "best_validation_loss",
+                  "stopped_early", "num_skipped", "num_dropped", "num_simulations", "config"):
+        a, b = getattr(resumed, field), getattr(fresh, field)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=field)
+    for tree in ("params", "state"):
+        for x, y in zip(jax.tree.leaves(getattr(resumed, tree)),
+                        jax.tree.leaves(getattr(fresh, tree)), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=tree)

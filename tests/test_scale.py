@@ -339,7 +339,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(trained, tmp_path,
     def boom(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("numpyro_amortized.checkpoint.serialization.msgpack_serialize", boom)
+    monkeypatch.setattr("numpyro_amortized.checkpoint.format.serialization.msgpack_serialize", boom)
     with pytest.raises(OSError, match="disk full"):
         write_file(target, checkpoint_body(guide, result.params))
     assert target.read_bytes() == before

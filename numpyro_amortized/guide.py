@@ -349,6 +349,7 @@ class AutoAmortizedFlow(AutoGuide):
         Jittable (``num_simulations`` static). With ``set_sizes``, each dataset gets a random
         size and the observations beyond it are masked.
         """
+        self._check_setup()
         k_sim, k_size = jax.random.split(rng_key)
         sims = simulate(self.model, k_sim, num_simulations, *args, **kwargs)
         latents = {s.name: sims[s.name] for s in self.latent_layout.sites}

@@ -18,6 +18,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
+from numpyro.primitives import Messenger
 
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "observed_values",
            "simulate"]
@@ -76,12 +77,30 @@ def _support_name(support) -> str:
     return type(support).__name__.lstrip("_")
 
 
+class _LastSite(Messenger):
+    """Remembers the sample site being processed (to name it when its sampler fails)."""
+
+    name = fn = None
+
+    def process_message(self, msg):
+        if msg["type"] == "sample":
+            self.name, self.fn = msg["name"], type(msg["fn"]).__name__
+
+
 def _model_trace(model, rng_key, args, kwargs):
     """One trace, for the model's structure only: the values of one prior draw must not
     matter, so NumPyro's argument validation (which a draw in a region where the model gives
     NaN would trip) is off here; simulations count such draws instead (see ``fit``)."""
+    last = _LastSite(model)
     with block(), numpyro.validation_enabled(False):
-        return trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+        try:
+            return trace(seed(last, rng_key)).get_trace(*args, **kwargs)
+        except NotImplementedError:
+            raise ValueError(
+                f"Sample site {last.name!r} cannot be drawn from its distribution "
+                f"({last.fn}). Amortized inference simulates datasets from the prior, so "
+                "every latent needs a proper prior: give it one (a wide Normal, or a Uniform "
+                "over the range you mean).") from None
 
 
 def observed_values(model, *args, **kwargs) -> dict:

@@ -321,3 +321,23 @@ def test_forged_network_names_are_refused(tmp_path):
         load(tmp_path / "old.ckpt", normal_mean)
     loaded, _ = load(tmp_path / "a.ckpt", normal_mean)
     assert loaded.flow_factory is spline_flow
+
+
+def test_improper_priors_and_untrained_guides_get_clear_errors():
+    from numpyro.distributions import constraints
+
+    from numpyro_amortized import inspect_model
+    from numpyro_amortized.diagnostics import diagnose
+
+    def improper(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.ImproperUniform(constraints.real, (), ()))
+        with numpyro.plate("N", 10):
+            numpyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="Sample site 'b' cannot be drawn.*ImproperUniform.*"
+                                         "proper prior"):
+        inspect_model(improper, y=Y)
+    untrained = AutoAmortizedFlow(normal_mean)
+    with pytest.raises(RuntimeError, match="has not been set up.*fit"):
+        diagnose(untrained, {}, KEY, y=Y, progress_bar=False)

@@ -9,6 +9,7 @@ which conditions a normalizing flow over the model's latents in unconstrained sp
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import jax
@@ -279,7 +280,8 @@ class AutoAmortizedFlow(AutoGuide):
         self._param_template = params
         self.init_params = nnx.to_pure_dict(params)
         self._param_structure = jax.tree.structure(self.init_params)
-        self._sample_batch_jit = jax.jit(self._sample_batch, static_argnames=("sample_shape",))
+        self._sample_batch_jit = jax.jit(self._sample_batch,
+                                         static_argnames=("sample_shape", "chunk"))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
         self._embed_batch_jit = jax.jit(self._embed_batch)
         return self.init_params
@@ -449,12 +451,27 @@ class AutoAmortizedFlow(AutoGuide):
         return data, num_obs
 
     # ------------------------------------------------------------------ core (jittable)
-    def _sample_batch(self, rng_key, params, data, num_obs, sample_shape):
+    def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):
+        """Draws for every dataset; over ``chunk`` datasets at a time (``lax.map``) when there
+        are more, so the flow's intermediates stay bounded however many datasets there are."""
         posterior = self.posterior(params)
-        u, _ = posterior.sample_and_log_prob(rng_key, self._encode(data, num_obs), sample_shape)
-        values, _ = self.latent_layout.constrain(u)
-        k = len(sample_shape)
-        draws = {name: jnp.moveaxis(v, k, 0) for name, v in values.items()}
+        num = next(iter(data.values())).shape[0]
+
+        def draw(key, data, num_obs):
+            u, _ = posterior.sample_and_log_prob(key, self._encode(data, num_obs), sample_shape)
+            return jnp.moveaxis(u, len(sample_shape), 0)  # (datasets, *sample_shape, D)
+
+        if num <= chunk:
+            u = draw(rng_key, data, num_obs)
+        else:
+            n_chunks = -(-num // chunk)
+            pad = lambda x: jnp.pad(x, [(0, n_chunks * chunk - num)] + [(0, 0)] * (x.ndim - 1),
+                                    mode="edge").reshape((n_chunks, chunk) + x.shape[1:])
+            xs = (jax.random.split(rng_key, n_chunks), jax.tree.map(pad, data),
+                  None if num_obs is None else pad(num_obs))
+            u = jax.lax.map(lambda a: draw(*a), xs)
+            u = u.reshape((n_chunks * chunk,) + u.shape[2:])[:num]
+        draws, _ = self.latent_layout.constrain(u)
         finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
         return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u))
 
@@ -557,9 +574,13 @@ class AutoAmortizedFlow(AutoGuide):
         return self._draw(rng_key, params, data, num_obs, sample_shape)
 
     def _draw(self, rng_key, params, data, num_obs, sample_shape):
+        # datasets per chunk: about 2^18 draws at a time bounds the flow's intermediates (a
+        # few hundred MB) while keeping each chunk large enough to run at full speed
+        per_dataset = max(1, math.prod(sample_shape))
+        chunk = max(1, 2**18 // per_dataset)
         draws, params_ok, draws_ok = self._sample_batch_jit(
             rng_key, self.network_params(params), data, num_obs,
-            sample_shape=tuple(sample_shape))
+            sample_shape=tuple(sample_shape), chunk=chunk)
         if not params_ok:
             raise ValueError(
                 "The parameters contain NaN or infinity, so every draw would be NaN: training "

@@ -1,0 +1,426 @@
+"""The machinery under :class:`~numpyro_amortized.AutoAmortizedFlow`: set-up (model structure,
+pilot standardization, networks), its public state, simulation, and the jitted batch cores.
+
+:class:`AmortizedGuideBase` holds no NumPyro surface of its own; ``guide.py`` adds it (``__call__``,
+``sample_posterior``, ``quantiles``, ...), so the two files read one concept each.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from numpyro.handlers import condition
+from numpyro.infer.util import log_density
+from numpyro.primitives import Messenger
+
+from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
+from numpyro_amortized.networks.factories import (
+    default_flow,
+    describe_factory,
+    factory_from_description,
+)
+from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, mixture_log_weights
+from numpyro_amortized.networks.posterior import AmortizedPosterior
+from numpyro_amortized.networks.summary import default_summary_net
+from numpyro_amortized.simulation import inspect_model, observed_values, simulate
+from numpyro_amortized.transforms import LatentLayout
+
+__all__ = ["AmortizedGuideBase"]
+
+_MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
+
+
+class _MaskDataPlate(Messenger):
+    """Mask the observed sites of the data plate beyond a dataset's size."""
+
+    def __init__(self, fn, plate, mask):
+        self.plate, self.mask = plate, mask
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or not msg["is_observed"]:
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.plate:
+                m = jnp.reshape(self.mask, self.mask.shape + (1,) * (-frame.dim - 1))
+                msg["fn"] = msg["fn"].mask(m)
+
+
+class AmortizedGuideBase:
+    """Set-up, state, simulation and the batch cores of an amortized guide (see
+    :class:`~numpyro_amortized.AutoAmortizedFlow`, which is the class to use)."""
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def param_name(self) -> str:
+        """Name of the ``numpyro.param`` site that holds the network parameters."""
+        return f"{self.prefix}_amortized$params"
+
+    @property
+    def is_setup(self) -> bool:
+        """Whether the networks are built (by :func:`fit`, ``SVI``, :meth:`setup` or ``load``)."""
+        return self.structure is not None
+
+    @property
+    def model_args(self) -> tuple:
+        """``(args, kwargs)``: the model arguments the guide was set up with."""
+        self._check_setup()
+        return self._args, self._kwargs
+
+    @property
+    def flow_factory(self):
+        """The flow factory the networks were built with: ``flow`` when given, otherwise the
+        default chosen at set-up (:func:`default_flow`)."""
+        self._check_setup()
+        return self._flow_factory
+
+    def setup(self, rng_key, *args, **kwargs):
+        """Inspect the model, standardize from pilot simulations, build the networks.
+
+        Called once, eagerly (``fit`` and the first call under ``SVI`` do it). Returns the
+        initial network parameters (a pure dict). The default flow is the one for online
+        training; :func:`fit` on a fixed budget calls :meth:`initialize` with the budget.
+        """
+        return self.initialize(rng_key, args, kwargs)
+
+    def initialize(self, rng_key, args=(), kwargs=None, *, num_train_simulations=None,
+                   state=None):
+        """Set the guide up for the model arguments ``args``/``kwargs``.
+
+        :param num_train_simulations: ``None`` for online training, or the size of a fixed
+            bank of training simulations: the default flow depends on it (see
+            :func:`default_flow`); a ``flow`` given to the constructor is used as it is.
+        :param state: a :meth:`state_dict` (from a checkpoint): the guide is rebuilt with its
+            standardization, set-up key and flow, without pilot simulations.
+        :return: the initial network parameters (a pure dict). A guide already set up returns
+            its parameters unchanged.
+        """
+        kwargs = dict(kwargs or {})
+        if self.structure is not None:
+            return self.init_params
+        if state is None:
+            factory = self.flow if self.flow is not None else default_flow(num_train_simulations)
+            return self._build(rng_key, args, kwargs, factory)
+        factory = self.flow if self.flow is not None else factory_from_description(state["flow"])
+        return self._build(jnp.asarray(state["setup_key"]), args, kwargs, factory,
+                           stats=state["stats"], buffers=state["buffers"])
+
+    def state_dict(self) -> dict:
+        """What rebuilds this guide's networks without pilot simulations (parameters apart):
+        the set-up key, the standardization, the buffers, the model's structure fingerprint and
+        the chosen flow. Arrays, numbers and strings only (see :mod:`~numpyro_amortized.checkpoint`).
+        """
+        self._check_setup()
+        return {
+            "setup_key": np.asarray(self._setup_key, np.uint32),
+            "stats": self._stats,
+            "buffers": nnx.to_pure_dict(self._buffers),
+            "fingerprint": self.structure.fingerprint(),
+            "flow": describe_factory(self._flow_factory),
+        }
+
+    def load_buffers(self, buffers):
+        """Set the networks' buffers (standardization constants) from a pure dict, as
+        :meth:`state_dict` gives them."""
+        self._check_setup()
+        nnx.replace_by_pure_dict(self._buffers, buffers)
+
+    def reset(self):
+        """Forget the set-up: the next use builds the networks anew."""
+        self.structure = None
+        self.init_params = None
+
+    def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None):
+        """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
+        structure = inspect_model(
+            self.model, *args, observed=self.observed, data_plate=self.data_plate, **kwargs
+        )
+        plate_size = structure.data_plate_size
+        if self.set_sizes is not None:
+            if plate_size is None:
+                raise ValueError("set_sizes was given but the model has no plate of observations.")
+            lo, hi = self.set_sizes
+            if not 1 <= lo <= hi or hi != plate_size:
+                raise ValueError(
+                    f"set_sizes={self.set_sizes}: need 1 <= min <= max, and max equal to the size "
+                    f"of plate '{structure.data_plate}' in the arguments ({plate_size}). Call the "
+                    "guide with data of the largest size."
+                )
+        self.latent_layout = LatentLayout(structure.latents)
+        self.data_layout = DataLayout(structure.observed, plate_size)
+        self.structure = structure
+        try:
+            return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
+        except BaseException:
+            self.structure = None  # a failed set-up leaves the guide as it was
+            raise
+
+    def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers):
+        self._args, self._kwargs = args, kwargs
+        self._setup_key = np.asarray(rng_key)
+        k_pilot, k_net = jax.random.split(rng_key)
+        if stats is None:
+            n = self.num_pilot_simulations
+            pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
+            stats = pilot_statistics(pilot)
+        self._stats = stats
+        summary_cls = self.summary_net or default_summary_net(self.data_layout.spec,
+                                                              time_series=self.time_series)
+        rngs = nnx.Rngs(k_net)
+        summary = summary_cls(self.data_layout.spec, rngs=rngs)
+        self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))
+        self._flow_factory = flow_factory
+        flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
+                            loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
+        posterior = AmortizedPosterior(summary, flow, stats["data"])
+        self._graphdef, params, self._buffers = nnx.split(posterior, nnx.Param, ...)
+        if buffers is not None:
+            nnx.replace_by_pure_dict(self._buffers, buffers)
+        self._param_template = params
+        self.init_params = nnx.to_pure_dict(params)
+        self._param_structure = jax.tree.structure(self.init_params)
+        self._sample_batch_jit = jax.jit(self._sample_batch,
+                                         static_argnames=("sample_shape", "chunk"))
+        self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
+        self._embed_batch_jit = jax.jit(self._embed_batch)
+        return self.init_params
+
+    def _check_setup(self):
+        if self.structure is None:
+            raise RuntimeError(
+                "The guide has not been set up: train it with fit(guide, ...) or SVI first, "
+                "or call guide.setup(rng_key, *model_args)."
+            )
+
+    def posterior(self, params) -> AmortizedPosterior:
+        """The posterior network with ``params`` (a pure dict, or SVI's param dict)."""
+        self._check_setup()
+        params = self.network_params(params)
+        state = jax.tree.map(lambda x: x, self._param_template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self._graphdef, state, self._buffers)
+
+    def network_params(self, params) -> dict:
+        """The networks' parameters (a pure dict) from ``params``: ``fit(...).params``, SVI's
+        ``svi.get_params(state)``, or the pure dict itself. Raises a clear error when they do
+        not fit this guide's networks (missing or extra entries, other shapes)."""
+        self._check_setup()
+        if isinstance(params, dict) and self.param_name in params:
+            params = params[self.param_name]
+        if jax.tree.structure(params) != self._param_structure:
+            want = {jax.tree_util.keystr(p) for p, _ in
+                    jax.tree_util.tree_flatten_with_path(self.init_params)[0]}
+            got = {jax.tree_util.keystr(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(params)[0]}
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise ValueError(
+                f"The parameters do not fit this guide's networks (missing: {missing[:3]}"
+                f"{'...' if len(missing) > 3 else ''}; unexpected: {extra[:3]}"
+                f"{'...' if len(extra) > 3 else ''}). Pass the parameters this guide was trained "
+                f"with: fit(...).params, or svi.get_params(state) with the '{self.param_name}' "
+                "entry."
+            )
+        for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                     jax.tree.leaves(self.init_params), strict=True):
+            if jnp.shape(got) != jnp.shape(want):
+                raise ValueError(
+                    f"Parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(got)}; this "
+                    f"guide's networks need {jnp.shape(want)}. Pass the parameters this guide "
+                    "was trained with."
+                )
+        return params
+
+    def set_mixture_weights(self, params, member_log_probs):
+        """``params`` with a flow ensemble's mixture weights fitted to ``(K, N)`` held-out
+        member log densities (EM, see :func:`~numpyro_amortized.networks.flows.mixture_log_weights`);
+        a single flow's parameters come back unchanged. Host-side; ``fit`` calls it at the end."""
+        if member_log_probs is None:
+            return params
+        outer = isinstance(params, dict) and self.param_name in params
+        posterior = self.posterior(params)
+        log_w = np.maximum(mixture_log_weights(np.asarray(member_log_probs)), _MIN_LOG_WEIGHT)
+        posterior.flow.log_weights.set_value(jnp.asarray(log_w, jnp.float32))
+        new = nnx.to_pure_dict(nnx.state(posterior, nnx.Param))
+        return {**params, self.param_name: new} if outer else new
+
+    # ------------------------------------------------------------------ simulation
+    def simulate(self, rng_key, num_simulations, *args, **kwargs) -> Simulations:
+        """Simulate ``num_simulations`` datasets from the prior predictive, encoded for training.
+
+        Jittable (``num_simulations`` static). With ``set_sizes``, each dataset gets a random
+        size and the observations beyond it are masked.
+        """
+        self._check_setup()
+        k_sim, k_size = jax.random.split(rng_key)
+        sims = simulate(self.model, k_sim, num_simulations, *args, **kwargs)
+        latents = {s.name: sims[s.name] for s in self.latent_layout.sites}
+        observed = {s.name: sims[s.name] for s in self.data_layout.sites}
+        num_obs = None
+        if self.structure.data_plate is not None:
+            if self.set_sizes is not None:
+                lo, hi = self.set_sizes
+                num_obs = jax.random.randint(k_size, (num_simulations,), lo, hi + 1)
+            else:
+                num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
+        data = self.data_layout.encode(observed, num_obs)
+        u = self.latent_layout.unconstrain(latents)
+        finite = [jnp.all(jnp.isfinite(u), axis=-1)]
+        for x in (data.set, data.flat):
+            if x is not None:
+                finite.append(jnp.all(jnp.isfinite(x.reshape(num_simulations, -1)), axis=-1))
+        valid = functools.reduce(jnp.logical_and, finite)
+        clean = lambda x: jnp.where(
+            jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)
+        )
+        u = clean(u)
+        _, log_det = self.latent_layout.constrain(u)
+        data = DataBatch(*(None if x is None else clean(x) for x in data))
+        return Simulations(
+            jax.tree.map(clean, latents), u, log_det, jax.tree.map(clean, observed), data,
+            num_obs, valid,
+        )
+
+    def model_log_density(self, latents, observed, num_obs, *args, **kwargs):
+        """``log p(theta, x)`` of the model for one dataset (masked beyond ``num_obs``)."""
+        model = condition(self.model, data=observed)
+        if num_obs is not None:
+            mask = jnp.arange(self.structure.data_plate_size) < num_obs
+            model = _MaskDataPlate(model, self.structure.data_plate, mask)
+        return log_density(model, args, kwargs, latents)[0]
+
+    # ------------------------------------------------------------------ data
+    def observed_data(self, *args, **kwargs) -> dict:
+        """The observed values in the model's arguments, checked against the trained shapes."""
+        self._check_setup()
+        values = observed_values(self.model, *args, **kwargs)
+        data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
+        self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
+        self._warn_size(self.data_layout.set_size(data))
+        return data
+
+    def _warn_size(self, n, stacklevel=3):
+        if n is None or self.structure.data_plate is None:
+            return
+        lo, hi = self.set_sizes or (self.structure.data_plate_size,) * 2
+        if not lo <= n <= hi:
+            warnings.warn(
+                f"The dataset has {n} observations in plate '{self.structure.data_plate}' but the "
+                f"guide was trained on {lo} to {hi}: the answer is an extrapolation. Train with "
+                "set_sizes covering this size to rely on it.",
+                UserWarning, stacklevel=stacklevel,
+            )
+
+    def _encode(self, data, num_obs=None):
+        n = self.data_layout.set_size(data, batch_ndim=1)
+        pad = max(n, self.data_layout.max_set_size) if n is not None else None
+        return self.data_layout.encode(data, num_obs, pad_to=pad)
+
+    def _batch_inputs(self, data, num_obs):
+        """A batch of datasets checked and as arrays: the sites the guide reads (no more, no
+        fewer), a non-empty batch, and sizes within the padded size."""
+        self._check_setup()
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict from observed site name to values with a "
+                            f"leading dataset axis; got {type(data).__name__}.")
+        names = [site.name for site in self.data_layout.sites]
+        extra = sorted(set(data) - set(names))
+        if extra:
+            raise ValueError(f"data has entries {extra} that are not observed sites of the "
+                             f"model; the guide reads {names}.")
+        data = {k: jnp.asarray(v) for k, v in data.items()}
+        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
+        if sizes == {0} or None in sizes:
+            raise ValueError("data holds no datasets: give each site a leading dataset axis of "
+                             "length >= 1.")
+        n = self.data_layout.set_size(data, batch_ndim=1)
+        if num_obs is not None:
+            num_obs = jnp.asarray(num_obs)
+            b = next(iter(sizes))
+            if n is None:
+                raise ValueError("num_obs was given but the model has no plate of observations.")
+            if (num_obs.shape != (b,) or not jnp.issubdtype(num_obs.dtype, jnp.integer)
+                    or bool(jnp.any(num_obs < 1)) or bool(jnp.any(num_obs > n))):
+                raise ValueError(f"num_obs: need {b} integers between 1 and the padded size {n} "
+                                 f"(one per dataset); got {np.asarray(num_obs)!r}.")
+            self._warn_size(int(jnp.max(num_obs)), stacklevel=4)
+            self._warn_size(int(jnp.min(num_obs)), stacklevel=4)
+        else:
+            self._warn_size(n, stacklevel=4)
+        return data, num_obs
+
+    # ------------------------------------------------------------------ core (jittable)
+    def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):
+        """Draws for every dataset; over ``chunk`` datasets at a time (``lax.map``) when there
+        are more, so the flow's intermediates stay bounded however many datasets there are."""
+        posterior = self.posterior(params)
+        num = next(iter(data.values())).shape[0]
+
+        def draw(key, data, num_obs):
+            u, _ = posterior.sample_and_log_prob(key, self._encode(data, num_obs), sample_shape)
+            return jnp.moveaxis(u, len(sample_shape), 0)  # (datasets, *sample_shape, D)
+
+        if num <= chunk:
+            u = draw(rng_key, data, num_obs)
+        else:
+            n_chunks = -(-num // chunk)
+            pad = lambda x: jnp.pad(x, [(0, n_chunks * chunk - num)] + [(0, 0)] * (x.ndim - 1),
+                                    mode="edge").reshape((n_chunks, chunk) + x.shape[1:])
+            xs = (jax.random.split(rng_key, n_chunks), jax.tree.map(pad, data),
+                  None if num_obs is None else pad(num_obs))
+            u = jax.lax.map(lambda a: draw(*a), xs)
+            u = u.reshape((n_chunks * chunk,) + u.shape[2:])[:num]
+        draws, _ = self.latent_layout.constrain(u)
+        finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+        return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u))
+
+    def _log_prob_batch(self, params, latents, data, num_obs):
+        u, log_det = self.latent_layout.unconstrain_with_log_det(latents)
+        return self.posterior(params).log_prob(u, self._encode(data, num_obs)) - log_det
+
+    def _embed_batch(self, params, data, num_obs):
+        return self.posterior(params).embed(self._encode(data, num_obs))
+
+    def log_prob_simulations(self, params, sims: Simulations):
+        """``log q(theta_i | x_i)`` for each simulation."""
+        return self.posterior(params).log_prob(sims.u, sims.data) - sims.log_det
+
+    def training_log_prob_simulations(self, params, sims: Simulations):
+        """What the NPE loss maximizes for each simulation: ``log q(theta_i | x_i)``, or with a
+        :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
+        member is trained as if alone; the posterior is their mixture)."""
+        return self.posterior(params).training_log_prob(sims.u, sims.data) - sims.log_det
+
+    def weight_decay(self, params):
+        """Each parameter's decoupled weight decay, a tree like ``params`` (a pure dict, or
+        SVI's param dict): the ``weight_decay`` of the flow it belongs to (see
+        :func:`~numpyro_amortized.networks.coupling_flow`), 0 elsewhere. Static: it depends
+        on the networks' structure only, not on the values."""
+        self._check_setup()
+        module = nnx.merge(self._graphdef, self._param_template, self._buffers)
+        decays = {}  # path of a flow -> the decay of a parameter leaf under it
+        for path, node in nnx.iter_graph(module):
+            if isinstance(node, StackedFlows) and any(node.weight_decays):
+                decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
+            elif isinstance(node, ConditionalFlow) and node.weight_decay:
+                decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
+        prefix = (self.param_name,) if self.network_params(params) is not params else ()
+
+        def decay(path, leaf):
+            keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+            keys = keys[len(prefix):]
+            return next((decays[keys[:n]](leaf) for n in range(len(keys), 0, -1)
+                         if keys[:n] in decays), 0.0)
+
+        return jax.tree_util.tree_map_with_path(decay, params)
+
+    def member_log_prob_simulations(self, params, sims: Simulations):
+        """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or
+        ``None`` when the flow is not an ensemble."""
+        lps = self.posterior(params).member_log_probs(sims.u, sims.data)
+        return None if lps is None else lps - sims.log_det

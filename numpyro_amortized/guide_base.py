@@ -320,40 +320,6 @@ class AmortizedGuideBase:
         pad = max(n, self.data_layout.max_set_size) if n is not None else None
         return self.data_layout.encode(data, num_obs, pad_to=pad)
 
-    def _batch_inputs(self, data, num_obs):
-        """A batch of datasets checked and as arrays: the sites the guide reads (no more, no
-        fewer), a non-empty batch, and sizes within the padded size."""
-        self._check_setup()
-        if not isinstance(data, dict):
-            raise TypeError(f"data must be a dict from observed site name to values with a "
-                            f"leading dataset axis; got {type(data).__name__}.")
-        names = [site.name for site in self.data_layout.sites]
-        extra = sorted(set(data) - set(names))
-        if extra:
-            raise ValueError(f"data has entries {extra} that are not observed sites of the "
-                             f"model; the guide reads {names}.")
-        data = {k: jnp.asarray(v) for k, v in data.items()}
-        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
-        if sizes == {0} or None in sizes:
-            raise ValueError("data holds no datasets: give each site a leading dataset axis of "
-                             "length >= 1.")
-        n = self.data_layout.set_size(data, batch_ndim=1)
-        if num_obs is not None:
-            num_obs = jnp.asarray(num_obs)
-            b = next(iter(sizes))
-            if n is None:
-                raise ValueError("num_obs was given but the model has no plate of observations.")
-            if (num_obs.shape != (b,) or not jnp.issubdtype(num_obs.dtype, jnp.integer)
-                    or bool(jnp.any(num_obs < 1)) or bool(jnp.any(num_obs > n))):
-                raise ValueError(f"num_obs: need {b} integers between 1 and the padded size {n} "
-                                 f"(one per dataset); got {np.asarray(num_obs)!r}.")
-            self._warn_size(int(jnp.max(num_obs)), stacklevel=4)
-            self._warn_size(int(jnp.min(num_obs)), stacklevel=4)
-        else:
-            self._warn_size(n, stacklevel=4)
-        return data, num_obs
-
     # ------------------------------------------------------------------ core (jittable)
     def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):
         """Draws for every dataset; over ``chunk`` datasets at a time (``lax.map``) when there

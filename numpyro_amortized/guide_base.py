@@ -138,7 +138,8 @@ class AmortizedGuideBase:
     def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None):
         """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
         structure = inspect_model(
-            self.model, *args, observed=self.observed, data_plate=self.data_plate, **kwargs
+            self.model, *args, observed=self.observed, data_plate=self.data_plate,
+            rng_key=rng_key, **kwargs
         )
         plate_size = structure.data_plate_size
         if self.set_sizes is not None:

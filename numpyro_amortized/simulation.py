@@ -8,20 +8,23 @@ vectorized with :func:`jax.vmap` draws (latents, observations) from the prior pr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+from numpyro import distributions as dist
 from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 from numpyro.primitives import Messenger
 
-__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "observed_values",
-           "simulate"]
+__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "looping_sites",
+           "observed_values", "simulate"]
 
 
 class LatentSite(NamedTuple):
@@ -106,12 +109,13 @@ def _model_trace(model, rng_key, args, kwargs):
 def observed_values(model, *args, **kwargs) -> dict:
     """The values of the model's observed sample sites in these arguments (one trace; the
     latents' values do not matter)."""
-    tr = _model_trace(model, jax.random.PRNGKey(0), args, kwargs)
+    tr = _model_trace(model, jax.random.PRNGKey(0), args, kwargs)  # any key: values are given
     return {name: s["value"] for name, s in tr.items()
             if s["type"] == "sample" and s["is_observed"]}
 
 
-def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> ModelStructure:
+def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
+                  **kwargs) -> ModelStructure:
     """Find the latent and observed sites of ``model`` called with ``*args, **kwargs``.
 
     Observed sites are the sample sites given a value (``obs=``) in these arguments, plus any
@@ -124,6 +128,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
     :param data_plate: name of the plate that holds the exchangeable observations; ``"auto"``
         picks the largest plate that contains observed sites and no latent site; ``None`` means
         the data are one fixed-size vector.
+    :param rng_key: the key of the two prior draws that find the sites and check that no
+        support moves with other latents (default ``PRNGKey(0)``); a guide passes its set-up key.
     :return: a :class:`ModelStructure`.
     :raises ValueError: for a discrete latent, a model with nothing observed, a latent inside
         the data plate, or a latent whose support depends on another latent.
@@ -139,7 +145,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
         assert [s.name for s in structure.latents] == ["mu"]
     """
     observed = set(observed or ())
-    tr = _model_trace(model, jax.random.PRNGKey(0), args, kwargs)
+    k_sites, k_check = jax.random.split(jax.random.PRNGKey(0) if rng_key is None else rng_key)
+    tr = _model_trace(model, k_sites, args, kwargs)
     sites = [s for s in tr.values() if s["type"] == "sample"]
     names = {s["name"] for s in sites}
     unknown = observed - names
@@ -179,7 +186,7 @@ def inspect_model(model, *args, observed=None, data_plate="auto", **kwargs) -> M
                 "dist.MixtureSameFamily(dist.Categorical(probs), component_dist), observed), "
                 "or make it observed."
             )
-    _check_static_supports(model, args, kwargs, lat_sites)
+    _check_static_supports(model, k_check, args, kwargs, lat_sites)
 
     plate_sizes = {s["name"]: s["args"][0] for s in tr.values() if s["type"] == "plate"}
     latent_plates = {f.name for s in lat_sites for f in s["cond_indep_stack"]}
@@ -237,9 +244,9 @@ def _plates(site):
     return {f.name for f in site["cond_indep_stack"]}
 
 
-def _check_static_supports(model, args, kwargs, lat_sites):
+def _check_static_supports(model, rng_key, args, kwargs, lat_sites):
     """The flow lives in one fixed unconstrained space, so supports must not move with latents."""
-    other = _model_trace(model, jax.random.PRNGKey(1), args, kwargs)
+    other = _model_trace(model, rng_key, args, kwargs)
     for s in lat_sites:
         a = jax.tree.leaves(s["fn"].support)
         b = jax.tree.leaves(other[s["name"]]["fn"].support)
@@ -263,7 +270,10 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     """Draw ``num_simulations`` joint samples from the prior predictive of ``model``.
 
     Runs ``trace(seed(uncondition(model), key))`` under :func:`jax.vmap` over keys, so it is
-    one vectorized computation (jit it, or call it inside a jitted function).
+    one vectorized computation (jit it, or call it inside a jitted function). Binomial sites
+    are drawn with :func:`jax.random.binomial` (an exact sampler of the same distribution):
+    NumPyro's Binomial sampler, vectorized over keys and compiled for CPU, can fail to return
+    for some parameter values.
 
     :return: a dict from every sample site name to its values, with a leading axis of size
         ``num_simulations``.
@@ -275,8 +285,72 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     """
 
     def one(key):
-        tr = trace(seed(uncondition(model), key)).get_trace(*args, **kwargs)
+        tr = trace(seed(uncondition(_LoopSafe(model)), key)).get_trace(*args, **kwargs)
         return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
 
     with block():
         return jax.vmap(one)(jax.random.split(rng_key, num_simulations))
+
+
+class _JaxBinomial(dist.BinomialProbs):
+    """A Binomial whose ``sample`` is :func:`jax.random.binomial`."""
+
+    def sample(self, key, sample_shape=()):
+        shape = tuple(sample_shape) + self.batch_shape
+        n = jnp.asarray(self.total_count)
+        x = jax.random.binomial(key, jnp.broadcast_to(n, shape).astype(jnp.result_type(float)),
+                                jnp.broadcast_to(self.probs, shape), shape=shape)
+        return jnp.where(jnp.isnan(x), 0, x).astype(n.dtype)  # NaN p gives 0, as NumPyro's
+
+
+def _loop_safe(fn):
+    if isinstance(fn, dist.BinomialProbs | dist.BinomialLogits):
+        return _JaxBinomial(fn.probs, fn.total_count, validate_args=False)
+    if isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+        base = _loop_safe(fn.base_dist)
+        if base is not fn.base_dist:
+            fn = copy.copy(fn)
+            fn.base_dist = base
+    return fn
+
+
+class _LoopSafe(Messenger):
+    """Swaps samplers that can hang in vectorized simulation for exact ones that do not."""
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["value"] is None:
+            msg["fn"] = _loop_safe(msg["fn"])
+
+
+def _while_loops(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            return True
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple | list) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr) and _while_loops(inner):
+                    return True
+    return False
+
+
+def looping_sites(model, *args, **kwargs) -> list:
+    """``(name, distribution)`` of the sample sites whose simulation runs a data-dependent
+    loop (a rejection sampler): the places a simulation can take unbounded time. Only traces
+    (runs nothing on a device), so it answers also while a device is busy."""
+    found = []
+
+    def sites(key):
+        with block():
+            tr = trace(seed(model, key)).get_trace(*args, **kwargs)
+        for name, s in tr.items():
+            if s["type"] == "sample":
+                fn = _loop_safe(s["fn"])
+                jaxpr = jax.make_jaxpr(lambda k, fn=fn: fn.sample(k))(key)
+                if _while_loops(jaxpr.jaxpr):
+                    found.append((name, type(s["fn"]).__name__))
+        return 0
+
+    with numpyro.validation_enabled(False):
+        jax.make_jaxpr(sites)(jax.random.PRNGKey(0))
+    return found

@@ -12,6 +12,7 @@ from numpyro_amortized.train.loop import FitResult, fit
 from numpyro_amortized.train.optim import default_optimizer
 from numpyro_amortized.train.sharding import data_mesh
 from numpyro_amortized.train.step import StepInfo, Trainer, TrainState, trainer
+from numpyro_amortized.train.watchdog import TrainingStalled
 
 __all__ = [
     "Callback",
@@ -24,6 +25,7 @@ __all__ = [
     "StepInfo",
     "TrainState",
     "Trainer",
+    "TrainingStalled",
     "data_mesh",
     "default_optimizer",
     "fit",

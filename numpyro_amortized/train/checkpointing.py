@@ -38,6 +38,7 @@ class Checkpointer(Callback):
         self.path, self.guide, self.every = os.fspath(path), guide, int(every)
         self.make_result, self.is_writer = make_result, is_writer
         self.probe = None  # simulated and compiled once per run
+        self.last_saved = None  # the step of the last checkpoint written
         if is_writer:
             check_writable(self.path)
             if os.path.exists(self.path) and not resuming:
@@ -59,6 +60,7 @@ class Checkpointer(Callback):
             record = train_record(result, best_params=run.best_params)
             write_file(self.path, checkpoint_body(self.guide, params, train=record,
                                                   probe=self.probe))
+            self.last_saved = run.step
         except OSError as e:
             warnings.warn(f"Could not save the checkpoint {self.path} at step {run.step} ({e}); "
                           "training goes on, and fit returns its result.", UserWarning,

@@ -18,12 +18,14 @@ from jax.sharding import PartitionSpec as P
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
 from numpyro_amortized.losses import NPE, masked_mean
 from numpyro_amortized.networks import describe_factory
+from numpyro_amortized.simulation import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Plateau, ProgressBar, Run
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import default_optimizer
 from numpyro_amortized.train.settings import resolve_settings
 from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value
 from numpyro_amortized.train.step import TrainState, trainer
+from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled
 
 __all__ = ["FitResult", "fit"]
 
@@ -67,7 +69,8 @@ class FitResult(NamedTuple):
 def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
-        checkpoint_every=None, resume=None, callbacks=(), **kwargs) -> FitResult:
+        checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None,
+        **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`. It is set up here if it is
@@ -108,11 +111,18 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         (same ``rng_key`` and settings) to the same result as an uninterrupted run.
     :param callbacks: more :class:`~numpyro_amortized.train.Callback` objects, called after the
         built-in ones after every chunk.
+    :param stall_timeout: seconds a chunk of steps may take before training is declared stalled
+        (:class:`~numpyro_amortized.train.TrainingStalled`). Default: ten minutes for the first
+        chunk, then 50 times the slowest chunk so far, at least a minute.
     :return: a :class:`FitResult`.
 
     Non-finite simulations are dropped from their batch and counted (an error is raised when
     most of them are); Ctrl-C stops training and returns (and saves) the last completed chunk's
-    result, with ``result.interrupted`` set.
+    result, with ``result.interrupted`` set. A chunk that does not finish in time (a sampler
+    that loops forever on some simulated parameters) raises
+    :class:`~numpyro_amortized.train.TrainingStalled`, naming the model's sites that sample with
+    loops, after saving the last completed chunk to ``checkpoint``; the error's ``result``
+    holds it.
 
     **Example**::
 
@@ -124,6 +134,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
                            validation_size=validation_size, num_chunks=num_chunks,
                            keep_best=keep_best, patience=patience, checkpoint=checkpoint,
                            checkpoint_every=checkpoint_every, resume=resume)
+    watch = StallWatch(stall_timeout)
     mesh = data_mesh(devices)
     if cfg.batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the "
@@ -144,9 +155,17 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
     t0 = time.perf_counter()
     try:
         while run.step < cfg.num_steps and not run.stop:
+            started = time.perf_counter()
             new_state, losses, dropped, v = compiled(run.state, program.bank, program.val,
                                                      jnp.float32(run.scale))
             n = min(cfg.chunk, cfg.num_steps - run.step)
+            if not watch.wait(v, started):  # no device work from here: it would queue behind
+                run.stop = "stalled"
+                saved = [h.last_saved for h in hooks if isinstance(h, Checkpointer)]
+                stalled = TrainingStalled(program.stall_message(run, n, watch.limit, checkpoint,
+                                                                saved[0] if saved else None))
+                stalled.state = jax.device_get(run.state)  # ready: a copy, not a computation
+                raise stalled
             losses, dropped, v = host_tree((losses, dropped, v))
             program.check_dropped(dropped[:n], n)
             run.state, run.step = new_state, run.step + n
@@ -270,6 +289,24 @@ class _Program:
         compiled = jax.jit(run_chunk, out_shardings=out).lower(
             state, self.bank, self.val, jnp.float32(1.0)).compile()
         return compiled, time.perf_counter() - t0
+
+    def stall_message(self, run, n, limit, checkpoint, saved_step):
+        sites = looping_sites(self.guide.model, *self.args, **self.kwargs)
+        return (
+            f"Training stalled: steps {run.step + 1}-{run.step + n} have not finished after "
+            f"{limit:.0f} s. "
+            + (f"The model's simulations sample with data-dependent loops at "
+               f"{', '.join(f'{name!r} ({d})' for name, d in sites)}; one of them may not end "
+               "for some simulated parameters (check those sites' parameters over the prior). "
+               if sites else "")
+            + "The stalled computation cannot be stopped from Python and keeps a CPU busy: "
+            "restart the process. "
+            + (f"The checkpoint {os.fspath(checkpoint)} holds the run as last saved"
+               + (f" (step {saved_step})" if saved_step is not None else "")
+               + f": continue with fit(..., resume={os.fspath(checkpoint)!r}) in a new process. "
+               if checkpoint is not None and os.path.exists(os.fspath(checkpoint)) else "")
+            + f"The error's .state holds the training state of step {run.step}. "
+            + "Use fit(..., stall_timeout=seconds) if a chunk can legitimately take longer.")
 
     def check_dropped(self, dropped, n):
         if dropped.sum() > 0.5 * n * self.cfg.batch_size:

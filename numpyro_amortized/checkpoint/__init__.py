@@ -282,6 +282,7 @@ def restore_guide(guide, body, path, args, kwargs):
     return its parameters, after checking the model's structure and the networks' shapes. A
     guide already set up must be the one of the checkpoint (same model, key, standardization
     and flow): it is checked, not rebuilt."""
+    _check_sizes(body, path)
     structure = inspect_model(guide.model, *args, observed=guide.observed,
                               data_plate=guide.data_plate, **kwargs)
     if structure.fingerprint() != body["fingerprint"]:
@@ -325,6 +326,41 @@ def restore_guide(guide, body, path, args, kwargs):
         raise
     guide.init_params = params
     return params
+
+
+def _check_sizes(body, path):
+    """Refuse, before anything is built, network descriptions bigger than the stored weights:
+    every width of a network is a dimension of some stored parameter array, and every count
+    (layers, bins, members) is at most the number of arrays. A forged description (a hidden
+    size of 20,000 with a valid checksum) would otherwise allocate for minutes."""
+    try:
+        shapes = [np.shape(v) for v in body["params"].values()]
+        descs = [json.loads(body["flow"])] + [json.loads(body["guide"])[role]
+                                              for role in ("summary_net", "flow")]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: the checkpoint's networks are malformed.") from None
+    bound = max([len(shapes), *(d for shape in shapes for d in shape)], default=0)
+    for desc in descs:
+        kwargs = desc.get("kwargs") if isinstance(desc, dict) else None
+        for key, size in _sizes(kwargs or {}):
+            if size > bound:
+                raise CheckpointError(
+                    f"{path}: the network option {key}={size} is larger than anything the "
+                    f"stored weights hold (largest dimension or count: {bound}); the file does "
+                    "not describe its own weights. Use a checkpoint written by the package.")
+
+
+def _sizes(obj, key=""):
+    """``(option, number)`` of the integers and sequence lengths in a network description."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _sizes(v, str(k))
+    elif isinstance(obj, list | tuple):
+        yield key, len(obj)
+        for v in obj:
+            yield from _sizes(v, key)
+    elif isinstance(obj, int | np.integer) and not isinstance(obj, bool):
+        yield key, int(obj)
 
 
 def _check_config(guide, body, path):

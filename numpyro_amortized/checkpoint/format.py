@@ -3,8 +3,10 @@ safely (atomic writes, no pickle, every malformed file a :class:`CheckpointError
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 
 import jax
@@ -120,13 +122,44 @@ def _umask():
     return mask
 
 
+def _temporary(path):
+    """A temporary file beside ``path``, named after it, this host and this process."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.{socket.gethostname()}.{os.getpid()}."
+    return tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+
+
+def _remove_orphans(path):
+    """Remove temporary files of ``path`` left by writers on this host that no longer run (a
+    process killed while saving); other processes' files in progress are left alone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.{socket.gethostname()}."
+    for entry in os.listdir(folder):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def check_writable(path):
     """Refuse, before any training, a checkpoint path whose folder cannot be written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+        fd, tmp = _temporary(path)
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
@@ -145,7 +178,8 @@ def write_file(path, body: dict):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    _remove_orphans(path)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + digest + b"\n" + payload)

@@ -58,9 +58,11 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
     :param model: a NumPyro model. Call the guide (and :func:`fit`) with the arguments you would
         call the model with for one dataset of the largest size you want to handle: observed
         sites must have values (``obs=``), which fixes their shapes; those values are not used
-        for training (they are simulated). Every other argument (a covariate matrix, group
-        indices) is used as given in every simulation, and the summary network does not see
-        it: to amortize over covariates, write them as observed sites
+        for training (they are simulated). Every other argument is used as given in every
+        simulation. Array arguments with one row per observation of the data plate (a
+        covariate matrix, group indices) are *covariates*: the summary network reads them
+        next to the observations, and other values of them at sampling time give a warning.
+        To amortize over covariates too, write them as observed sites
         (``numpyro.sample("x", prior, obs=x)``), as the quick start does.
     :param summary_net: a summary-network class or ``functools.partial`` of one, called as
         ``summary_net(spec, rngs=rngs)`` (see :mod:`numpyro_amortized.networks.summary`); by
@@ -166,10 +168,11 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         names = [site.name for site in self.data_layout.sites]
         extra = sorted(set(data) - set(names))
         if extra:
-            raise ValueError(f"data has entries {extra} that are not observed sites of the "
-                             f"model; the guide reads {names}.")
+            raise ValueError(f"data has entries {extra} that are not observed sites or "
+                             f"covariates of the model; the guide reads {names}.")
         data = {k: jnp.asarray(v) for k, v in data.items()}
         self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
+        self._warn_design(data, batch_ndim=1, stacklevel=4)
         sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
         if sizes == {0} or None in sizes:
             raise ValueError("data holds no datasets: give each site a leading dataset axis of "

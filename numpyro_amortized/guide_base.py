@@ -18,7 +18,13 @@ from numpyro.handlers import condition
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
+from numpyro_amortized.data import (
+    DataBatch,
+    DataLayout,
+    Simulations,
+    pilot_statistics,
+    row_differences,
+)
 from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
@@ -27,7 +33,12 @@ from numpyro_amortized.networks.factories import (
 from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, mixture_log_weights
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
-from numpyro_amortized.simulation import inspect_model, observed_values, simulate
+from numpyro_amortized.simulation import (
+    covariate_values,
+    inspect_model,
+    observed_values,
+    simulate,
+)
 from numpyro_amortized.transforms import LatentLayout
 
 __all__ = ["AmortizedGuideBase"]
@@ -153,7 +164,7 @@ class AmortizedGuideBase:
                     "guide with data of the largest size."
                 )
         self.latent_layout = LatentLayout(structure.latents)
-        self.data_layout = DataLayout(structure.observed, plate_size)
+        self.data_layout = DataLayout(structure.observed + structure.covariates, plate_size)
         self.structure = structure
         try:
             return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
@@ -163,12 +174,15 @@ class AmortizedGuideBase:
 
     def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers):
         self._args, self._kwargs = args, kwargs
+        self._design = {k: np.asarray(v, np.float64) for k, v in
+                        self._covariates(args, kwargs).items()}
         self._setup_key = np.asarray(rng_key)
         k_pilot, k_net = jax.random.split(rng_key)
         if stats is None:
             n = self.num_pilot_simulations
             pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
             stats = pilot_statistics(pilot)
+            self._warn_unpaired_rows(pilot)
         self._stats = stats
         summary_cls = self.summary_net or default_summary_net(self.data_layout.spec,
                                                               time_series=self.time_series)
@@ -260,7 +274,9 @@ class AmortizedGuideBase:
         k_sim, k_size = jax.random.split(rng_key)
         sims = simulate(self.model, k_sim, num_simulations, *args, **kwargs)
         latents = {s.name: sims[s.name] for s in self.latent_layout.sites}
-        observed = {s.name: sims[s.name] for s in self.data_layout.sites}
+        observed = {s.name: sims[s.name] for s in self.structure.observed}
+        design = {name: jnp.broadcast_to(v, (num_simulations,) + v.shape)
+                  for name, v in self._covariates(args, kwargs).items()}
         num_obs = None
         if self.structure.data_plate is not None:
             if self.set_sizes is not None:
@@ -268,7 +284,7 @@ class AmortizedGuideBase:
                 num_obs = jax.random.randint(k_size, (num_simulations,), lo, hi + 1)
             else:
                 num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
-        data = self.data_layout.encode(observed, num_obs)
+        data = self.data_layout.encode({**observed, **design}, num_obs)
         u = self.latent_layout.unconstrain(latents)
         finite = [jnp.all(jnp.isfinite(u), axis=-1)]
         for x in (data.set, data.flat):
@@ -298,11 +314,53 @@ class AmortizedGuideBase:
     def observed_data(self, *args, **kwargs) -> dict:
         """The observed values in the model's arguments, checked against the trained shapes."""
         self._check_setup()
-        values = observed_values(self.model, *args, **kwargs)
+        values = {**observed_values(self.model, *args, **kwargs),
+                  **self._covariates(args, kwargs)}
         data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
         self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
         self._warn_size(self.data_layout.set_size(data))
+        self._warn_design(data, batch_ndim=0)
         return data
+
+    def _warn_unpaired_rows(self, pilot):
+        """A set summary pools the rows of the data plate: say so when the model makes them
+        differ (a design the network does not see) rather than give a posterior that ignores
+        which row an observation belongs to."""
+        if self.summary_net is not None or self.time_series or self.structure.covariates:
+            return  # a summary of one's own, an ordered series, or rows told apart by covariates
+        z = row_differences(pilot, self.data_layout.spec.set_features)
+        if z > 8.0:
+            warnings.warn(
+                f"The observations of plate '{self.structure.data_plate}' are not exchangeable "
+                f"under the model: in prior simulations the mean or spread of some rows differs "
+                f"from the others' by {z:.0f} standard errors. The summary network pools the rows as a "
+                "set, so it cannot tell which row an observation belongs to and the posterior "
+                "would ignore what makes rows differ. Pass per-row covariates as model "
+                "arguments (def model(X, y=None): array arguments with one row per observation "
+                "are read next to the observations); for ordered data use time_series=True.",
+                UserWarning, stacklevel=5)
+
+    def _covariates(self, args, kwargs) -> dict:
+        """The covariates (plate-aligned array arguments) the summary network reads."""
+        values = covariate_values(self.model, args, kwargs)
+        return {c.name: jnp.asarray(values[c.name]) for c in self.structure.covariates
+                if c.name in values}
+
+    def _warn_design(self, data, batch_ndim, stacklevel=4):
+        """Training simulates with the covariates given at set-up (the design): warn when
+        other covariate values are given, where the answer is an extrapolation."""
+        for name, trained in self._design.items():
+            if name not in data or isinstance(data[name], jax.core.Tracer):
+                continue
+            given = np.asarray(data[name], np.float64)
+            n = given.shape[batch_ndim]
+            if not np.allclose(given, trained[:n], rtol=1e-5, atol=1e-6 * np.abs(trained).max()):
+                warnings.warn(
+                    f"Covariate '{name}' differs from the values the guide was trained with (the "
+                    f"model's arguments at set-up): every training simulation used those, so "
+                    f"the posterior for other values of '{name}' is an extrapolation and may "
+                    "be wrong. Train a guide with these values to rely on it.",
+                    UserWarning, stacklevel=stacklevel)
 
     def _warn_size(self, n, stacklevel=3):
         if n is None or self.structure.data_plate is None:

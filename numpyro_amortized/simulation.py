@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from typing import Any, NamedTuple
 
@@ -23,8 +24,8 @@ from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 from numpyro.primitives import Messenger
 
-__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "inspect_model", "looping_sites",
-           "observed_values", "simulate"]
+__all__ = ["LatentSite", "ModelStructure", "ObservedSite", "covariate_values", "inspect_model",
+           "looping_sites", "observed_values", "simulate"]
 
 
 class LatentSite(NamedTuple):
@@ -58,12 +59,16 @@ class ModelStructure(NamedTuple):
     :param observed: the observed sites (what the summary network sees), in model order.
     :param data_plate: name of the plate that holds exchangeable observations, or ``None``.
     :param data_plate_size: its size in the traced arguments (the largest dataset size).
+    :param covariates: array arguments of the model with one row per observation of the data
+        plate (design matrices, group indices, exposures), as :class:`ObservedSite` entries
+        named after the argument: the summary network reads them next to the observations.
     """
 
     latents: tuple
     observed: tuple
     data_plate: str | None
     data_plate_size: int | None
+    covariates: tuple = ()
 
     def fingerprint(self) -> str:
         """A short hash of the latent and observed structure (names, shapes, supports)."""
@@ -73,6 +78,8 @@ class ModelStructure(NamedTuple):
                          for s in self.observed],
             "data_plate": self.data_plate,
         }
+        if self.covariates:
+            desc["covariates"] = [(c.name, list(c.shape)) for c in self.covariates]
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
@@ -231,7 +238,34 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
     if data_plate is not None and all(o.plate_axis is None for o in obs):
         data_plate = None
     size = plate_sizes[data_plate] if data_plate is not None else None
-    return ModelStructure(tuple(latents), tuple(obs), data_plate, size)
+    covariates = []
+    if size is not None:
+        values = [s["value"] for s in obs_sites]
+        for name, value in covariate_values(model, args, kwargs).items():
+            if (name in names or any(value is v for v in values) or np.ndim(value) < 1
+                    or np.shape(value)[0] != size):
+                continue
+            covariates.append(ObservedSite(name, tuple(np.shape(value)), 0))
+    return ModelStructure(tuple(latents), tuple(obs), data_plate, size, tuple(covariates))
+
+
+def covariate_values(model, args, kwargs) -> dict:
+    """The model's numeric array arguments by parameter name (``name[i]`` for ``*args``)."""
+    try:
+        bound = inspect.signature(model).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # not introspectable: positional names
+        bound = None
+    named = dict(bound.arguments) if bound is not None else {
+        **{f"args[{i}]": a for i, a in enumerate(args)}, **kwargs}
+    if bound is not None:
+        for name, param in inspect.signature(model).parameters.items():
+            if param.kind is param.VAR_POSITIONAL and name in named:
+                named.update({f"{name}[{i}]": a for i, a in enumerate(named.pop(name))})
+            elif param.kind is param.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+    return {name: v for name, v in named.items()
+            if isinstance(v, np.ndarray | jax.Array) and np.ndim(v) >= 1
+            and (jnp.issubdtype(v.dtype, jnp.number) or v.dtype == bool)}
 
 
 def _positive_continuous(support):

@@ -81,7 +81,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
     :param rng_key: a PRNG key.
     :param args: the model's arguments for one dataset (observed sites with values, of the
         largest size); ``kwargs`` likewise. Covariates passed here are used as they are for
-        every simulation.
+        every simulation, and the summary network reads them (see the guide's ``model``).
     :param num_steps: optimizer steps. Default: 5,000 online; with a fixed budget, 30 passes over
         the training simulations, at least 5,000 and at most 20,000 steps.
     :param batch_size: simulations per step (the global batch, over all devices).

@@ -85,6 +85,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         independent given the latents, e.g. noisy counts around an ODE solution): the default
         summary network is then a :class:`~numpyro_amortized.networks.TimeSeriesNet` instead of
         a DeepSet, and with ``set_sizes`` a series of ``n`` steps is its first ``n`` time points.
+        A series observed inside ``numpyro.contrib.control_flow.scan`` (no plate) is read
+        along its leading axis.
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 

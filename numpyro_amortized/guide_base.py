@@ -150,7 +150,7 @@ class AmortizedGuideBase:
         """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
         structure = inspect_model(
             self.model, *args, observed=self.observed, data_plate=self.data_plate,
-            rng_key=rng_key, **kwargs
+            rng_key=rng_key, time_series=self.time_series, **kwargs
         )
         plate_size = structure.data_plate_size
         if self.set_sizes is not None:

@@ -62,6 +62,7 @@ class ModelStructure(NamedTuple):
     :param covariates: array arguments of the model with one row per observation of the data
         plate (design matrices, group indices, exposures), as :class:`ObservedSite` entries
         named after the argument: the summary network reads them next to the observations.
+    :param deterministic: names of the model's ``numpyro.deterministic`` sites.
     """
 
     latents: tuple
@@ -69,6 +70,7 @@ class ModelStructure(NamedTuple):
     data_plate: str | None
     data_plate_size: int | None
     covariates: tuple = ()
+    deterministic: tuple = ()
 
     def fingerprint(self) -> str:
         """A short hash of the latent and observed structure (names, shapes, supports)."""
@@ -122,7 +124,7 @@ def observed_values(model, *args, **kwargs) -> dict:
 
 
 def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
-                  **kwargs) -> ModelStructure:
+                  time_series=False, **kwargs) -> ModelStructure:
     """Find the latent and observed sites of ``model`` called with ``*args, **kwargs``.
 
     Observed sites are the sample sites given a value (``obs=``) in these arguments, plus any
@@ -135,6 +137,9 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
     :param data_plate: name of the plate that holds the exchangeable observations; ``"auto"``
         picks the largest plate that contains observed sites and no latent site; ``None`` means
         the data are one fixed-size vector.
+    :param time_series: observations with no plate but one common leading length (a series
+        observed inside ``numpyro.contrib.control_flow.scan``) take that axis as the data
+        plate, a time axis named ``"time"``.
     :param rng_key: the key of the two prior draws that find the sites and check that no
         support moves with other latents (default ``PRNGKey(0)``); a guide passes its set-up key.
     :return: a :class:`ModelStructure`.
@@ -238,6 +243,11 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
     if data_plate is not None and all(o.plate_axis is None for o in obs):
         data_plate = None
     size = plate_sizes[data_plate] if data_plate is not None else None
+    lengths = {o.shape[0] for o in obs if o.shape}
+    if time_series and data_plate is None and len(lengths) == 1:  # a series from a scan
+        size = lengths.pop()
+        data_plate = "time"
+        obs = [o._replace(plate_axis=0) if o.shape else o for o in obs]
     covariates = []
     if size is not None:
         values = [s["value"] for s in obs_sites]
@@ -246,7 +256,9 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
                     or np.shape(value)[0] != size):
                 continue
             covariates.append(ObservedSite(name, tuple(np.shape(value)), 0))
-    return ModelStructure(tuple(latents), tuple(obs), data_plate, size, tuple(covariates))
+    deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
+    return ModelStructure(tuple(latents), tuple(obs), data_plate, size, tuple(covariates),
+                          deterministic)
 
 
 def covariate_values(model, args, kwargs) -> dict:
@@ -304,7 +316,10 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     """Draw ``num_simulations`` joint samples from the prior predictive of ``model``.
 
     Runs ``trace(seed(uncondition(model), key))`` under :func:`jax.vmap` over keys, so it is
-    one vectorized computation (jit it, or call it inside a jitted function). Binomial sites
+    one vectorized computation (jit it, or call it inside a jitted function). A model with
+    observed sites inside ``numpyro.contrib.control_flow.scan`` is called with those
+    observations set to ``None`` instead, as ``Predictive`` calls it, so that simulated values
+    flow through the scan's carry (``uncondition`` does not reach inside a scan). Binomial sites
     are drawn with :func:`jax.random.binomial` (an exact sampler of the same distribution):
     NumPyro's Binomial sampler, vectorized over keys and compiled for CPU, can fail to return
     for some parameter values.
@@ -317,6 +332,8 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
         sims = simulate(model, jax.random.PRNGKey(0), 1000, y=jnp.zeros(10))
         sims["mu"].shape  # (1000,)
     """
+
+    args, kwargs = _prior_predictive_arguments(model, args, kwargs)
 
     def one(key):
         tr = trace(seed(uncondition(_LoopSafe(model)), key)).get_trace(*args, **kwargs)
@@ -388,3 +405,55 @@ def looping_sites(model, *args, **kwargs) -> list:
     with numpyro.validation_enabled(False):
         jax.make_jaxpr(sites)(jax.random.PRNGKey(0))
     return found
+
+
+class _ControlFlow(Messenger):
+    """Records whether the model runs ``numpyro.contrib.control_flow`` primitives (scan)."""
+
+    found = False
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            self.found = True
+
+
+def _sites(tr):
+    return {n: tuple(jnp.shape(s["value"])) for n, s in tr.items() if s["type"] == "sample"}
+
+
+def _prior_predictive_arguments(model, args, kwargs):
+    """The arguments to simulate with: as given, or, for a model with a scan, with the
+    arguments that hold observations (named like an observed site, or the very array a site
+    observes) set to ``None``, checked to give the same sites and shapes."""
+    spy = _ControlFlow(model)
+    with block(), numpyro.validation_enabled(False):
+        tr = trace(seed(spy, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    if not spy.found:
+        return args, kwargs
+    observed = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]}
+    try:
+        bound = inspect.signature(model).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        bound = None
+    names = [n for n, v in (bound.arguments.items() if bound is not None else ())
+             if v is not None and (n in observed or any(v is o for o in observed.values()))]
+    if names:
+        for n in names:
+            bound.arguments[n] = None
+        args, kwargs = bound.args, bound.kwargs
+    try:
+        with block(), numpyro.validation_enabled(False):
+            again = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+        same = _sites(again) == _sites(tr)
+    except Exception:  # noqa: BLE001 - any failure means: cannot simulate it faithfully
+        same = False
+    if not (names and same):
+        raise ValueError(
+            f"The model observes sites {sorted(observed)} inside numpyro.contrib.control_flow."
+            "scan. Simulating it means calling it without those observations, as Predictive "
+            "does (the scan's carry must take the simulated values), but "
+            + (f"called with {names} = None it does not give the same sites and shapes. "
+               if names else "no argument of the model holds them. ")
+            + "Give the observations as an argument named like their site, defaulting to None "
+            "(def model(y=None)), and pass length= to scan so the model runs without them.")
+    return args, kwargs

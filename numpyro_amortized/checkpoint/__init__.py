@@ -284,7 +284,8 @@ def restore_guide(guide, body, path, args, kwargs):
     and flow): it is checked, not rebuilt."""
     _check_sizes(body, path)
     structure = inspect_model(guide.model, *args, observed=guide.observed,
-                              data_plate=guide.data_plate, **kwargs)
+                              data_plate=guide.data_plate, time_series=guide.time_series,
+                              **kwargs)
     if structure.fingerprint() != body["fingerprint"]:
         here = ", ".join(f"{s.name}{list(s.shape)}" for s in structure.latents)
         obs = ", ".join(f"{s.name}{list(s.shape)}" for s in structure.observed)

@@ -1,0 +1,69 @@
+"""Models written with ``numpyro.contrib.control_flow.scan``: simulated series follow the
+parameters exactly as ``Predictive``'s do, and a guide reads them as a time series."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.contrib.control_flow import scan
+from numpyro.infer import Predictive
+
+from numpyro_amortized import AutoAmortizedFlow, inspect_model
+from numpyro_amortized.networks import affine_flow
+from numpyro_amortized.simulation import simulate
+
+T = 50
+
+
+def ar1(y=None):
+    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+
+    def step(prev, y_t):
+        y_t = numpyro.sample("y", dist.Normal(phi * prev, sigma), obs=y_t)
+        return y_t, None
+
+    scan(step, 0.0, y, length=T)
+
+
+def lag1_correlation(draws):
+    y = np.asarray(draws["y"])
+    estimate = np.sum(y[:, 1:] * y[:, :-1], 1) / np.sum(y[:, :-1] ** 2, 1)
+    return np.corrcoef(np.asarray(draws["phi"]), estimate)[0, 1]
+
+
+def test_simulated_series_depend_on_the_parameters_as_predictives_do():
+    sims = jax.jit(lambda k: simulate(ar1, k, 2000, y=jnp.zeros(T)))(jax.random.PRNGKey(0))
+    reference = Predictive(ar1, num_samples=2000)(jax.random.PRNGKey(1))
+    assert lag1_correlation(reference) > 0.95
+    assert abs(lag1_correlation(sims) - lag1_correlation(reference)) < 0.02
+    # the simulations the guide trains on (pilot, bank, online) come from the same function
+    guide = AutoAmortizedFlow(ar1, flow=affine_flow, num_pilot_simulations=256)
+    guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(T))
+    sims = guide.simulate(jax.random.PRNGKey(2), 2000, y=jnp.zeros(T))
+    assert abs(lag1_correlation(sims.latents | sims.observed)
+               - lag1_correlation(reference)) < 0.02
+
+
+def test_a_scan_series_is_a_time_axis_for_time_series_guides():
+    assert inspect_model(ar1, y=jnp.zeros(T)).data_plate is None
+    structure = inspect_model(ar1, y=jnp.zeros(T), time_series=True)
+    assert (structure.data_plate, structure.data_plate_size) == ("time", T)
+    assert structure.observed[0].plate_axis == 0
+
+
+def test_a_scan_model_that_cannot_run_without_its_observations_is_refused():
+    def needs_data(data):  # the series is the only argument, and the scan needs its length
+        phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+
+        def step(prev, y_t):
+            y_t = numpyro.sample("y", dist.Normal(phi * prev, 1.0), obs=y_t)
+            return y_t, None
+
+        scan(step, 0.0, data)
+
+    with pytest.raises(ValueError, match=r"observes sites \['y'\] inside numpyro.contrib."
+                                         r"control_flow.scan.*def model\(y=None\)"):
+        simulate(needs_data, jax.random.PRNGKey(0), 4, jnp.zeros(T))

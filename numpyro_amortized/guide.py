@@ -17,6 +17,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.autoguide import AutoGuide
 
 from numpyro_amortized.data import DataBatch
@@ -153,12 +154,32 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         :param rng_key: a PRNG key.
         :param params: the trained parameters (``fit(...).params`` or ``svi.get_params``).
         :param sample_shape: leading shape of the draws.
-        :return: dict from latent site name to values of shape ``sample_shape + site_shape``.
+        :return: dict from latent site name to values of shape ``sample_shape + site_shape``,
+            and the model's ``numpyro.deterministic`` sites computed from them.
         """
         data = self.observed_data(*args, **kwargs)
         out = self._draw(rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},
                          None, sample_shape)
-        return {k: v[0] for k, v in out.items()}
+        out = {k: v[0] for k, v in out.items()}
+        if self.structure.deterministic:
+            out.update(self._deterministic_sites(out, tuple(sample_shape), args, kwargs))
+        return out
+
+    def _deterministic_sites(self, draws, sample_shape, args, kwargs):
+        """The deterministic sites of the model run on each draw (vectorized, as
+        ``numpyro.infer.Predictive`` does)."""
+        names = self.structure.deterministic
+
+        def one(values):
+            model = substitute(seed(self.model, jax.random.PRNGKey(0)), data=values)
+            with block():
+                tr = trace(model).get_trace(*args, **kwargs)
+            return {n: tr[n]["value"] for n in names}
+
+        n = len(sample_shape)
+        flat = {k: jnp.reshape(v, (-1,) + v.shape[n:]) for k, v in draws.items()}
+        out = jax.vmap(one)(flat)
+        return {k: jnp.reshape(v, sample_shape + v.shape[1:]) for k, v in out.items()}
 
     def _batch_inputs(self, data, num_obs):
         """A batch of datasets checked and as arrays: the sites the guide reads (no more, no

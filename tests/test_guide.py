@@ -269,3 +269,21 @@ def test_guide_for_positive_data_matches_the_exact_posterior():
     assert broken[:, 0].min() > 0.25 and broken[:, 1].min() > 0.15
     print("posterior mean error / sd, sd ratio - 1:", errors.max(0))
     assert errors[:, 0].max() < 0.25 and errors[:, 1].max() < 0.15, errors
+
+
+def test_sample_posterior_returns_deterministic_sites():
+    def model(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        numpyro.deterministic("snr", jnp.stack([mu / sigma, mu * sigma]))
+        with numpyro.plate("N", 10):
+            numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    guide = AutoAmortizedFlow(model, flow=affine_flow, num_pilot_simulations=256)
+    params = guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(10))
+    for shape in ((), (7,), (3, 5)):
+        draws = guide.sample_posterior(jax.random.PRNGKey(1), params, y=jnp.ones(10),
+                                       sample_shape=shape)
+        assert draws["snr"].shape == shape + (2,)
+        np.testing.assert_allclose(draws["snr"][..., 0], draws["mu"] / draws["sigma"], rtol=1e-5)
+        np.testing.assert_allclose(draws["snr"][..., 1], draws["mu"] * draws["sigma"], rtol=1e-5)

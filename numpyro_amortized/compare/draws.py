@@ -117,14 +117,17 @@ def to_inference_data(posterior: dict, *, chains=1, sample_stats=None, observed_
     )
 
 
-def guide_inference_data(guide, params, rng_key, *args, num_samples=1000,
+def guide_inference_data(guide, params, rng_key, *args, num_samples=1000, num_chains=4,
                          posterior_predictive=False, predictive_sites=None,
                          **kwargs) -> az.InferenceData:
     """The guide's posterior for the dataset in ``args``/``kwargs`` as ``InferenceData``.
 
     :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow`.
     :param params: its parameters.
-    :param num_samples: posterior draws (one chain).
+    :param num_samples: posterior draws per chain.
+    :param num_chains: independent groups of draws, shown as chains (default 4, as NUTS), so
+        ArviZ's chain diagnostics apply: R-hat near 1 and an ESS near the number of draws
+        say the draws are independent, as amortized draws are.
     :param posterior_predictive: also replicate the responses through
         ``numpyro.infer.Predictive`` (group ``posterior_predictive``).
     :param predictive_sites: which observed sites to replicate (default: the responses).
@@ -137,12 +140,14 @@ def guide_inference_data(guide, params, rng_key, *args, num_samples=1000,
         arviz.summary(idata)
     """
     k_post, k_pred = jax.random.split(rng_key)
-    draws = guide.sample_posterior(k_post, params, *args, sample_shape=(num_samples,), **kwargs)
+    draws = guide.sample_posterior(k_post, params, *args,
+                                   sample_shape=(num_chains * num_samples,), **kwargs)
     ppc = None
     if posterior_predictive:
         ppc = _replicate(guide.model, k_pred, draws, *args, sites=predictive_sites, **kwargs)
     return to_inference_data(
         draws,
+        chains=num_chains,
         observed_data=observed_values(guide.model, *args, **kwargs),
         posterior_predictive_draws=ppc,
         attrs={"inference": "amortized"},

@@ -156,6 +156,11 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         :param sample_shape: leading shape of the draws.
         :return: dict from latent site name to values of shape ``sample_shape + site_shape``,
             and the model's ``numpyro.deterministic`` sites computed from them.
+
+        This is the fast path: the guide's draws, unchecked. When the answer for this dataset
+        must be right, use :func:`~numpyro_amortized.posterior`, which checks the draws
+        against the model's exact density and corrects them (PSIS, refinement on the
+        dataset, NUTS) only when needed.
         """
         data = self.observed_data(*args, **kwargs)
         out = self._draw(rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},

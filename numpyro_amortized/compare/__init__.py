@@ -8,6 +8,8 @@
   with PSIS, with Pareto k-hat saying when not to trust the amortized answer.
 - :func:`warm_start_nuts`: NUTS started from the guide, with its covariance as mass matrix.
 - :func:`compare_with_nuts`: all of it for one dataset or many, as tables and plots.
+- :func:`posterior`: one dataset's posterior, checked against the model's density and
+  escalated (PSIS, refinement on the dataset, NUTS) only as far as needed.
 """
 
 from numpyro_amortized.compare.draws import (
@@ -27,6 +29,7 @@ from numpyro_amortized.compare.nuts import (
     warm_start_nuts,
 )
 from numpyro_amortized.compare.plots import plot_comparison
+from numpyro_amortized.compare.posterior import PosteriorResult, posterior, refine_guide
 from numpyro_amortized.compare.report import (
     Comparison,
     compare_with_nuts,
@@ -38,6 +41,7 @@ __all__ = [
     "ImportanceResult",
     "NUTSResult",
     "NUTSRunner",
+    "PosteriorResult",
     "compare_with_nuts",
     "flatten_draws",
     "guide_inference_data",
@@ -46,7 +50,9 @@ __all__ = [
     "nuts_diagnostics",
     "observed_values",
     "plot_comparison",
+    "posterior",
     "posterior_predictive",
+    "refine_guide",
     "response_sites",
     "run_nuts",
     "standardized_differences",

@@ -20,7 +20,7 @@ from scipy.special import logsumexp
 
 from numpyro_amortized.compare.draws import log_joint
 
-__all__ = ["ImportanceResult", "importance_resample"]
+__all__ = ["ImportanceResult", "importance_resample", "psis_weights"]
 
 PARETO_K_THRESHOLD = 0.7
 
@@ -76,19 +76,8 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     proposals = guide.sample_posterior(k_draw, params, *args, sample_shape=(n,), **kwargs)
     log_q = np.asarray(guide.log_prob(params, proposals, *args, **kwargs), np.float64)
     log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
-    log_w = log_p - log_q
-    finite = np.isfinite(log_w)
-    if not finite.any():
-        raise ValueError(
-            "No guide draw has a finite importance weight: the model gives log density -inf "
-            "(or NaN) to all of them. Check that the data are possible under the model."
-        )
-    smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
-    smoothed = np.where(finite, smoothed, -np.inf)
-    smoothed = smoothed - logsumexp(smoothed)
+    smoothed, k, ess = psis_weights(log_p - log_q)
     w = np.exp(smoothed)
-    ess = float(1.0 / np.sum(w**2))
-    k = float(k)
     if warn and not k <= PARETO_K_THRESHOLD:
         warnings.warn(
             f"Pareto k-hat = {k:.2f} > {PARETO_K_THRESHOLD}: the amortized posterior is far from "
@@ -101,3 +90,20 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     idx = jax.random.choice(k_resample, n, (int(num_samples),), p=jnp.asarray(w))
     draws = {name: jnp.asarray(v)[idx] for name, v in proposals.items()}
     return ImportanceResult(draws, proposals, smoothed, k, ess, ess / n)
+
+
+def psis_weights(log_w):
+    """Pareto-smoothed importance weights of raw log weights ``log_w``: the normalized
+    smoothed log weights, k-hat and the ESS ``1 / sum(w^2)``. Non-finite weights get weight
+    0; a ``ValueError`` when none is finite."""
+    log_w = np.asarray(log_w, np.float64)
+    finite = np.isfinite(log_w)
+    if not finite.any():
+        raise ValueError(
+            "No guide draw has a finite importance weight: the model gives log density -inf "
+            "(or NaN) to all of them. Check that the data are possible under the model."
+        )
+    smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
+    smoothed = np.where(finite, smoothed, -np.inf)
+    smoothed = smoothed - logsumexp(smoothed)
+    return smoothed, float(k), float(1.0 / np.sum(np.exp(2 * smoothed)))

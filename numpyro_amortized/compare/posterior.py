@@ -1,0 +1,206 @@
+"""One call that checks the amortized answer for a dataset, corrects it, and escalates.
+
+A NumPyro model has an exact log density, so the guide's draws for one dataset can be checked
+against it (Pareto k-hat and the importance ESS of ``p(theta, x) / q(theta | x)``). The
+answer goes only as far as it needs:
+
+1. ``"amortized"``: the guide's own draws, when the importance weights are close to uniform;
+2. ``"psis"``: the draws resampled with Pareto-smoothed weights, when k-hat <= 0.7 and the
+   importance ESS is large enough;
+3. ``"refined+psis"``: otherwise the guide is fine-tuned on this one dataset (its ELBO with
+   the model's exact density, starting from the amortized posterior: semi-amortized
+   inference), then checked again with proposals from both the refined and the amortized
+   guide (so a mode that refinement dropped still shows), and the PSIS-resampled draws
+   returned when they pass as in 2;
+4. ``"nuts"``: still failing, NUTS started from the (refined) guide.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer.util import log_density
+
+from numpyro_amortized.compare.draws import log_joint, merge_static, split_static
+from numpyro_amortized.compare.importance import (
+    PARETO_K_THRESHOLD,
+    ImportanceResult,
+    psis_weights,
+)
+from numpyro_amortized.compare.nuts import warm_start_nuts
+
+__all__ = ["PosteriorResult", "posterior"]
+
+
+class PosteriorResult(NamedTuple):
+    """What :func:`posterior` returns for one dataset.
+
+    :param draws: ``num_samples`` posterior draws by site (latents and deterministic sites).
+    :param method: what produced them: ``"amortized"``, ``"psis"``, ``"refined+psis"`` or
+        ``"nuts"``.
+    :param pareto_k: k-hat of the guide's draws (after refinement, if it ran).
+    :param ess: importance ESS of the proposals; ``ess_fraction`` its share of them.
+    :param steps: one dict per check or step taken (name, k-hat, ESS, seconds).
+    :param params: the guide's parameters behind the draws (refined ones after refinement).
+    :param nuts: the :class:`~numpyro_amortized.compare.NUTSResult` when NUTS ran.
+    :param seconds: wall time of the call.
+    """
+
+    draws: dict
+    method: str
+    pareto_k: float
+    ess: float
+    ess_fraction: float
+    steps: list
+    params: dict
+    nuts: object
+    seconds: float
+
+
+def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=None,
+              raw_ess_fraction=0.9, min_ess=400, refine=True, refine_steps=300,
+              refine_particles=32, refine_learning_rate=1e-3, nuts=True, nuts_warmup=500,
+              **kwargs) -> PosteriorResult:
+    """The posterior of the dataset in ``args``/``kwargs``, checked against the model's exact
+    density and escalated only as far as needed (see the module's description).
+
+    :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow`.
+    :param params: its parameters.
+    :param num_samples: draws to return.
+    :param num_proposals: guide draws to weight (default ``10 * num_samples``).
+    :param raw_ess_fraction: the guide's own draws are returned when the importance ESS is
+        at least this share of the proposals (weights close to uniform).
+    :param min_ess: PSIS-resampled draws are returned when k-hat <= 0.7 and the importance
+        ESS is at least this.
+    :param refine: fine-tune the guide on this dataset when the checks fail;
+        ``refine_steps`` Adam steps at ``refine_learning_rate``, ``refine_particles`` draws
+        per step.
+    :param nuts: run NUTS (warm-started from the guide, ``nuts_warmup`` warm-up steps) when
+        refinement does not pass either; ``False`` returns the best draws with a warning.
+    :return: a :class:`PosteriorResult`.
+
+    **Example**::
+
+        res = posterior(guide, params, key, x=x, y=y)
+        res.method, res.pareto_k, res.draws["beta"].mean(0)
+    """
+    t0 = time.perf_counter()
+    guide.observed_data(*args, **kwargs)  # checks the data before any work
+    k_check, k_refine, k_again, k_nuts = jax.random.split(rng_key, 4)
+    n = int(num_samples)
+    steps = []
+
+    def check(proposal_params, key, name):
+        t = time.perf_counter()
+        res = _weigh(guide, proposal_params, key, args, kwargs, n,
+                     int(num_proposals or 10 * n))
+        steps.append({"step": name, "pareto_k": res.pareto_k, "ess": res.ess,
+                      "ess_fraction": res.ess_fraction, "seconds": time.perf_counter() - t})
+        if res.ess_fraction >= raw_ess_fraction and len(proposal_params) == 1:
+            return res, "", {k: v[:n] for k, v in res.proposals.items()}
+        if res.pareto_k <= PARETO_K_THRESHOLD and res.ess >= min_ess:
+            return res, "psis", res.draws
+        return res, None, None
+
+    def done(p, res, method, draws, nuts_result=None):
+        if nuts_result is None and guide.structure.deterministic:
+            draws = {**draws, **guide._deterministic_sites(draws, (n,), args, kwargs)}
+        return PosteriorResult(draws, method, res.pareto_k, res.ess, res.ess_fraction, steps,
+                               p, nuts_result, time.perf_counter() - t0)
+
+    res, how, draws = check([params], k_check, "amortized")
+    if draws is not None:
+        return done(params, res, how or "amortized", draws)
+    if refine:
+        t = time.perf_counter()
+        refined = refine_guide(guide, params, k_refine, *args, num_steps=refine_steps,
+                               num_particles=refine_particles,
+                               learning_rate=refine_learning_rate, **kwargs)
+        steps.append({"step": "refine", "seconds": time.perf_counter() - t})
+        # checked with proposals from both the refined and the amortized guide (a defensive
+        # mixture): refinement seeks one mode, and a mode it dropped is seen only through
+        # the amortized proposals
+        res_r, how, draws = check([refined, params], k_again, "refined")
+        if draws is not None:
+            return done(refined, res_r, "refined+psis", draws)
+        if res_r.pareto_k < res.pareto_k:
+            params, res = refined, res_r
+    if not nuts:
+        warnings.warn(
+            f"Pareto k-hat {res.pareto_k:.2f}, importance ESS {res.ess:.0f}: the guide's "
+            "posterior for this dataset failed the checks and NUTS was not allowed "
+            "(nuts=False); the returned draws (PSIS-resampled) are not reliable.",
+            UserWarning, stacklevel=2)
+        return done(params, res, "psis", res.draws)
+    t = time.perf_counter()
+    chains = 4
+    ref = warm_start_nuts(guide, params, k_nuts, *args, num_warmup=nuts_warmup,
+                          num_samples=-(-n // chains), num_chains=chains,
+                          adapt_mass_matrix=True, **kwargs)
+    steps.append({"step": "nuts", "seconds": time.perf_counter() - t, **ref.diagnostics})
+    draws = {k: np.asarray(v)[:n] for k, v in ref.samples.items()}
+    return done(params, res, "nuts", draws, ref)
+
+
+def _weigh(guide, proposal_params, key, args, kwargs, num_samples, num_proposals):
+    """PSIS of the model's density against an equal mixture of the guide under each of
+    ``proposal_params`` (one: the guide itself)."""
+    keys = jax.random.split(key, len(proposal_params) + 1)
+    m = -(-num_proposals // len(proposal_params))
+    parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
+             for k, p in zip(keys[1:], proposal_params, strict=True)]
+    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
+    log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
+              for p in proposal_params]
+    log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
+    log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
+    smoothed, k, ess = psis_weights(log_p - log_q)
+    idx = jax.random.choice(keys[0], len(log_q), (num_samples,), p=jnp.asarray(np.exp(smoothed)))
+    draws = {name: v[idx] for name, v in proposals.items()}
+    return ImportanceResult(draws, proposals, smoothed, k, ess, ess / len(log_q))
+
+
+def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
+                 learning_rate=1e-3, **kwargs):
+    """The guide's parameters fine-tuned on one dataset: Adam on the negative ELBO
+    ``E_q[log q(theta | x) - log p(theta, x)]`` with the model's exact density, from
+    ``params``. The result is a posterior for this dataset (and no longer an amortized one).
+    """
+    data = guide.observed_data(*args, **kwargs)
+    batch = guide._encode({k: jnp.asarray(v)[None] for k, v in data.items()})
+    dynamic, spec = split_static((args, kwargs))
+    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(learning_rate))
+
+    def negative_elbo(p, key, batch, dynamic):
+        a, kw = merge_static(dynamic, spec)
+        u, log_q_u = guide.posterior(p).sample_and_log_prob(key, batch, (num_particles,))
+        u, log_q_u = u[:, 0], log_q_u[:, 0]
+        latents, log_det = guide.latent_layout.constrain(u)
+        log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
+        return -jnp.mean(log_p - (log_q_u - log_det))
+
+    @jax.jit
+    def run(p, key, batch, dynamic):
+        def step(carry, key):
+            p, state = carry
+            loss, grads = jax.value_and_grad(negative_elbo)(p, key, batch, dynamic)
+            updates, state = optimizer.update(grads, state, p)
+            new = optax.apply_updates(p, updates)
+            ok = jnp.isfinite(loss)  # a non-finite step is skipped
+            p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, p)
+            return (p, state), loss
+
+        (p, _), _ = jax.lax.scan(step, (p, optimizer.init(p)),
+                                      jax.random.split(key, num_steps))
+        return p
+
+    net = guide.network_params(params)
+    refined = run(net, rng_key, batch, dynamic)
+    outer = isinstance(params, dict) and guide.param_name in params
+    return {**params, guide.param_name: refined} if outer else refined

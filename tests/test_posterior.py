@@ -1,0 +1,109 @@
+"""``posterior``: a guide made too narrow is caught (k-hat) and repaired by refinement, a guide
+made too wide is caught by the ESS rule and corrected by PSIS, and a posterior refinement
+cannot reach falls through to NUTS; each against the exact posterior."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from numpyro_amortized import AutoAmortizedFlow, c2st, fit, posterior
+from numpyro_amortized.networks import affine_flow
+
+N = 10
+
+
+def normal_means(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    with numpyro.plate("N", N):
+        numpyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+
+Y = 0.7 + jax.random.normal(jax.random.PRNGKey(5), (N, 2))
+
+
+def exact_draws(n=1000):
+    precision = N + 1 / 4
+    mean, sd = np.asarray(Y.sum(0)) / precision, 1 / np.sqrt(precision)
+    return mean + sd * np.random.default_rng(0).normal(size=(n, 2))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    guide = AutoAmortizedFlow(normal_means, flow=affine_flow)
+    result = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros((N, 2)), num_steps=1000,
+                 progress_bar=False)
+    return guide, result.params
+
+
+def scaled(guide, factor):
+    """A copy of ``guide`` whose posterior spread is ``factor`` times the trained one's (the
+    flow's final standardization, a buffer: refinement must undo it through the weights)."""
+    state = guide.state_dict()
+    buffers = jax.tree.map(np.asarray, state["buffers"])
+    last = max(buffers["flow"]["bijections"])
+    buffers["flow"]["bijections"][last]["scale"] = buffers["flow"]["bijections"][last]["scale"] * factor
+    copy = AutoAmortizedFlow(normal_means, flow=affine_flow)
+    copy.initialize(jax.random.PRNGKey(0), (), {"y": jnp.zeros((N, 2))},
+                    state={**state, "buffers": buffers})
+    return copy
+
+
+def raw_c2st(guide, params):
+    raw = guide.sample_posterior(jax.random.PRNGKey(3), params, y=Y, sample_shape=(1000,))
+    return c2st(np.asarray(raw["mu"]), exact_draws())
+
+
+def test_a_good_guide_returns_its_own_draws(trained):
+    guide, params = trained
+    res = posterior(guide, params, jax.random.PRNGKey(1), y=Y)
+    assert res.method == "amortized" and res.ess_fraction >= 0.9 and res.nuts is None
+    assert res.draws["mu"].shape == (1000, 2)
+    assert c2st(np.asarray(res.draws["mu"]), exact_draws()) < 0.56
+
+
+def test_a_too_narrow_guide_is_caught_and_repaired_by_refinement(trained):
+    guide, params = trained
+    narrow = scaled(guide, 0.15)
+    assert raw_c2st(narrow, params) > 0.9  # the broken guide is badly wrong
+    res = posterior(narrow, params, jax.random.PRNGKey(1), y=Y)
+    assert res.steps[0]["pareto_k"] > 0.7
+    assert res.method == "refined+psis", res.steps
+    assert res.pareto_k <= 0.7
+    assert c2st(np.asarray(res.draws["mu"]), exact_draws()) <= 0.6
+    # without refinement or NUTS the answer is flagged, not silently returned
+    with pytest.warns(UserWarning, match="failed the checks and NUTS was not allowed"):
+        posterior(narrow, params, jax.random.PRNGKey(1), y=Y, refine=False, nuts=False)
+
+
+def test_a_too_wide_guide_is_caught_by_the_ess_rule_and_corrected(trained):
+    guide, params = trained
+    wide = scaled(guide, 4.0)
+    assert raw_c2st(wide, params) > 0.85
+    res = posterior(wide, params, jax.random.PRNGKey(1), y=Y)
+    assert res.method == "psis", res.steps  # k-hat is small: only the ESS says it is off
+    assert res.steps[0]["pareto_k"] <= 0.7 and res.steps[0]["ess_fraction"] < 0.9
+    assert c2st(np.asarray(res.draws["mu"]), exact_draws()) <= 0.6
+
+
+def two_modes(y=None):
+    theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))
+    with numpyro.plate("N", 20):
+        numpyro.sample("y", dist.Normal(theta**2, 0.3), obs=y)
+
+
+@pytest.mark.slow
+def test_a_posterior_refinement_cannot_reach_falls_through_to_nuts():
+    # a one-dimensional affine flow is a Gaussian: it cannot hold two modes at +-2, however
+    # it is refined
+    guide = AutoAmortizedFlow(two_modes, flow=affine_flow)
+    params = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(20), num_steps=500,
+                 progress_bar=False).params
+    y = 4.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (20,))
+    res = posterior(guide, params, jax.random.PRNGKey(2), y=y)
+    assert [s["step"] for s in res.steps] == ["amortized", "refine", "refined", "nuts"]
+    assert res.method == "nuts" and res.nuts is not None
+    assert res.draws["theta"].shape == (1000,)
+    assert np.allclose(np.abs(np.asarray(res.draws["theta"])), 2.0, atol=0.1)

@@ -107,3 +107,22 @@ def test_a_posterior_refinement_cannot_reach_falls_through_to_nuts():
     assert res.method == "nuts" and res.nuts is not None
     assert res.draws["theta"].shape == (1000,)
     assert np.allclose(np.abs(np.asarray(res.draws["theta"])), 2.0, atol=0.1)
+
+
+def test_the_batch_form_escalates_only_flagged_datasets_in_order(trained):
+    from numpyro_amortized.compare import posterior_batch
+
+    guide, params = trained
+    far = 30.0 + jax.random.normal(jax.random.PRNGKey(8), (N, 2))  # 15 prior sds out
+    datasets = [{"y": Y}, {"y": far}, {"y": Y - 1.0}]
+    results = posterior_batch(guide, params, jax.random.PRNGKey(1), datasets, nuts=False)
+    methods = [r.method for r in results]
+    assert methods[0] == methods[2] == "amortized", [r.steps for r in results]
+    assert methods[1] != "amortized" and len(results[1].steps) > 1  # escalated alone
+    precision = N + 1 / 4
+    for r, d in zip(results, datasets, strict=True):  # each answer for its own dataset
+        mean = np.asarray(d["y"].sum(0)) / precision
+        np.testing.assert_allclose(np.asarray(r.draws["mu"]).mean(0), mean,
+                                   atol=4 / np.sqrt(precision * 1000) + 0.02)
+    with pytest.raises(TypeError, match="unknown options"):
+        posterior_batch(guide, params, jax.random.PRNGKey(1), datasets, refine_stepz=3)

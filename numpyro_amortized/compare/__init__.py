@@ -29,7 +29,12 @@ from numpyro_amortized.compare.nuts import (
     warm_start_nuts,
 )
 from numpyro_amortized.compare.plots import plot_comparison
-from numpyro_amortized.compare.posterior import PosteriorResult, posterior, refine_guide
+from numpyro_amortized.compare.posterior import (
+    PosteriorResult,
+    posterior,
+    posterior_batch,
+    refine_guide,
+)
 from numpyro_amortized.compare.report import (
     Comparison,
     compare_with_nuts,
@@ -51,6 +56,7 @@ __all__ = [
     "observed_values",
     "plot_comparison",
     "posterior",
+    "posterior_batch",
     "posterior_predictive",
     "refine_guide",
     "response_sites",

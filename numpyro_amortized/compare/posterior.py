@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from numpyro.infer.util import log_density
 
-from numpyro_amortized.compare.draws import log_joint, merge_static, split_static
+from numpyro_amortized.compare.draws import abstract_key, log_joint, merge_static, split_static
 from numpyro_amortized.compare.importance import (
     PARETO_K_THRESHOLD,
     ImportanceResult,
@@ -35,7 +35,7 @@ from numpyro_amortized.compare.importance import (
 )
 from numpyro_amortized.compare.nuts import warm_start_nuts
 
-__all__ = ["PosteriorResult", "posterior"]
+__all__ = ["PosteriorResult", "posterior", "posterior_batch", "refine_guide"]
 
 
 class PosteriorResult(NamedTuple):
@@ -204,3 +204,83 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
     refined = run(net, rng_key, batch, dynamic)
     outer = isinstance(params, dict) and guide.param_name in params
     return {**params, guide.param_name: refined} if outer else refined
+
+
+def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_proposals=None,
+                    raw_ess_fraction=0.9, min_ess=400, **options) -> list:
+    """:func:`posterior` for many datasets: the first check runs for all of them at once
+    (one vectorized call per group of datasets with equal shapes), and only the datasets that
+    fail it are refined or sent to NUTS, one by one.
+
+    :param datasets: the model's keyword arguments per dataset (dicts), or ``(args, kwargs)``
+        pairs.
+    :param options: :func:`posterior`'s options for the escalated datasets (``refine``,
+        ``refine_steps``, ``nuts``, ...).
+    :return: a list of :class:`PosteriorResult`, in the order of ``datasets``.
+    """
+    from numpyro_amortized.compare.report import _as_datasets
+
+    allowed = {"refine", "refine_steps", "refine_particles", "refine_learning_rate", "nuts",
+               "nuts_warmup"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"posterior_batch got unknown options {unknown}; it takes "
+                        f"{sorted(allowed)} besides num_samples, num_proposals, "
+                        "raw_ess_fraction and min_ess.")
+    items = _as_datasets(datasets)
+    for i, (a, kw) in enumerate(items):  # every dataset checked before any work
+        try:
+            guide.observed_data(*a, **kw)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"dataset {i}: {e}") from None
+    n, m = int(num_samples), int(num_proposals or 10 * num_samples)
+    k_first, k_resample, k_rest = jax.random.split(rng_key, 3)
+    groups = {}
+    for i, item in enumerate(items):
+        dynamic, spec = split_static(item)
+        groups.setdefault((spec, abstract_key(dynamic)), []).append(i)
+    results = [None] * len(items)
+    for (spec, _), idx in groups.items():
+        t = time.perf_counter()
+        data = [guide.observed_data(*items[i][0], **items[i][1]) for i in idx]
+        batch = {k: jnp.stack([jnp.asarray(d[k]) for d in data]) for k in data[0]}
+        proposals = guide.sample_posterior_batch(jax.random.fold_in(k_first, idx[0]), params,
+                                                 batch, sample_shape=(m,))
+        log_q = np.asarray(guide.log_prob_batch(params, proposals, batch), np.float64)
+        dynamic = [jnp.stack(x) for x in zip(*(split_static(items[i])[0] for i in idx),
+                                             strict=True)]
+        log_p = np.asarray(_log_joint_batch(guide.model, spec)(proposals, dynamic), np.float64)
+        seconds = (time.perf_counter() - t) / len(idx)
+        for j, i in enumerate(idx):
+            smoothed, k, ess = psis_weights(log_p[j] - log_q[j])
+            step = {"step": "amortized", "pareto_k": k, "ess": ess, "ess_fraction": ess / m,
+                    "seconds": seconds}
+            if ess / m >= raw_ess_fraction:
+                method, take = "amortized", np.arange(n)
+            elif k <= PARETO_K_THRESHOLD and ess >= min_ess:
+                method = "psis"
+                take = np.asarray(jax.random.choice(jax.random.fold_in(k_resample, i), m, (n,),
+                                                    p=jnp.asarray(np.exp(smoothed))))
+            else:  # escalate this one
+                a, kw = items[i]
+                results[i] = posterior(guide, params, jax.random.fold_in(k_rest, i), *a,
+                                       num_samples=n, num_proposals=num_proposals,
+                                       raw_ess_fraction=raw_ess_fraction, min_ess=min_ess,
+                                       **options, **kw)
+                continue
+            draws = {name: v[j][take] for name, v in proposals.items()}
+            if guide.structure.deterministic:
+                a, kw = items[i]
+                draws.update(guide._deterministic_sites(draws, (n,), a, kw))
+            results[i] = PosteriorResult(draws, method, k, ess, ess / m, [step], params, None,
+                                         seconds)
+    return results
+
+
+def _log_joint_batch(model, spec):
+    """``log p(theta, x)`` for ``(datasets, draws)`` latents and stacked data, compiled once."""
+    def one_dataset(latents, dynamic):
+        a, kw = merge_static(dynamic, spec)
+        return jax.vmap(lambda z: log_density(model, a, kw, z)[0])(latents)
+
+    return jax.jit(jax.vmap(one_dataset))

@@ -151,7 +151,9 @@ def test_report_of_a_good_guide(good_report):
     assert t["time_amortized"] >= 1.0  # training time counted once
     assert t["speedup"] == pytest.approx(t["time_nuts"] / t["time_amortized"])
     text = str(good_report)
-    assert "No latent is off" in text and "Pareto k-hat > 0.7" in text
+    assert (ds.use == "amortized").all()
+    assert "No latent is off" in text and "amortized (importance weights close to uniform): " \
+        "datasets 0, 1, 2" in text
 
 
 def test_report_flags_a_shifted_guide(datasets):
@@ -166,7 +168,11 @@ def test_report_flags_a_shifted_guide(datasets):
     # the correction repairs a one-sd shift: the corrected draws are not flagged
     assert not report.flagged("corrected").any().any()
     assert report.datasets.c2st_corrected.max() < 0.58
-    assert "theta[1]" in str(report)
+    # the report says which draws to use, and never reads as reassurance about the raw ones
+    assert (report.datasets.use == "corrected").all()
+    text = str(report)
+    assert "theta[1]" in text and "corrected (PSIS-corrected" in text
+    assert "raw amortized draws of the flagged datasets are off: do not use them" in text
 
 
 def test_psis_gives_high_k_hat_for_a_too_narrow_guide(datasets):

@@ -20,9 +20,23 @@ from scipy.special import logsumexp
 
 from numpyro_amortized.compare.draws import log_joint
 
-__all__ = ["ImportanceResult", "importance_resample", "psis_weights"]
+__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "which_draws"]
 
 PARETO_K_THRESHOLD = 0.7
+RAW_ESS_FRACTION = 0.9  # importance weights this close to uniform: the guide's own draws
+MIN_ESS = 400  # an importance ESS that supports PSIS-resampled draws
+
+
+def which_draws(pareto_k, ess, ess_fraction, raw_ess_fraction=RAW_ESS_FRACTION,
+                min_ess=MIN_ESS) -> str:
+    """The draws to use for one dataset, from its importance check: ``"amortized"`` (weights
+    close to uniform), ``"corrected"`` (PSIS-resampled: k-hat <= 0.7 and enough ESS) or
+    ``"escalate"`` (neither: refine the guide on the dataset, or run NUTS)."""
+    if ess_fraction >= raw_ess_fraction:
+        return "amortized"
+    if pareto_k <= PARETO_K_THRESHOLD and ess >= min_ess:
+        return "corrected"
+    return "escalate"
 
 
 class ImportanceResult(NamedTuple):

@@ -29,9 +29,11 @@ from numpyro.infer.util import log_density
 
 from numpyro_amortized.compare.draws import abstract_key, log_joint, merge_static, split_static
 from numpyro_amortized.compare.importance import (
-    PARETO_K_THRESHOLD,
+    MIN_ESS,
+    RAW_ESS_FRACTION,
     ImportanceResult,
     psis_weights,
+    which_draws,
 )
 from numpyro_amortized.compare.nuts import warm_start_nuts
 
@@ -64,7 +66,7 @@ class PosteriorResult(NamedTuple):
 
 
 def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=None,
-              raw_ess_fraction=0.9, min_ess=400, refine=True, refine_steps=300,
+              raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS, refine=True, refine_steps=300,
               refine_particles=32, refine_learning_rate=1e-3, nuts=True, nuts_warmup=500,
               **kwargs) -> PosteriorResult:
     """The posterior of the dataset in ``args``/``kwargs``, checked against the model's exact
@@ -102,9 +104,10 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
                      int(num_proposals or 10 * n))
         steps.append({"step": name, "pareto_k": res.pareto_k, "ess": res.ess,
                       "ess_fraction": res.ess_fraction, "seconds": time.perf_counter() - t})
-        if res.ess_fraction >= raw_ess_fraction and len(proposal_params) == 1:
+        use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction, min_ess)
+        if use == "amortized" and len(proposal_params) == 1:
             return res, "", {k: v[:n] for k, v in res.proposals.items()}
-        if res.pareto_k <= PARETO_K_THRESHOLD and res.ess >= min_ess:
+        if use != "escalate":
             return res, "psis", res.draws
         return res, None, None
 
@@ -207,7 +210,8 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
 
 
 def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_proposals=None,
-                    raw_ess_fraction=0.9, min_ess=400, **options) -> list:
+                    raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS,
+                    **options) -> list:
     """:func:`posterior` for many datasets: the first check runs for all of them at once
     (one vectorized call per group of datasets with equal shapes), and only the datasets that
     fail it are refined or sent to NUTS, one by one.
@@ -255,9 +259,10 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
             smoothed, k, ess = psis_weights(log_p[j] - log_q[j])
             step = {"step": "amortized", "pareto_k": k, "ess": ess, "ess_fraction": ess / m,
                     "seconds": seconds}
-            if ess / m >= raw_ess_fraction:
+            use = which_draws(k, ess, ess / m, raw_ess_fraction, min_ess)
+            if use == "amortized":
                 method, take = "amortized", np.arange(n)
-            elif k <= PARETO_K_THRESHOLD and ess >= min_ess:
+            elif use == "corrected":
                 method = "psis"
                 take = np.asarray(jax.random.choice(jax.random.fold_in(k_resample, i), m, (n,),
                                                     p=jnp.asarray(np.exp(smoothed))))

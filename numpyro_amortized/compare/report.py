@@ -19,7 +19,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from numpyro_amortized.compare.draws import flatten_draws
-from numpyro_amortized.compare.importance import PARETO_K_THRESHOLD, importance_resample
+from numpyro_amortized.compare.importance import (
+    PARETO_K_THRESHOLD,
+    importance_resample,
+    which_draws,
+)
 from numpyro_amortized.compare.nuts import NUTSRunner
 from numpyro_amortized.diagnostics import c2st, mmd
 from numpyro_amortized.guide import AutoAmortizedFlow
@@ -57,7 +61,9 @@ class Comparison(NamedTuple):
         latent: standardized differences ``d_mean``, ``d_sd``, ``d_q05``, ``d_q95`` and
         ``flagged`` (any of them beyond the tolerance).
     :param datasets: one row per dataset: ``c2st`` and ``mmd`` of the amortized and corrected
-        draws against NUTS, ``pareto_k``, ``is_ess``, ``trust`` (k-hat <= 0.7), NUTS
+        draws against NUTS, ``pareto_k``, ``is_ess``, ``trust`` (k-hat <= 0.7), ``use``
+        (which draws to use: ``amortized``, ``corrected`` or ``escalate``, see
+        :func:`~numpyro_amortized.compare.importance.which_draws`), NUTS
         ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``divergences``, ``nuts_reliable``,
         wall times ``time_nuts``, ``time_amortized``, ``time_corrected`` (seconds, compilation
         excluded) and ``speedup`` (NUTS time / amortized time).
@@ -159,7 +165,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         names = list(draws)
         amortized, cols = flatten_draws(draws, names)
 
-        corrected, k_hat, is_ess, t_corrected = None, np.nan, np.nan, np.nan
+        corrected, k_hat, is_ess, ess_fraction, t_corrected = None, np.nan, np.nan, np.nan, np.nan
         if correct:
             if i == 0:
                 importance_resample(guide, params, k_is, *args, num_samples=num_samples,
@@ -169,7 +175,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
                                       num_proposals=num_proposals, warn=False, **kwargs)
             t_corrected = time.perf_counter() - t0
             corrected = flatten_draws(res.draws, names)[0]
-            k_hat, is_ess = res.pareto_k, res.ess
+            k_hat, is_ess, ess_fraction = res.pareto_k, res.ess, res.ess_fraction
 
         ref = nuts_runner.run(k_nuts, *args, **run_kwargs, **kwargs)
         nuts_compile += ref.compile_time
@@ -202,6 +208,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         row.update({
             "pareto_k": k_hat, "is_ess": is_ess, "trust": bool(k_hat <= PARETO_K_THRESHOLD)
             if correct else None,
+            "use": which_draws(k_hat, is_ess, ess_fraction) if correct else None,
             "rhat_max": diag["rhat_max"], "ess_bulk_min": diag["ess_bulk_min"],
             "ess_tail_min": diag["ess_tail_min"], "divergences": diag["divergences"],
             "nuts_reliable": diag["reliable"], "time_nuts": ref.run_time,
@@ -263,8 +270,8 @@ def format_comparison(report: Comparison) -> str:
     """The report as text: the per-dataset table, the flagged latents and the totals."""
     ds = report.datasets
     cols = [c for c in ("c2st_amortized", "c2st_corrected", "mmd_amortized", "pareto_k",
-                        "is_ess", "rhat_max", "divergences", "time_nuts", "time_amortized",
-                        "speedup") if c in ds]
+                        "is_ess", "use", "rhat_max", "divergences", "time_nuts",
+                        "time_amortized", "speedup") if c in ds and ds[c].notna().any()]
     lines = ["Amortized vs NUTS, per dataset (times in s, compilation excluded):",
              ds[["dataset"] + cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")]
     flagged = report.flagged("amortized")
@@ -281,8 +288,23 @@ def format_comparison(report: Comparison) -> str:
         + (f" with training ({t['train_time']:.1f} s) counted once" if t["train_time"] else "")
         + f"; speed-up over the batch {t['speedup']:.3g}x"
     )
-    if "trust" in ds and ds.trust.notna().any():
-        bad = ds.dataset[~ds.trust.astype(bool)].tolist()
-        lines.append(f"Pareto k-hat > {PARETO_K_THRESHOLD} (do not trust the amortized answer): "
-                     + (", ".join(map(str, bad)) if bad else "none"))
+    if "use" in ds and ds.use.notna().any():
+        lines.append("Which draws to use, from the importance check against the model's "
+                     "density (as numpyro_amortized.posterior decides):")
+        for use, why in (("amortized", "importance weights close to uniform"),
+                         ("corrected", (f"PSIS-corrected: k-hat <= {PARETO_K_THRESHOLD}, "
+                                       "enough importance ESS")),
+                         ("escalate", ("neither passes: refine on the dataset or run NUTS "
+                                      "(posterior() does)"))):
+            which = ds.dataset[ds.use == use].tolist()
+            if which:
+                lines.append(f"  {use} ({why}): datasets {', '.join(map(str, which))}")
+        raw_off = sorted(set(flagged.dataset) & set(ds.dataset[ds.use == "amortized"]))
+        if raw_off:
+            lines.append(f"  Datasets {', '.join(map(str, raw_off))} pass the check, yet latents "
+                         f"differ from NUTS by more than {report.tolerance} sd: look at NUTS's "
+                         "own diagnostics and at the plots before trusting either.")
+        if len(flagged) and not raw_off:
+            lines.append("  The raw amortized draws of the flagged datasets are off: do not use "
+                         "them; use the draws named above.")
     return "\n".join(lines)

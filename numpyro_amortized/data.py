@@ -59,7 +59,8 @@ class DataLayout:
         self.flat_sites = tuple(s for s in self.sites if s.plate_axis is None)
         self.max_set_size = int(max_set_size or 0)
         set_features = sum(
-            math.prod(s.shape) // s.shape[s.plate_axis] for s in self.set_sites
+            math.prod(s.shape) // s.shape[s.plate_axis] * max(1, s.categories)
+            for s in self.set_sites
         )
         flat_features = sum(math.prod(s.shape) for s in self.flat_sites)
         self.spec = DataSpec(set_features, self.max_set_size if self.set_sites else 0,
@@ -150,8 +151,11 @@ class DataLayout:
 
 def _read(site, value):
     """A site's values as the summary network sees them: positive data on the log scale
-    (spread over orders of magnitude, multiplicative noise), others as they are."""
+    (spread over orders of magnitude, multiplicative noise), category indices one-hot,
+    others as they are."""
     value = jnp.asarray(value)
+    if site.categories:  # category indices: one-hot (an index beyond the categories: zeros)
+        return jax.nn.one_hot(value, site.categories)
     if not site.log_scale:
         return value
     value = value.astype(jnp.result_type(float))

@@ -44,12 +44,15 @@ class ObservedSite(NamedTuple):
     exchangeable observations), or ``None`` if the site is not inside it. ``log_scale`` is
     ``True`` when the site's distribution has positive continuous support (LogNormal, Gamma,
     Exponential, HalfNormal, ...): the summary network then reads its logarithm.
+    ``categories`` > 0 marks a vector of category indices (a group-index covariate with values
+    ``0 .. categories - 1``): the summary network reads it one-hot.
     """
 
     name: str
     shape: tuple
     plate_axis: int | None
     log_scale: bool = False
+    categories: int = 0
 
 
 class ModelStructure(NamedTuple):
@@ -81,7 +84,7 @@ class ModelStructure(NamedTuple):
             "data_plate": self.data_plate,
         }
         if self.covariates:
-            desc["covariates"] = [(c.name, list(c.shape)) for c in self.covariates]
+            desc["covariates"] = [(c.name, list(c.shape), c.categories) for c in self.covariates]
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
@@ -255,10 +258,27 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
             if (name in names or any(value is v for v in values) or np.ndim(value) < 1
                     or np.shape(value)[0] != size):
                 continue
-            covariates.append(ObservedSite(name, tuple(np.shape(value)), 0))
+            covariates.append(ObservedSite(name, tuple(np.shape(value)), 0,
+                                           categories=_categories(value)))
     deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
     return ModelStructure(tuple(latents), tuple(obs), data_plate, size, tuple(covariates),
                           deterministic)
+
+
+MAX_CATEGORIES = 64
+
+
+def _categories(value) -> int:
+    """The number of categories of an integer index vector (values ``0 .. k - 1`` with
+    ``k <= MAX_CATEGORIES``), read one-hot; 0 for anything else (read as numbers)."""
+    if np.ndim(value) != 1 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+        return 0
+    if isinstance(value, jax.core.Tracer):
+        return 0
+    value = np.asarray(value)
+    if value.size == 0 or value.min() < 0 or value.max() >= MAX_CATEGORIES:
+        return 0
+    return int(value.max()) + 1
 
 
 def covariate_values(model, args, kwargs) -> dict:

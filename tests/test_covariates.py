@@ -63,7 +63,11 @@ def test_design_arguments_are_covariates():
         regression(X * scale + idx[:, None] + prior_means.sum(), y)
 
     structure = inspect_model(with_extras, X, jnp.arange(N), 2.0, jnp.zeros(3), y=jnp.zeros(N))
-    assert [c.name for c in structure.covariates] == ["X", "idx"]
+    assert [(c.name, c.categories) for c in structure.covariates] == [("X", 0), ("idx", N)]
+    # an index vector is read one-hot: N features per row for it, K for X, 1 for y
+    guide = AutoAmortizedFlow(with_extras, flow=affine_flow, num_pilot_simulations=64)
+    guide.setup(jax.random.PRNGKey(0), X, jnp.arange(N), 2.0, jnp.zeros(3), y=jnp.zeros(N))
+    assert guide.data_layout.spec.set_features == 1 + K + N
 
 
 def test_plain_argument_covariates_give_the_exact_posterior():

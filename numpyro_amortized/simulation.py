@@ -25,7 +25,7 @@ from numpyro.handlers import block, seed, trace, uncondition
 from numpyro.primitives import Messenger
 
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "covariate_values", "inspect_model",
-           "looping_sites", "observed_values", "simulate"]
+           "looping_sites", "observed_values", "prior_predictive_arguments", "simulate"]
 
 
 class LatentSite(NamedTuple):
@@ -353,7 +353,7 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
         sims["mu"].shape  # (1000,)
     """
 
-    args, kwargs = _prior_predictive_arguments(model, args, kwargs)
+    args, kwargs = prior_predictive_arguments(model, args, kwargs)
 
     def one(key):
         tr = trace(seed(uncondition(_LoopSafe(model)), key)).get_trace(*args, **kwargs)
@@ -441,16 +441,18 @@ def _sites(tr):
     return {n: tuple(jnp.shape(s["value"])) for n, s in tr.items() if s["type"] == "sample"}
 
 
-def _prior_predictive_arguments(model, args, kwargs):
+def prior_predictive_arguments(model, args, kwargs, sites=None):
     """The arguments to simulate with: as given, or, for a model with a scan, with the
     arguments that hold observations (named like an observed site, or the very array a site
-    observes) set to ``None``, checked to give the same sites and shapes."""
+    observes; only of ``sites`` if given) set to ``None``, checked to give the same sites and
+    shapes, as ``numpyro.infer.Predictive`` needs them."""
     spy = _ControlFlow(model)
     with block(), numpyro.validation_enabled(False):
         tr = trace(seed(spy, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
     if not spy.found:
         return args, kwargs
-    observed = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]}
+    observed = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and s["is_observed"]
+                and (sites is None or n in sites)}
     try:
         bound = inspect.signature(model).bind(*args, **kwargs)
     except (TypeError, ValueError):

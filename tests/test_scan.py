@@ -67,3 +67,14 @@ def test_a_scan_model_that_cannot_run_without_its_observations_is_refused():
     with pytest.raises(ValueError, match=r"observes sites \['y'\] inside numpyro.contrib."
                                          r"control_flow.scan.*def model\(y=None\)"):
         simulate(needs_data, jax.random.PRNGKey(0), 4, jnp.zeros(T))
+
+
+def test_posterior_predictive_of_a_scan_model_follows_the_draws():
+    from numpyro_amortized.compare import posterior_predictive
+
+    draws = {"phi": jnp.full(400, 0.9), "sigma": jnp.ones(400)}
+    y = jax.random.normal(jax.random.PRNGKey(0), (T,))  # observed data: white noise
+    rep = posterior_predictive(ar1, jax.random.PRNGKey(1), draws, y=y)["y"]
+    assert rep.shape == (400, T)
+    lag1 = np.sum(rep[:, 1:] * rep[:, :-1], 1) / np.sum(rep[:, :-1] ** 2, 1)
+    assert abs(float(np.mean(lag1)) - 0.9) < 0.1  # replicated series are AR(1) with phi 0.9

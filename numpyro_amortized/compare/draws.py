@@ -19,7 +19,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from numpyro_amortized.simulation import inspect_model
+from numpyro_amortized.simulation import inspect_model, prior_predictive_arguments
 from numpyro_amortized.simulation import observed_values as _observed_values
 from numpyro_amortized.transforms import flatten_draws
 
@@ -91,6 +91,9 @@ def posterior_predictive(model, rng_key, draws: dict, *args, sites=None, **kwarg
     :return: dict from site name to ``(num_draws, *site_shape)``.
     """
     sites = response_sites(model, *args, **kwargs) if sites is None else tuple(sites)
+    # a scan's observations are replicated by calling the model without them (the scan's
+    # carry must take the replicated values), as Predictive is used for such models
+    args, kwargs = prior_predictive_arguments(model, args, kwargs, sites)
     predictive = Predictive(_Replicate(model, sites), posterior_samples=draws,
                             return_sites=list(sites))
     return predictive(rng_key, *args, **kwargs)

@@ -22,6 +22,7 @@ from numpyro.infer.autoguide import AutoGuide
 
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.guide_base import AmortizedGuideBase
+from numpyro_amortized.predictive import posterior_predictive
 
 __all__ = ["AutoAmortizedFlow"]
 
@@ -169,6 +170,24 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         if self.structure.deterministic:
             out.update(self._deterministic_sites(out, tuple(sample_shape), args, kwargs))
         return out
+
+    def sample_posterior_predictive(self, rng_key, params, *args, num_samples=1000,
+                                    sites=None, **kwargs):
+        """Posterior draws and replicated data for the dataset in ``args``/``kwargs``, in
+        one call: :meth:`sample_posterior`, then ``numpyro.infer.Predictive`` on each draw.
+
+        :param num_samples: posterior draws, each with one replicated dataset.
+        :param sites: observed sites to replicate (default: the responses, the observed
+            sites whose distribution depends on the latents; covariates keep their values).
+        :return: dict of latent, deterministic and replicated sites, leading axis
+            ``num_samples``.
+        """
+        k_post, k_rep = jax.random.split(rng_key)
+        draws = self.sample_posterior(k_post, params, *args, sample_shape=(int(num_samples),),
+                                      **kwargs)
+        latents = {s.name: draws[s.name] for s in self.latent_layout.sites}
+        return {**draws, **posterior_predictive(self.model, k_rep, latents, *args,
+                                                sites=sites, **kwargs)}
 
     def _deterministic_sites(self, draws, sample_shape, args, kwargs):
         """The deterministic sites of the model run on each draw (vectorized, as

@@ -287,3 +287,17 @@ def test_sample_posterior_returns_deterministic_sites():
         assert draws["snr"].shape == shape + (2,)
         np.testing.assert_allclose(draws["snr"][..., 0], draws["mu"] / draws["sigma"], rtol=1e-5)
         np.testing.assert_allclose(draws["snr"][..., 1], draws["mu"] * draws["sigma"], rtol=1e-5)
+
+
+def test_posterior_predictive_in_one_call(regression):
+    guide, params = regression
+    x = jnp.linspace(-1.0, 1.0, 15)
+    y = 1.0 + 2.0 * x
+    out = guide.sample_posterior_predictive(jax.random.PRNGKey(0), params, x=x, y=y,
+                                            num_samples=300)
+    assert out["y"].shape == (300, 15) and "x" not in out  # responses replicated, not x
+    assert {s.name for s in guide.latent_layout.sites} <= set(out)
+    # each replicated dataset scatters around its own draw's regression line
+    mean = out["beta"][:, :1] + out["beta"][:, 1:] * x
+    resid = (out["y"] - mean) / out["sigma"][:, None]
+    assert abs(float(resid.std()) - 1.0) < 0.05

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statistics",
-           "row_differences"]
+__all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statistics"]
 
 
 class DataSpec(NamedTuple):
@@ -208,33 +207,3 @@ def pilot_statistics(pilot: Simulations):
     set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
     flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
     return {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}
-
-
-def row_differences(pilot: Simulations, num_features: int) -> float:
-    """How far the observations of the data plate are from exchangeable in the prior
-    predictive: the largest difference between one row's mean (or variance) and all rows', in
-    standard errors, over the first ``num_features`` set features; 0 when rows' means and
-    standard deviations also differ by less than a fifth of a standard deviation
-    (immaterial)."""
-    if pilot.data.set is None or num_features == 0:
-        return 0.0
-    valid = np.asarray(pilot.valid)
-    x = np.asarray(pilot.data.set, np.float64)[valid][..., :num_features]
-    w = np.asarray(pilot.data.mask, np.float64)[valid][..., None]
-    count = w.sum(0)  # (N, 1) simulations that have row r
-    rows = count[:, 0] >= 0.5 * len(x)
-    if rows.sum() < 2:
-        return 0.0
-    x, w, count = x[:, rows], w[:, rows], count[rows]
-    pooled = lambda v: (v * w).sum((0, 1)) / w.sum((0, 1))
-    grand = pooled(x)
-    var, m4 = pooled((x - grand) ** 2), pooled((x - grand) ** 4)
-    sd = np.sqrt(np.where(var > 1e-24, var, np.inf))
-    row_mean = (x * w).sum(0) / count
-    row_var = ((x - grand) ** 2 * w).sum(0) / count
-    z_mean = np.abs(row_mean - grand) / (sd / np.sqrt(count))
-    z_var = np.abs(row_var - var) / np.sqrt(np.maximum(m4 - var**2, 1e-24) / count)
-    material_mean = row_mean.std(0) > 0.2 * sd
-    material_var = np.sqrt(row_var).std(0) > 0.2 * sd
-    z = np.concatenate([np.where(material_mean, z_mean, 0.0), np.where(material_var, z_var, 0.0)])
-    return float(np.max(z, initial=0.0))

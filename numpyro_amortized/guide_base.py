@@ -16,50 +16,23 @@ import numpy as np
 from flax import nnx
 from numpyro.handlers import condition
 from numpyro.infer.util import log_density
-from numpyro.primitives import Messenger
 
-from numpyro_amortized.data import (
-    DataBatch,
-    DataLayout,
-    Simulations,
-    pilot_statistics,
-    row_differences,
-)
+from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
+from numpyro_amortized.design import covariate_values, warn_other_design, warn_unpaired_rows
 from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
     factory_from_description,
 )
-from numpyro_amortized.networks.flows import ConditionalFlow, StackedFlows, mixture_log_weights
+from numpyro_amortized.networks.flows import mixture_log_weights, weight_decay_tree
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
-from numpyro_amortized.simulation import (
-    covariate_values,
-    inspect_model,
-    observed_values,
-    simulate,
-)
+from numpyro_amortized.simulation import MaskDataPlate, inspect_model, observed_values, simulate
 from numpyro_amortized.transforms import LatentLayout
 
 __all__ = ["AmortizedGuideBase"]
 
 _MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
-
-
-class _MaskDataPlate(Messenger):
-    """Mask the observed sites of the data plate beyond a dataset's size."""
-
-    def __init__(self, fn, plate, mask):
-        self.plate, self.mask = plate, mask
-        super().__init__(fn)
-
-    def process_message(self, msg):
-        if msg["type"] != "sample" or not msg["is_observed"]:
-            return
-        for frame in msg["cond_indep_stack"]:
-            if frame.name == self.plate:
-                m = jnp.reshape(self.mask, self.mask.shape + (1,) * (-frame.dim - 1))
-                msg["fn"] = msg["fn"].mask(m)
 
 
 class AmortizedGuideBase:
@@ -307,7 +280,7 @@ class AmortizedGuideBase:
         model = condition(self.model, data=observed)
         if num_obs is not None:
             mask = jnp.arange(self.structure.data_plate_size) < num_obs
-            model = _MaskDataPlate(model, self.structure.data_plate, mask)
+            model = MaskDataPlate(model, self.structure.data_plate, mask)
         return log_density(model, args, kwargs, latents)[0]
 
     # ------------------------------------------------------------------ data
@@ -323,22 +296,10 @@ class AmortizedGuideBase:
         return data
 
     def _warn_unpaired_rows(self, pilot):
-        """A set summary pools the rows of the data plate: say so when the model makes them
-        differ (a design the network does not see) rather than give a posterior that ignores
-        which row an observation belongs to."""
-        if self.summary_net is not None or self.time_series or self.structure.covariates:
-            return  # a summary of one's own, an ordered series, or rows told apart by covariates
-        z = row_differences(pilot, self.data_layout.spec.set_features)
-        if z > 8.0:
-            warnings.warn(
-                f"The observations of plate '{self.structure.data_plate}' are not exchangeable "
-                f"under the model: in prior simulations the mean or spread of some rows differs "
-                f"from the others' by {z:.0f} standard errors. The summary network pools the rows as a "
-                "set, so it cannot tell which row an observation belongs to and the posterior "
-                "would ignore what makes rows differ. Pass per-row covariates as model "
-                "arguments (def model(X, y=None): array arguments with one row per observation "
-                "are read next to the observations); for ordered data use time_series=True.",
-                UserWarning, stacklevel=5)
+        """A set summary pools the rows: warn when the model makes them differ unseen."""
+        if self.summary_net is None and not self.time_series and not self.structure.covariates:
+            warn_unpaired_rows(pilot, self.data_layout.spec.set_features,
+                               self.structure.data_plate, stacklevel=5)
 
     def _covariates(self, args, kwargs) -> dict:
         """The covariates (plate-aligned array arguments) the summary network reads."""
@@ -347,20 +308,7 @@ class AmortizedGuideBase:
                 if c.name in values}
 
     def _warn_design(self, data, batch_ndim, stacklevel=4):
-        """Training simulates with the covariates given at set-up (the design): warn when
-        other covariate values are given, where the answer is an extrapolation."""
-        for name, trained in self._design.items():
-            if name not in data or isinstance(data[name], jax.core.Tracer):
-                continue
-            given = np.asarray(data[name], np.float64)
-            n = given.shape[batch_ndim]
-            if not np.allclose(given, trained[:n], rtol=1e-5, atol=1e-6 * np.abs(trained).max()):
-                warnings.warn(
-                    f"Covariate '{name}' differs from the values the guide was trained with (the "
-                    f"model's arguments at set-up): every training simulation used those, so "
-                    f"the posterior for other values of '{name}' is an extrapolation and may "
-                    "be wrong. Train a guide with these values to rely on it.",
-                    UserWarning, stacklevel=stacklevel)
+        warn_other_design(self._design, data, batch_ndim, stacklevel + 1)
 
     def _warn_size(self, n, stacklevel=3):
         if n is None or self.structure.data_plate is None:
@@ -428,21 +376,8 @@ class AmortizedGuideBase:
         on the networks' structure only, not on the values."""
         self._check_setup()
         module = nnx.merge(self._graphdef, self._param_template, self._buffers)
-        decays = {}  # path of a flow -> the decay of a parameter leaf under it
-        for path, node in nnx.iter_graph(module):
-            if isinstance(node, StackedFlows) and any(node.weight_decays):
-                decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
-            elif isinstance(node, ConditionalFlow) and node.weight_decay:
-                decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
         prefix = (self.param_name,) if self.network_params(params) is not params else ()
-
-        def decay(path, leaf):
-            keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-            keys = keys[len(prefix):]
-            return next((decays[keys[:n]](leaf) for n in range(len(keys), 0, -1)
-                         if keys[:n] in decays), 0.0)
-
-        return jax.tree_util.tree_map_with_path(decay, params)
+        return weight_decay_tree(module, params, prefix)
 
     def member_log_prob_simulations(self, params, sims: Simulations):
         """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or

@@ -8,21 +8,21 @@ vectorized with :func:`jax.vmap` draws (latents, observations) from the prior pr
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from numpyro import distributions as dist
 from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 from numpyro.primitives import Messenger
+
+from numpyro_amortized.design import categories_of, covariate_values
+from numpyro_amortized.samplers import LoopSafe, looping_sites
 
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "covariate_values", "inspect_model",
            "looping_sites", "observed_values", "prior_predictive_arguments", "simulate"]
@@ -259,45 +259,10 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
                     or np.shape(value)[0] != size):
                 continue
             covariates.append(ObservedSite(name, tuple(np.shape(value)), 0,
-                                           categories=_categories(value)))
+                                           categories=categories_of(value)))
     deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
     return ModelStructure(tuple(latents), tuple(obs), data_plate, size, tuple(covariates),
                           deterministic)
-
-
-MAX_CATEGORIES = 64
-
-
-def _categories(value) -> int:
-    """The number of categories of an integer index vector (values ``0 .. k - 1`` with
-    ``k <= MAX_CATEGORIES``), read one-hot; 0 for anything else (read as numbers)."""
-    if np.ndim(value) != 1 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
-        return 0
-    if isinstance(value, jax.core.Tracer):
-        return 0
-    value = np.asarray(value)
-    if value.size == 0 or value.min() < 0 or value.max() >= MAX_CATEGORIES:
-        return 0
-    return int(value.max()) + 1
-
-
-def covariate_values(model, args, kwargs) -> dict:
-    """The model's numeric array arguments by parameter name (``name[i]`` for ``*args``)."""
-    try:
-        bound = inspect.signature(model).bind(*args, **kwargs)
-    except (TypeError, ValueError):  # not introspectable: positional names
-        bound = None
-    named = dict(bound.arguments) if bound is not None else {
-        **{f"args[{i}]": a for i, a in enumerate(args)}, **kwargs}
-    if bound is not None:
-        for name, param in inspect.signature(model).parameters.items():
-            if param.kind is param.VAR_POSITIONAL and name in named:
-                named.update({f"{name}[{i}]": a for i, a in enumerate(named.pop(name))})
-            elif param.kind is param.VAR_KEYWORD and name in named:
-                named.update(named.pop(name))
-    return {name: v for name, v in named.items()
-            if isinstance(v, np.ndarray | jax.Array) and np.ndim(v) >= 1
-            and (jnp.issubdtype(v.dtype, jnp.number) or v.dtype == bool)}
 
 
 def _positive_continuous(support):
@@ -356,75 +321,11 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     args, kwargs = prior_predictive_arguments(model, args, kwargs)
 
     def one(key):
-        tr = trace(seed(uncondition(_LoopSafe(model)), key)).get_trace(*args, **kwargs)
+        tr = trace(seed(uncondition(LoopSafe(model)), key)).get_trace(*args, **kwargs)
         return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
 
     with block():
         return jax.vmap(one)(jax.random.split(rng_key, num_simulations))
-
-
-class _JaxBinomial(dist.BinomialProbs):
-    """A Binomial whose ``sample`` is :func:`jax.random.binomial`."""
-
-    def sample(self, key, sample_shape=()):
-        shape = tuple(sample_shape) + self.batch_shape
-        n = jnp.asarray(self.total_count)
-        x = jax.random.binomial(key, jnp.broadcast_to(n, shape).astype(jnp.result_type(float)),
-                                jnp.broadcast_to(self.probs, shape), shape=shape)
-        return jnp.where(jnp.isnan(x), 0, x).astype(n.dtype)  # NaN p gives 0, as NumPyro's
-
-
-def _loop_safe(fn):
-    if isinstance(fn, dist.BinomialProbs | dist.BinomialLogits):
-        return _JaxBinomial(fn.probs, fn.total_count, validate_args=False)
-    if isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
-        base = _loop_safe(fn.base_dist)
-        if base is not fn.base_dist:
-            fn = copy.copy(fn)
-            fn.base_dist = base
-    return fn
-
-
-class _LoopSafe(Messenger):
-    """Swaps samplers that can hang in vectorized simulation for exact ones that do not."""
-
-    def process_message(self, msg):
-        if msg["type"] == "sample" and msg["value"] is None:
-            msg["fn"] = _loop_safe(msg["fn"])
-
-
-def _while_loops(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while":
-            return True
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, tuple | list) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr) and _while_loops(inner):
-                    return True
-    return False
-
-
-def looping_sites(model, *args, **kwargs) -> list:
-    """``(name, distribution)`` of the sample sites whose simulation runs a data-dependent
-    loop (a rejection sampler): the places a simulation can take unbounded time. Only traces
-    (runs nothing on a device), so it answers also while a device is busy."""
-    found = []
-
-    def sites(key):
-        with block():
-            tr = trace(seed(model, key)).get_trace(*args, **kwargs)
-        for name, s in tr.items():
-            if s["type"] == "sample":
-                fn = _loop_safe(s["fn"])
-                jaxpr = jax.make_jaxpr(lambda k, fn=fn: fn.sample(k))(key)
-                if _while_loops(jaxpr.jaxpr):
-                    found.append((name, type(s["fn"]).__name__))
-        return 0
-
-    with numpyro.validation_enabled(False):
-        jax.make_jaxpr(sites)(jax.random.PRNGKey(0))
-    return found
 
 
 class _ControlFlow(Messenger):
@@ -479,3 +380,19 @@ def prior_predictive_arguments(model, args, kwargs, sites=None):
             + "Give the observations as an argument named like their site, defaulting to None "
             "(def model(y=None)), and pass length= to scan so the model runs without them.")
     return args, kwargs
+
+
+class MaskDataPlate(Messenger):
+    """Mask the observed sites of the data plate beyond a dataset's size."""
+
+    def __init__(self, fn, plate, mask):
+        self.plate, self.mask = plate, mask
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or not msg["is_observed"]:
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.plate:
+                m = jnp.reshape(self.mask, self.mask.shape + (1,) * (-frame.dim - 1))
+                msg["fn"] = msg["fn"].mask(m)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
 from numpyro_amortized.losses import NPE, masked_mean
 from numpyro_amortized.networks import describe_factory
-from numpyro_amortized.simulation import looping_sites
+from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Plateau, ProgressBar, Run
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import default_optimizer

@@ -258,3 +258,23 @@ def mixture_log_weights(member_log_probs, num_iterations=500):
         if converged:
             break
     return log_w
+
+
+def weight_decay_tree(module, params, prefix=()):
+    """Each leaf of ``params`` (a pure dict of ``module``'s parameters, under the keys
+    ``prefix``) mapped to the decoupled weight decay of the flow it belongs to: a
+    :class:`~numpyro_amortized.networks.flows.ConditionalFlow`'s ``weight_decay``, per member
+    in a :class:`StackedFlows`, 0 outside any decayed flow."""
+    decays = {}  # path of a flow -> the decay of a parameter leaf under it
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, StackedFlows) and any(node.weight_decays):
+            decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
+        elif isinstance(node, ConditionalFlow) and node.weight_decay:
+            decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
+
+    def decay(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)[len(prefix):]
+        return next((decays[keys[:n]](leaf) for n in range(len(keys), 0, -1)
+                     if keys[:n] in decays), 0.0)
+
+    return jax.tree_util.tree_map_with_path(decay, params)

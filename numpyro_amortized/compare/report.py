@@ -290,7 +290,8 @@ def format_comparison(report: Comparison) -> str:
     )
     if "use" in ds and ds.use.notna().any():
         lines.append("Which draws to use, from the importance check against the model's "
-                     "density (as numpyro_amortized.posterior decides):")
+                     "density (Pareto k-hat and importance ESS; as numpyro_amortized.posterior "
+                     "decides):")
         for use, why in (("amortized", "importance weights close to uniform"),
                          ("corrected", (f"PSIS-corrected: k-hat <= {PARETO_K_THRESHOLD}, "
                                        "enough importance ESS")),

@@ -23,6 +23,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.guide_base import AmortizedGuideBase
 from numpyro_amortized.predictive import posterior_predictive
+from numpyro_amortized.programs import Programs, log_joint_program, split_static
 
 __all__ = ["AutoAmortizedFlow"]
 
@@ -124,6 +125,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         self.num_pilot_simulations = int(num_pilot_simulations)
         self.structure = None
         self.init_params = None
+        self.programs = Programs()
+        self.summary_range = None
 
     # ------------------------------------------------------------------ public API
     def __call__(self, *args, **kwargs):
@@ -161,7 +164,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         This is the fast path: the guide's draws, unchecked. When the answer for this dataset
         must be right, use :func:`~numpyro_amortized.posterior`, which checks the draws
         against the model's exact density and corrects them (PSIS, refinement on the
-        dataset, NUTS) only when needed.
+        dataset, NUTS) only when needed. After :func:`fit`, data whose summary statistics lie
+        outside every held-out training simulation's (:attr:`summary_range`) give a warning.
         """
         data = self.observed_data(*args, **kwargs)
         out = self._draw(rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},
@@ -260,7 +264,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         # few hundred MB) while keeping each chunk large enough to run at full speed
         per_dataset = max(1, math.prod(sample_shape))
         chunk = max(1, 2**18 // per_dataset)
-        draws, params_ok, draws_ok = self._sample_batch_jit(
+        draws, params_ok, draws_ok, summaries = self._sample_batch_jit(
             rng_key, self.network_params(params), data, num_obs,
             sample_shape=tuple(sample_shape), chunk=chunk)
         if not params_ok:
@@ -273,6 +277,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                 "Some posterior draws are NaN or infinite: the data may be far outside what the "
                 "guide was trained on (check the data's scale against the prior predictive).",
                 UserWarning, stacklevel=3)
+        self._check_range(summaries, stacklevel=4)
         return draws
 
     def log_prob(self, params, latents, *args, **kwargs):
@@ -282,6 +287,16 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         latents = {k: jnp.asarray(v)[None] for k, v in latents.items()}
         data = {k: jnp.asarray(v)[None] for k, v in data.items()}
         return self._log_prob_batch_jit(self.network_params(params), latents, data, None)[0]
+
+    def log_joint(self, latents, *args, **kwargs):
+        """``log p(theta, x)``: the model's exact joint density of constrained latent values
+        (leading axis: draws) and the data in ``args``/``kwargs``, in one vectorized call,
+        compiled once per kind of data and kept in :attr:`programs`."""
+        self._check_setup()
+        dynamic, spec = split_static((args, kwargs))
+        program = self.programs.get(("log_joint", spec),
+                                    lambda: log_joint_program(self.model, spec))
+        return program({k: jnp.asarray(v) for k, v in latents.items()}, dynamic)
 
     def log_prob_batch(self, params, latents, data, num_obs=None):
         """``log q(theta | x)`` for a batch of datasets; ``latents`` shaped

@@ -27,7 +27,9 @@ from numpyro_amortized.networks.factories import (
 from numpyro_amortized.networks.flows import mixture_log_weights, weight_decay_tree
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
+from numpyro_amortized.programs import Programs
 from numpyro_amortized.simulation import MaskDataPlate, inspect_model, observed_values, simulate
+from numpyro_amortized.summary_range import SummaryRange
 from numpyro_amortized.transforms import LatentLayout
 
 __all__ = ["AmortizedGuideBase"]
@@ -176,6 +178,8 @@ class AmortizedGuideBase:
                                          static_argnames=("sample_shape", "chunk"))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
         self._embed_batch_jit = jax.jit(self._embed_batch)
+        self.programs = Programs()  # compiled checks on this guide (log density, refinement)
+        self.summary_range = None  # set after training (set_summary_range)
         return self.init_params
 
     def _check_setup(self):
@@ -335,22 +339,56 @@ class AmortizedGuideBase:
         num = next(iter(data.values())).shape[0]
 
         def draw(key, data, num_obs):
-            u, _ = posterior.sample_and_log_prob(key, self._encode(data, num_obs), sample_shape)
-            return jnp.moveaxis(u, len(sample_shape), 0)  # (datasets, *sample_shape, D)
+            encoded = self._encode(data, num_obs)
+            u, _ = posterior.sample_and_log_prob(key, encoded, sample_shape)
+            # (datasets, *sample_shape, D), and the summaries for the out-of-range check
+            return jnp.moveaxis(u, len(sample_shape), 0), posterior.embed(encoded)
 
         if num <= chunk:
-            u = draw(rng_key, data, num_obs)
+            u, emb = draw(rng_key, data, num_obs)
         else:
             n_chunks = -(-num // chunk)
             pad = lambda x: jnp.pad(x, [(0, n_chunks * chunk - num)] + [(0, 0)] * (x.ndim - 1),
                                     mode="edge").reshape((n_chunks, chunk) + x.shape[1:])
             xs = (jax.random.split(rng_key, n_chunks), jax.tree.map(pad, data),
                   None if num_obs is None else pad(num_obs))
-            u = jax.lax.map(lambda a: draw(*a), xs)
+            u, emb = jax.lax.map(lambda a: draw(*a), xs)
             u = u.reshape((n_chunks * chunk,) + u.shape[2:])[:num]
+            emb = emb.reshape((n_chunks * chunk,) + emb.shape[2:])[:num]
         draws, _ = self.latent_layout.constrain(u)
         finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
-        return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u))
+        return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u)), emb
+
+    def set_summary_range(self, params, sims: Simulations):
+        """Record the range of the summaries of ``sims`` (held-out simulations) under
+        ``params``; :meth:`sample_posterior` then warns on data outside it. :func:`fit` calls
+        this with its validation simulations."""
+        emb = jax.jit(lambda p, d: self.posterior(p).embed(d))(self.network_params(params),
+                                                              sims.data)
+        emb = np.asarray(emb)[np.asarray(sims.valid)]
+        self.summary_range = SummaryRange.fit(emb) if len(emb) >= 20 else None
+
+    def _check_range(self, summaries, stacklevel):
+        if self.summary_range is None:
+            return
+        out = np.flatnonzero(self.summary_range.outside(np.asarray(summaries)))
+        if len(out) == 0:
+            return
+        m = self.summary_range.num_reference
+        n = len(summaries)
+        which = ("This dataset lies outside the data the guide was trained on: its summary "
+                 "statistics are" if n == 1 else
+                 f"{len(out)} of {n} datasets (indices {', '.join(map(str, out[:10]))}"
+                 f"{', ...' if len(out) > 10 else ''}) lie outside the data the guide was "
+                 "trained on: their summary statistics are")
+        chance = (f"fewer than 1 in {m + 1} datasets" if n == 1 else
+                  f"about {n / (m + 1):.1f} of {n} datasets by chance")
+        warnings.warn(
+            f"{which} farther from the training simulations' than all {m} held-out "
+            f"simulations (Mahalanobis distance in summary space; under the model: {chance}). "
+            "The guide extrapolates there: check the answer with numpyro_amortized.posterior, "
+            "which tests it against the model's exact density.",
+            UserWarning, stacklevel=stacklevel)
 
     def _log_prob_batch(self, params, latents, data, num_obs):
         u, log_det = self.latent_layout.unconstrain_with_log_det(latents)

@@ -6,6 +6,7 @@ import copy
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,32 @@ def test_no_module_is_in_an_import_circle():
     assert cycles(broken)
 
 
+def module_level_caches(path):
+    """Names of functools caches (``lru_cache``, ``cache``) used anywhere in a module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in ("lru_cache", "cache"):
+            found.append(node.attr)
+        elif isinstance(node, ast.ImportFrom) and node.module == "functools":
+            found += [a.name for a in node.names if a.name in ("lru_cache", "cache")]
+    return found
+
+
+def test_no_module_level_cache_of_compiled_programs(tmp_path):
+    from numpyro_amortized.programs import Programs
+
+    assert {p.name: module_level_caches(p) for p in PACKAGE.rglob("*.py")
+            if module_level_caches(p)} == {}
+    cached = tmp_path / "cached.py"
+    cached.write_text("import functools\n@functools.lru_cache(8)\ndef f(x):\n    return x\n")
+    assert module_level_caches(cached) == ["lru_cache"]  # the check sees one
+    # the store that owners use instead is bounded, least recently used out first
+    programs, built = Programs(2), []
+    for key in ("a", "b", "a", "c"):
+        programs.get(key, lambda k=key: built.append(k) or k)
+    assert built == ["a", "b", "c"] and "a" in programs and "b" not in programs
+
+
 def test_import_leaves_plotting_tables_arviz_and_sklearn_out():
     code = ("import sys, numpyro_amortized as na; heavy = ('matplotlib', 'pandas', 'arviz', "
             "'sklearn'); print([m for m in heavy if m in sys.modules]); na.c2st; "
@@ -117,8 +144,9 @@ def test_fit_leaves_the_guides_settings_unchanged():
     result = fit(guide, KEY, y=Y, num_steps=10, num_simulations=300, batch_size=32,
                  progress_bar=False)
     for name, before in settings.items():
-        if name in ("structure", "init_params") or name.startswith("_"):
-            continue  # what set-up fills in
+        if name in ("structure", "init_params", "programs", "summary_range") or \
+                name.startswith("_"):
+            continue  # what set-up and training fill in
         assert getattr(guide, name) == before, name
     assert guide.flow is None and result.config["flow"]["name"] == "ensemble_flow"
 
@@ -162,7 +190,10 @@ def test_parameters_that_do_not_fit_or_are_not_finite_are_refused(trained):
     nan = jax.tree.map(lambda x: x * jnp.nan, params)
     with pytest.raises(ValueError, match="NaN or infinity"):
         guide.sample_posterior(KEY, nan, y=Y, sample_shape=(10,))
-    draws = guide.sample_posterior(KEY, result.params, y=Y, sample_shape=(10,))
+    y = jax.random.normal(KEY, (10,))  # data like the model's: no warning either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        draws = guide.sample_posterior(KEY, result.params, y=y, sample_shape=(10,))
     assert np.all(np.isfinite(draws["mu"]))
 
 
@@ -194,23 +225,24 @@ def test_a_simulator_that_gives_nan_for_some_draws_is_counted_not_refused():
 
 def test_batch_inputs_are_checked(trained):
     guide, result = trained
-    Y3 = jnp.zeros((3, 10))
-    draws = guide.sample_posterior_batch(KEY, result.params, {"y": np.zeros((3, 10)).tolist()},
+    Y3 = jax.random.normal(KEY, (3, 12))  # data like the model's
+    draws = guide.sample_posterior_batch(KEY, result.params,
+                                         {"y": np.asarray(Y3[:, :10]).tolist()},
                                          sample_shape=(5,))  # a Python list works as in fit
     assert draws["mu"].shape == (3, 5)
     with pytest.raises(ValueError, match=r"entries \['z'\] that are not observed sites"):
-        guide.sample_posterior_batch(KEY, result.params, {"y": Y3, "z": Y3})
+        guide.sample_posterior_batch(KEY, result.params, {"y": Y3[:, :10], "z": Y3})
     with pytest.raises(ValueError, match="holds no datasets"):
         guide.sample_posterior_batch(KEY, result.params, {"y": jnp.zeros((0, 10))})
     for bad in ([-1, 5, 5], [5, 5, 11], [5, 5], [1.5, 2.0, 3.0]):
         with pytest.raises(ValueError, match="num_obs: need 3 integers between 1 and"):
-            guide.sample_posterior_batch(KEY, result.params, {"y": Y3}, num_obs=bad)
+            guide.sample_posterior_batch(KEY, result.params, {"y": Y3[:, :10]}, num_obs=bad)
     with pytest.warns(UserWarning, match="has 12 observations.*trained on 10 to 10"):
-        guide.sample_posterior_batch(KEY, result.params, {"y": jnp.zeros((3, 12))})
+        guide.sample_posterior_batch(KEY, result.params, {"y": Y3})
     for bad in ([1.5], [0.0, 0.5], 0.5, []):
         with pytest.raises(ValueError, match="levels in \\(0, 1\\)"):
-            guide.quantiles(result.params, bad, y=Y)
-    q = guide.quantiles(result.params, [0.05, 0.95], y=Y)
+            guide.quantiles(result.params, bad, y=Y3[0, :10])
+    q = guide.quantiles(result.params, [0.05, 0.95], y=Y3[0, :10])
     assert q["mu"].shape == (2,) and q["mu"][0] < q["mu"][1]
 
 

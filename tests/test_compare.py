@@ -169,9 +169,9 @@ def test_report_flags_a_shifted_guide(datasets):
     assert not report.flagged("corrected").any().any()
     assert report.datasets.c2st_corrected.max() < 0.58
     # the report says which draws to use, and never reads as reassurance about the raw ones
-    assert (report.datasets.use == "corrected").all()
+    assert (report.datasets.use == "psis").all()
     text = str(report)
-    assert "theta[1]" in text and "corrected (PSIS-corrected" in text
+    assert "theta[1]" in text and "psis (PSIS-corrected" in text
     assert "raw amortized draws of the flagged datasets are off: do not use them" in text
 
 
@@ -253,7 +253,7 @@ def test_comparison_plot(good_report):
     assert len(axes[0].patches) > 0  # histograms on the diagonal
     assert len(axes[3].collections) == 3  # NUTS, amortized, corrected scatters
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["NUTS", "amortized", "PSIS-corrected"]
+    assert labels == ["NUTS", "amortized", "checked (PSIS / refined)"]
     matplotlib.pyplot.close(fig)
 
 

@@ -183,11 +183,13 @@ def test_median_and_quantiles(regression):
 
 def test_dataset_size_outside_training_range_warns(regression):
     guide, params = regression
+    x = jax.random.normal(jax.random.PRNGKey(3), (20,))  # data like the model's
+    y = 2.0 + 0.5 * x + 0.5 * jnp.sin(7 * x)
     with pytest.warns(UserWarning, match="20 observations.*trained on 5 to 15"):
-        guide.sample_posterior(KEY, params, x=jnp.zeros(20), y=jnp.zeros(20))
+        guide.sample_posterior(KEY, params, x=x, y=y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guide.sample_posterior(KEY, params, x=jnp.zeros(5), y=jnp.zeros(5))
+        guide.sample_posterior(KEY, params, x=x[:5], y=y[:5])
 
 
 @pytest.mark.parametrize("bad, match", [

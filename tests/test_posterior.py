@@ -73,9 +73,34 @@ def test_a_too_narrow_guide_is_caught_and_repaired_by_refinement(trained):
     assert res.method == "refined+psis", res.steps
     assert res.pareto_k <= 0.7
     assert c2st(np.asarray(res.draws["mu"]), exact_draws()) <= 0.6
+    assert res.reliable
     # without refinement or NUTS the answer is flagged, not silently returned
     with pytest.warns(UserWarning, match="failed the checks and NUTS was not allowed"):
-        posterior(narrow, params, jax.random.PRNGKey(1), y=Y, refine=False, nuts=False)
+        unchecked = posterior(narrow, params, jax.random.PRNGKey(1), y=Y, refine=False,
+                              nuts=False)
+    assert not unchecked.reliable
+    # a second dataset of the same shapes reuses the compiled refinement
+    again = posterior(narrow, params, jax.random.PRNGKey(2), y=Y + 0.5)
+    assert again.method == "refined+psis"
+    refine = [k for k in narrow.programs._store if k[0] == "refine"]
+    assert len(refine) == 1 and narrow.programs.get(refine[0], None)._cache_size() == 1
+
+
+def test_the_report_uses_the_checked_draws_of_a_too_narrow_guide(trained):
+    from numpyro_amortized import compare_with_nuts
+
+    guide, params = trained
+    narrow = scaled(guide, 0.15)
+    report = compare_with_nuts(narrow, params, jax.random.PRNGKey(4), [{"y": Y}, {"y": Y - 1}],
+                               num_samples=1000, progress_bar=False,
+                               nuts_kwargs={"num_warmup": 300, "num_samples": 500},
+                               c2st_kwargs={"early_stopping": True})
+    ds = report.datasets
+    assert (ds.use == "refined+psis").all(), ds.use.tolist()
+    assert ds.c2st_amortized.min() > 0.9 and ds.c2st_corrected.max() <= 0.6, ds
+    text = str(report)
+    assert "refined+psis (the guide refined on the dataset" in text
+    assert "do not use them" in text
 
 
 def test_a_too_wide_guide_is_caught_by_the_ess_rule_and_corrected(trained):
@@ -102,7 +127,11 @@ def test_a_posterior_refinement_cannot_reach_falls_through_to_nuts():
     params = fit(guide, jax.random.PRNGKey(0), y=jnp.zeros(20), num_steps=500,
                  progress_bar=False).params
     y = 4.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (20,))
-    res = posterior(guide, params, jax.random.PRNGKey(2), y=y)
+    # NUTS finds both modes, but its chains sit in different ones: R-hat says so, and the
+    # result is marked unreliable rather than passed off as checked
+    with pytest.warns(UserWarning, match="and so did the NUTS run that replaced it"):
+        res = posterior(guide, params, jax.random.PRNGKey(2), y=y)
+    assert not res.reliable and res.steps[-1]["rhat_max"] > 1.01
     assert [s["step"] for s in res.steps] == ["amortized", "refine", "refined", "nuts"]
     assert res.method == "nuts" and res.nuts is not None
     assert res.draws["theta"].shape == (1000,)

@@ -181,3 +181,49 @@ def test_temporary_files_of_crashed_writers_are_removed(tmp_path):
     assert not orphan.exists() and os.path.exists(mine) and other.exists()
     assert oct(target.stat().st_mode & 0o777) == oct(0o640)  # the umask's, not 0600
     assert read_file(target) == {"format_version": 2}
+
+
+def location_scale(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("N", 20):
+        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+def test_data_outside_the_training_range_warn_and_the_range_is_saved(tmp_path):
+    import warnings
+
+    from numpyro.infer import Predictive
+
+    from numpyro_amortized import fit
+    from numpyro_amortized.checkpoint.format import read_file, write_file
+
+    guide = AutoAmortizedFlow(location_scale, flow=affine_flow, num_pilot_simulations=512)
+    params = fit(guide, KEY, y=jnp.zeros(20), num_steps=300, validation_size=512,
+                 progress_bar=False).params
+    assert guide.summary_range.num_reference == 256
+    ys = Predictive(location_scale, num_samples=1000)(jax.random.PRNGKey(5))["y"]
+    # datasets from the model are inside, but for the conformal 1-in-257 share by chance
+    outside = guide.summary_range.outside(guide.summary_statistics_batch(params, {"y": ys}))
+    assert outside.mean() < 0.012, outside.mean()
+    far = ys[0] + 25.0  # 25 prior sds of mu away
+    with pytest.warns(UserWarning, match="This dataset lies outside the data the guide was "
+                                         "trained on") as record:
+        guide.sample_posterior(KEY, params, y=far, sample_shape=(10,))
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    with pytest.warns(UserWarning, match=r"1 of 3 datasets \(indices 1\) lie outside"):
+        guide.sample_posterior_batch(KEY, params, {"y": jnp.stack([ys[1], far, ys[2]])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide.sample_posterior(KEY, params, y=ys[3], sample_shape=(10,))
+    # the range travels with a checkpoint, and a forged one is refused
+    save(tmp_path / "g.ckpt", guide, params)
+    loaded, loaded_params = load(tmp_path / "g.ckpt", location_scale)
+    assert loaded.summary_range.threshold == guide.summary_range.threshold
+    with pytest.warns(UserWarning, match="outside the data the guide was trained on"):
+        loaded.sample_posterior(KEY, loaded_params, y=far)
+    body = read_file(tmp_path / "g.ckpt")
+    body["summary_range"]["loc"] = np.zeros(3)
+    write_file(tmp_path / "forged.ckpt", body)
+    with pytest.raises(CheckpointError, match="summary range does not fit"):
+        load(tmp_path / "forged.ckpt", location_scale)

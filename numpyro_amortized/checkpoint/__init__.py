@@ -41,6 +41,7 @@ from numpyro_amortized.data import DataBatch, Simulations
 from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.networks import describe_factory, factory_from_description
 from numpyro_amortized.simulation import inspect_model
+from numpyro_amortized.summary_range import SummaryRange
 
 __all__ = ["CheckpointError", "check_writable", "checkpoint_body", "flatten_tree", "load",
            "probe_simulations", "read_file", "restore_guide", "save", "train_record",
@@ -110,6 +111,8 @@ def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
         "params": flatten_tree(params),
         "buffers": flatten_tree(state["buffers"]),
         **({"train": train} if train is not None else {}),
+        **({"summary_range": guide.summary_range.to_dict()}
+           if guide.summary_range is not None else {}),
     }
 
 
@@ -277,6 +280,24 @@ def _state_of(body):
     }
 
 
+def _summary_range(body, guide, params, path):
+    """The checkpoint's summary range (``None`` when it has none), checked against the
+    summary network's output size."""
+    if "summary_range" not in body:
+        return None
+    try:
+        r = SummaryRange.from_dict(body["summary_range"])
+        dim = guide.posterior(params).summary_net.summary_dim
+        ok = (r.loc.shape == (dim,) and r.whiten.shape == (dim, dim) and r.num_reference > 0
+              and np.all(np.isfinite(r.whiten)) and np.isfinite(r.threshold))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: the checkpoint's summary range does not fit the "
+                              "guide's summary network (a damaged or forged file).")
+    return r
+
+
 def restore_guide(guide, body, path, args, kwargs):
     """Set ``guide`` up for ``args`` from the checkpoint ``body`` (no pilot simulations) and
     return its parameters, after checking the model's structure and the networks' shapes. A
@@ -311,7 +332,9 @@ def restore_guide(guide, body, path, args, kwargs):
                 "standardization) than the checkpoint's. Resume with a new guide built as for "
                 "that run, or with the guide object that ran it."
             )
-        return unflatten_tree(guide.init_params, body["params"], "parameters", path)
+        params = unflatten_tree(guide.init_params, body["params"], "parameters", path)
+        guide.summary_range = _summary_range(body, guide, params, path)
+        return params
     try:
         guide.initialize(None, args, kwargs, state={**state, "buffers": None})
     except ValueError as e:
@@ -322,6 +345,7 @@ def restore_guide(guide, body, path, args, kwargs):
         guide.load_buffers(buffers)
         params = unflatten_tree(guide.init_params, body["params"], "parameters", path)
         _check_probe(guide, params, body["probe"], path)
+        guide.summary_range = _summary_range(body, guide, params, path)
     except BaseException:
         guide.reset()  # leave the guide as it was: not set up
         raise

@@ -8,15 +8,12 @@ column per scalar latent (``"beta[0]"``, ``"sigma"``, ...) for the numeric compa
 
 from __future__ import annotations
 
-import functools
-
 import arviz as az
 import jax
-import jax.numpy as jnp
 import numpy as np
-from numpyro.infer.util import log_density
 
 from numpyro_amortized.predictive import posterior_predictive, response_sites
+from numpyro_amortized.programs import log_joint_program, split_static
 from numpyro_amortized.simulation import observed_values as _observed_values
 from numpyro_amortized.transforms import flatten_draws
 
@@ -92,38 +89,9 @@ def guide_inference_data(guide, params, rng_key, *args, num_samples=1000, num_ch
     )
 
 
-# ---------------------------------------------------------------------------- jit with statics
-def split_static(tree):
-    """Split a pytree into its array leaves (traced) and a hashable spec of everything else."""
-    leaves, treedef = jax.tree.flatten(tree)
-    is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
-    dynamic = [jnp.asarray(x) for x, a in zip(leaves, is_array) if a]
-    static = tuple(None if a else x for x, a in zip(leaves, is_array))
-    return dynamic, (treedef, tuple(is_array), static)
-
-
-def merge_static(dynamic, spec):
-    treedef, is_array, static = spec
-    it = iter(dynamic)
-    return jax.tree.unflatten(treedef, [next(it) if a else s for a, s in zip(is_array, static)])
-
-
-def abstract_key(dynamic) -> tuple:
-    """Shapes and dtypes of the traced leaves: one compilation serves all data like these."""
-    return tuple((tuple(x.shape), str(x.dtype)) for x in dynamic)
-
-
-@functools.lru_cache(maxsize=64)
-def _log_joint_fn(model, spec):
-    def log_joint(latents, dynamic):
-        args, kwargs = merge_static(dynamic, spec)
-        return jax.vmap(lambda z: log_density(model, args, kwargs, z)[0])(latents)
-
-    return jax.jit(log_joint)
-
-
 def log_joint(model, latents: dict, *args, **kwargs):
     """``log p(theta, x)`` of ``model`` for each draw in ``latents`` (leading axis), given the
-    data in ``args``/``kwargs``: one compiled, vectorized call reused for data of equal shapes."""
+    data in ``args``/``kwargs``, in one vectorized call. It compiles on every call; a guide
+    keeps the program for repeated calls (``guide.log_joint``)."""
     dynamic, spec = split_static((args, kwargs))
-    return _log_joint_fn(model, spec)(latents, dynamic)
+    return log_joint_program(model, spec)(latents, dynamic)

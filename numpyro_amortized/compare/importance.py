@@ -19,8 +19,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 from numpyro_amortized.compare.draws import log_joint
+from numpyro_amortized.guide_base import AmortizedGuideBase
 
-__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "which_draws"]
+__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "weigh", "which_draws"]
 
 PARETO_K_THRESHOLD = 0.7
 RAW_ESS_FRACTION = 0.9  # importance weights this close to uniform: the guide's own draws
@@ -68,8 +69,8 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     smooths the weights (PSIS) and resamples ``num_samples`` draws. Drawing ten times more
     proposals than kept draws keeps duplicates rare when the guide is good.
 
-    :param guide: a trained guide (anything with ``model``, ``sample_posterior`` and
-        ``log_prob(params, latents, *args, **kwargs)``).
+    :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow`, or any guide
+        with ``model``, ``sample_posterior`` and ``log_prob(params, latents, *args, **kwargs)``.
     :param params: its parameters.
     :param num_samples: corrected draws to return.
     :param num_proposals: guide draws to weight (default ``10 * num_samples``).
@@ -86,24 +87,44 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     variational inference*, ICML.
     """
     n = int(num_proposals or 10 * num_samples)
-    k_draw, k_resample = jax.random.split(rng_key)
-    proposals = guide.sample_posterior(k_draw, params, *args, sample_shape=(n,), **kwargs)
-    log_q = np.asarray(guide.log_prob(params, proposals, *args, **kwargs), np.float64)
-    log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
-    smoothed, k, ess = psis_weights(log_p - log_q)
-    w = np.exp(smoothed)
-    if warn and not k <= PARETO_K_THRESHOLD:
+    res = weigh(guide, [params], rng_key, args, kwargs, int(num_samples), n)
+    if warn and not res.pareto_k <= PARETO_K_THRESHOLD:
         warnings.warn(
-            f"Pareto k-hat = {k:.2f} > {PARETO_K_THRESHOLD}: the amortized posterior is far from "
-            "the exact one for this dataset (importance ESS "
-            f"{ess:.0f} of {n}), and the corrected draws are not reliable either. Do not trust "
-            "the amortized answer here: run NUTS (warm_start_nuts makes it cheaper), or train "
-            "the guide longer or on data like these.",
+            f"Pareto k-hat = {res.pareto_k:.2f} > {PARETO_K_THRESHOLD}: the amortized posterior "
+            "is far from the exact one for this dataset (importance ESS "
+            f"{res.ess:.0f} of {n}), and the corrected draws are not reliable either. Do not "
+            "trust the amortized answer here: use numpyro_amortized.posterior, which refines "
+            "the guide on this dataset or runs NUTS.",
             UserWarning, stacklevel=2,
         )
-    idx = jax.random.choice(k_resample, n, (int(num_samples),), p=jnp.asarray(w))
-    draws = {name: jnp.asarray(v)[idx] for name, v in proposals.items()}
-    return ImportanceResult(draws, proposals, smoothed, k, ess, ess / n)
+    if isinstance(guide, AmortizedGuideBase) and guide.structure.deterministic:
+        res = res._replace(draws={**res.draws, **guide._deterministic_sites(
+            res.draws, (int(num_samples),), args, kwargs)})
+    return res
+
+
+def weigh(guide, proposal_params, rng_key, args, kwargs, num_samples, num_proposals):
+    """PSIS of the model's density against the guide under ``proposal_params`` (a list of
+    parameter sets: one is the guide itself, several an equal mixture of them, a defensive
+    proposal), with ``num_samples`` draws resampled from ``num_proposals`` proposals."""
+    keys = jax.random.split(rng_key, len(proposal_params) + 1)
+    m = -(-int(num_proposals) // len(proposal_params))
+    parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
+             for k, p in zip(keys[:-1], proposal_params, strict=True)]
+    ours = isinstance(guide, AmortizedGuideBase)
+    names = [s.name for s in guide.latent_layout.sites] if ours else list(parts[0])
+    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in names}
+    log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
+              for p in proposal_params]
+    log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
+    log_p = (guide.log_joint(proposals, *args, **kwargs) if ours
+             else log_joint(guide.model, proposals, *args, **kwargs))
+    log_p = np.asarray(log_p, np.float64)
+    smoothed, k, ess = psis_weights(log_p - log_q)
+    idx = jax.random.choice(keys[-1], len(log_q), (int(num_samples),),
+                            p=jnp.asarray(np.exp(smoothed)))
+    draws = {name: v[idx] for name, v in proposals.items()}
+    return ImportanceResult(draws, proposals, smoothed, k, ess, ess / len(log_q))
 
 
 def psis_weights(log_w):

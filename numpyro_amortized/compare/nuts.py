@@ -10,7 +10,6 @@ posterior covariance as the inverse mass matrix, so that a short warm-up suffice
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import NamedTuple
 
 import arviz as az
@@ -19,15 +18,10 @@ import numpy as np
 from numpyro.distributions import biject_to
 from numpyro.infer import MCMC, NUTS, init_to_uniform
 
-from numpyro_amortized.compare.draws import (
-    abstract_key,
-    merge_static,
-    observed_values,
-    split_static,
-    to_inference_data,
-)
+from numpyro_amortized.compare.draws import observed_values, to_inference_data
 from numpyro_amortized.compare.draws import posterior_predictive as _replicate
 from numpyro_amortized.compare.importance import importance_resample
+from numpyro_amortized.programs import Programs, abstract_key, merge_static, split_static
 from numpyro_amortized.simulation import inspect_model
 
 __all__ = ["NUTSResult", "NUTSRunner", "nuts_diagnostics", "run_nuts", "warm_start_nuts"]
@@ -89,8 +83,7 @@ class NUTSRunner:
         self.settings = (int(num_warmup), int(num_samples), int(num_chains), dense,
                          float(target_accept_prob), int(max_tree_depth), chain_method,
                          bool(adapt_mass_matrix), init_strategy or init_to_uniform)
-        self.max_programs = int(max_programs)
-        self.programs: OrderedDict = OrderedDict()  # (data spec, shapes) -> compiled program
+        self.programs = Programs(max_programs)  # (data spec, shapes) -> compiled program
 
     def run(self, rng_key, *args, init_params=None, inverse_mass_matrix=None,
             posterior_predictive=False, predictive_sites=None, **kwargs) -> NUTSResult:
@@ -105,15 +98,12 @@ class NUTSRunner:
         key = (spec, abstract_key(dynamic), jax.tree.structure(extra),
                abstract_key(jax.tree.leaves(extra)))
         compile_time = 0.0
-        compiled = self.programs.get(key)
-        if compiled is None:
+        if key not in self.programs:
             t0 = time.perf_counter()
-            program = jax.jit(_nuts_program(model, self.settings, spec))
-            compiled = program.lower(rng_key, dynamic, *extra).compile()
+            self.programs.get(key, lambda: jax.jit(_nuts_program(model, self.settings, spec))
+                              .lower(rng_key, dynamic, *extra).compile())
             compile_time = time.perf_counter() - t0
-            self.programs[key] = compiled
-            while len(self.programs) > self.max_programs:
-                self.programs.popitem(last=False)
+        compiled = self.programs.get(key, None)
         t0 = time.perf_counter()
         samples, fields = jax.block_until_ready(compiled(rng_key, dynamic, *extra))
         run_time = time.perf_counter() - t0

@@ -10,7 +10,7 @@ __all__ = ["plot_comparison"]
 _STYLE = {
     "nuts": {"color": "0.35", "label": "NUTS"},
     "amortized": {"color": "tab:blue", "label": "amortized"},
-    "corrected": {"color": "tab:orange", "label": "PSIS-corrected"},
+    "corrected": {"color": "tab:orange", "label": "checked (PSIS / refined)"},
 }
 
 

@@ -17,6 +17,7 @@ answer goes only as far as it needs:
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import NamedTuple
@@ -27,15 +28,15 @@ import numpy as np
 import optax
 from numpyro.infer.util import log_density
 
-from numpyro_amortized.compare.draws import abstract_key, log_joint, merge_static, split_static
 from numpyro_amortized.compare.importance import (
     MIN_ESS,
     RAW_ESS_FRACTION,
-    ImportanceResult,
     psis_weights,
+    weigh,
     which_draws,
 )
 from numpyro_amortized.compare.nuts import warm_start_nuts
+from numpyro_amortized.programs import abstract_key, merge_static, split_static
 
 __all__ = ["PosteriorResult", "posterior", "posterior_batch", "refine_guide"]
 
@@ -52,6 +53,8 @@ class PosteriorResult(NamedTuple):
     :param params: the guide's parameters behind the draws (refined ones after refinement).
     :param nuts: the :class:`~numpyro_amortized.compare.NUTSResult` when NUTS ran.
     :param seconds: wall time of the call.
+    :param reliable: ``False`` when the returned draws failed every check (NUTS not allowed)
+        or NUTS's own diagnostics (R-hat, ESS, divergences) failed; a warning says which.
     """
 
     draws: dict
@@ -63,8 +66,21 @@ class PosteriorResult(NamedTuple):
     params: dict
     nuts: object
     seconds: float
+    reliable: bool = True
 
 
+def _quiet_range(fn):
+    """``posterior`` checks every answer against the model's density, so the summary-range
+    warning of ``sample_posterior`` would only repeat what its checks measure."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*outside the data the guide was trained")
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet_range
 def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=None,
               raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS, refine=True, refine_steps=300,
               refine_particles=32, refine_learning_rate=1e-3, nuts=True, nuts_warmup=500,
@@ -100,8 +116,8 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
 
     def check(proposal_params, key, name):
         t = time.perf_counter()
-        res = _weigh(guide, proposal_params, key, args, kwargs, n,
-                     int(num_proposals or 10 * n))
+        res = weigh(guide, proposal_params, key, args, kwargs, n,
+                    int(num_proposals or 10 * n))
         steps.append({"step": name, "pareto_k": res.pareto_k, "ess": res.ess,
                       "ess_fraction": res.ess_fraction, "seconds": time.perf_counter() - t})
         use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction, min_ess)
@@ -111,11 +127,11 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
             return res, "psis", res.draws
         return res, None, None
 
-    def done(p, res, method, draws, nuts_result=None):
+    def done(p, res, method, draws, nuts_result=None, reliable=True):
         if nuts_result is None and guide.structure.deterministic:
             draws = {**draws, **guide._deterministic_sites(draws, (n,), args, kwargs)}
         return PosteriorResult(draws, method, res.pareto_k, res.ess, res.ess_fraction, steps,
-                               p, nuts_result, time.perf_counter() - t0)
+                               p, nuts_result, time.perf_counter() - t0, reliable)
 
     res, how, draws = check([params], k_check, "amortized")
     if draws is not None:
@@ -139,8 +155,8 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
             f"Pareto k-hat {res.pareto_k:.2f}, importance ESS {res.ess:.0f}: the guide's "
             "posterior for this dataset failed the checks and NUTS was not allowed "
             "(nuts=False); the returned draws (PSIS-resampled) are not reliable.",
-            UserWarning, stacklevel=2)
-        return done(params, res, "psis", res.draws)
+            UserWarning, stacklevel=3)
+        return done(params, res, "psis", res.draws, reliable=False)
     t = time.perf_counter()
     chains = 4
     ref = warm_start_nuts(guide, params, k_nuts, *args, num_warmup=nuts_warmup,
@@ -148,25 +164,13 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
                           adapt_mass_matrix=True, **kwargs)
     steps.append({"step": "nuts", "seconds": time.perf_counter() - t, **ref.diagnostics})
     draws = {k: np.asarray(v)[:n] for k, v in ref.samples.items()}
-    return done(params, res, "nuts", draws, ref)
-
-
-def _weigh(guide, proposal_params, key, args, kwargs, num_samples, num_proposals):
-    """PSIS of the model's density against an equal mixture of the guide under each of
-    ``proposal_params`` (one: the guide itself)."""
-    keys = jax.random.split(key, len(proposal_params) + 1)
-    m = -(-num_proposals // len(proposal_params))
-    parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
-             for k, p in zip(keys[1:], proposal_params, strict=True)]
-    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
-    log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
-              for p in proposal_params]
-    log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
-    log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
-    smoothed, k, ess = psis_weights(log_p - log_q)
-    idx = jax.random.choice(keys[0], len(log_q), (num_samples,), p=jnp.asarray(np.exp(smoothed)))
-    draws = {name: v[idx] for name, v in proposals.items()}
-    return ImportanceResult(draws, proposals, smoothed, k, ess, ess / len(log_q))
+    if not ref.diagnostics["reliable"]:
+        warnings.warn(
+            "The guide's posterior for this dataset failed the checks, and so did the NUTS run "
+            "that replaced it (" + "; ".join(ref.diagnostics["problems"]) + "): the returned "
+            "draws are not reliable. Run NUTS longer (nuts_warmup) or reparametrize the model.",
+            UserWarning, stacklevel=3)
+    return done(params, res, "nuts", draws, ref, ref.diagnostics["reliable"])
 
 
 def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
@@ -178,6 +182,16 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
     data = guide.observed_data(*args, **kwargs)
     batch = guide._encode({k: jnp.asarray(v)[None] for k, v in data.items()})
     dynamic, spec = split_static((args, kwargs))
+    settings = (int(num_steps), int(num_particles), float(learning_rate))
+    run = guide.programs.get(("refine", spec, settings),
+                             lambda: _refine_program(guide, spec, *settings))
+    refined = run(guide.network_params(params), rng_key, batch, dynamic)
+    outer = isinstance(params, dict) and guide.param_name in params
+    return {**params, guide.param_name: refined} if outer else refined
+
+
+def _refine_program(guide, spec, num_steps, num_particles, learning_rate):
+    """The jitted refinement: ``num_steps`` Adam steps on the negative ELBO of one dataset."""
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(learning_rate))
 
     def negative_elbo(p, key, batch, dynamic):
@@ -188,7 +202,6 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
         log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
         return -jnp.mean(log_p - (log_q_u - log_det))
 
-    @jax.jit
     def run(p, key, batch, dynamic):
         def step(carry, key):
             p, state = carry
@@ -200,15 +213,13 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
             return (p, state), loss
 
         (p, _), _ = jax.lax.scan(step, (p, optimizer.init(p)),
-                                      jax.random.split(key, num_steps))
+                                 jax.random.split(key, num_steps))
         return p
 
-    net = guide.network_params(params)
-    refined = run(net, rng_key, batch, dynamic)
-    outer = isinstance(params, dict) and guide.param_name in params
-    return {**params, guide.param_name: refined} if outer else refined
+    return jax.jit(run)
 
 
+@_quiet_range
 def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_proposals=None,
                     raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS,
                     **options) -> list:
@@ -222,8 +233,6 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
         ``refine_steps``, ``nuts``, ...).
     :return: a list of :class:`PosteriorResult`, in the order of ``datasets``.
     """
-    from numpyro_amortized.compare.report import _as_datasets
-
     allowed = {"refine", "refine_steps", "refine_particles", "refine_learning_rate", "nuts",
                "nuts_warmup"}
     unknown = sorted(set(options) - allowed)
@@ -253,7 +262,9 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
         log_q = np.asarray(guide.log_prob_batch(params, proposals, batch), np.float64)
         dynamic = [jnp.stack(x) for x in zip(*(split_static(items[i])[0] for i in idx),
                                              strict=True)]
-        log_p = np.asarray(_log_joint_batch(guide.model, spec)(proposals, dynamic), np.float64)
+        log_joint = guide.programs.get(("log_joint_batch", spec),
+                                       lambda s=spec: _log_joint_batch(guide.model, s))
+        log_p = np.asarray(log_joint(proposals, dynamic), np.float64)
         seconds = (time.perf_counter() - t) / len(idx)
         for j, i in enumerate(idx):
             smoothed, k, ess = psis_weights(log_p[j] - log_q[j])
@@ -289,3 +300,22 @@ def _log_joint_batch(model, spec):
         return jax.vmap(lambda z: log_density(model, a, kw, z)[0])(latents)
 
     return jax.jit(jax.vmap(one_dataset))
+
+
+def _as_datasets(datasets):
+    if isinstance(datasets, dict):
+        datasets = [datasets]
+    items = []
+    for d in datasets:
+        if isinstance(d, dict):
+            items.append(((), d))
+        elif isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], dict):
+            items.append((tuple(d[0]), d[1]))
+        else:
+            raise ValueError(
+                "Each dataset must be a dict of the model's keyword arguments, or an "
+                f"(args, kwargs) pair; got {type(d).__name__}."
+            )
+    if not items:
+        raise ValueError("No datasets to compare.")
+    return items

@@ -25,6 +25,7 @@ from numpyro_amortized.compare.importance import (
     which_draws,
 )
 from numpyro_amortized.compare.nuts import NUTSRunner
+from numpyro_amortized.compare.posterior import _as_datasets, posterior
 from numpyro_amortized.diagnostics import c2st, mmd
 from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.simulation import observed_values
@@ -57,13 +58,14 @@ def standardized_differences(reference, samples) -> dict:
 class Comparison(NamedTuple):
     """What :func:`compare_with_nuts` found.
 
-    :param latents: one row per dataset, method (``amortized``, ``corrected``) and scalar
+    :param latents: one row per dataset, method (``amortized``; ``corrected``: the checked
+        draws, see ``use``) and scalar
         latent: standardized differences ``d_mean``, ``d_sd``, ``d_q05``, ``d_q95`` and
         ``flagged`` (any of them beyond the tolerance).
     :param datasets: one row per dataset: ``c2st`` and ``mmd`` of the amortized and corrected
         draws against NUTS, ``pareto_k``, ``is_ess``, ``trust`` (k-hat <= 0.7), ``use``
-        (which draws to use: ``amortized``, ``corrected`` or ``escalate``, see
-        :func:`~numpyro_amortized.compare.importance.which_draws`), NUTS
+        (which draws to use, as :func:`~numpyro_amortized.posterior` decides: ``amortized``,
+        ``psis``, ``refined+psis``, or ``nuts`` when no check passes), NUTS
         ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``divergences``, ``nuts_reliable``,
         wall times ``time_nuts``, ``time_amortized``, ``time_corrected`` (seconds, compilation
         excluded) and ``speedup`` (NUTS time / amortized time).
@@ -102,7 +104,7 @@ class Comparison(NamedTuple):
 
 
 def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, correct=True,
-                      num_proposals=None, nuts_kwargs=None, c2st_kwargs=None,
+                      refine=True, num_proposals=None, nuts_kwargs=None, c2st_kwargs=None,
                       c2st_samples=1000, tolerance=0.25, train_time=None,
                       progress_bar=True) -> Comparison:
     """Compare the amortized posterior with NUTS on one dataset or many.
@@ -114,8 +116,12 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
     :param datasets: the model's keyword arguments for one dataset (a dict), or a list of them
         (an ``(args, kwargs)`` pair per dataset for positional arguments).
     :param num_samples: guide draws (and corrected draws) per dataset.
-    :param correct: also compute the PSIS-corrected posterior
-        (:func:`~numpyro_amortized.compare.importance_resample`).
+    :param correct: also compute the checked posterior of each dataset, as
+        :func:`~numpyro_amortized.posterior` gives it without NUTS: the guide's draws, their
+        PSIS correction, or (``refine=True``) the guide refined on the dataset; the ``use``
+        column says which, and ``"nuts"`` when none passes the checks.
+    :param refine: let the checked posterior refine the guide on datasets that fail the
+        importance check (a few hundred ELBO steps with the model's density).
     :param nuts_kwargs: settings for :func:`~numpyro_amortized.compare.run_nuts`.
     :param c2st_kwargs: classifier settings for :func:`~numpyro_amortized.c2st` (default: the
         exact sbibm recipe; ``{"early_stopping": True}`` is much faster, say so when reporting).
@@ -150,6 +156,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
     keys = jax.random.split(rng_key, len(items))
     lat_rows, ds_rows, all_draws, nuts_runs = [], [], [], []
     amortized_compile = nuts_compile = 0.0
+    warm = set()  # which checks ran once already (compiled outside the timings)
     bar = tqdm(items, desc="comparing with NUTS", unit="dataset", disable=not progress_bar)
     for i, (args, kwargs) in enumerate(bar):
         k_guide, k_is, k_nuts, k_sub = jax.random.split(keys[i], 4)
@@ -165,17 +172,13 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         names = list(draws)
         amortized, cols = flatten_draws(draws, names)
 
-        corrected, k_hat, is_ess, ess_fraction, t_corrected = None, np.nan, np.nan, np.nan, np.nan
+        corrected, k_hat, is_ess, use, t_corrected = None, np.nan, np.nan, None, np.nan
         if correct:
-            if i == 0:
-                importance_resample(guide, params, k_is, *args, num_samples=num_samples,
-                                    num_proposals=num_proposals, warn=False, **kwargs)
-            t0 = time.perf_counter()
-            res = importance_resample(guide, params, k_is, *args, num_samples=num_samples,
-                                      num_proposals=num_proposals, warn=False, **kwargs)
-            t_corrected = time.perf_counter() - t0
+            res, use, t_corrected, warm = _checked_draws(guide, params, k_is, args, kwargs,
+                                                         num_samples, num_proposals, refine,
+                                                         warm)
             corrected = flatten_draws(res.draws, names)[0]
-            k_hat, is_ess, ess_fraction = res.pareto_k, res.ess, res.ess_fraction
+            k_hat, is_ess = res.pareto_k, res.ess
 
         ref = nuts_runner.run(k_nuts, *args, **run_kwargs, **kwargs)
         nuts_compile += ref.compile_time
@@ -208,7 +211,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         row.update({
             "pareto_k": k_hat, "is_ess": is_ess, "trust": bool(k_hat <= PARETO_K_THRESHOLD)
             if correct else None,
-            "use": which_draws(k_hat, is_ess, ess_fraction) if correct else None,
+            "use": use,
             "rhat_max": diag["rhat_max"], "ess_bulk_min": diag["ess_bulk_min"],
             "ess_tail_min": diag["ess_tail_min"], "divergences": diag["divergences"],
             "nuts_reliable": diag["reliable"], "time_nuts": ref.run_time,
@@ -238,23 +241,33 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
                       tolerance)
 
 
-def _as_datasets(datasets):
-    if isinstance(datasets, dict):
-        datasets = [datasets]
-    items = []
-    for d in datasets:
-        if isinstance(d, dict):
-            items.append(((), d))
-        elif isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], dict):
-            items.append((tuple(d[0]), d[1]))
-        else:
-            raise ValueError(
-                "Each dataset must be a dict of the model's keyword arguments, or an "
-                f"(args, kwargs) pair; got {type(d).__name__}."
-            )
-    if not items:
-        raise ValueError("No datasets to compare.")
-    return items
+def _checked_draws(guide, params, key, args, kwargs, num_samples, num_proposals, refine, warm):
+    """The draws to use for one dataset, as :func:`~numpyro_amortized.posterior` decides
+    without NUTS (an ``"nuts"`` verdict when no check passes), and the time of the call. Each
+    program (the check, the refinement) runs once untimed the first time it is needed."""
+    def run():
+        t0 = time.perf_counter()
+        if isinstance(guide, AutoAmortizedFlow):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                res = posterior(guide, params, key, *args, num_samples=num_samples,
+                                num_proposals=num_proposals, refine=refine, nuts=False,
+                                **kwargs)
+            use = res.method if res.reliable else "nuts"
+            ran = {"check"} | {s["step"] for s in res.steps if s["step"] == "refine"}
+        else:  # any guide with sample_posterior and log_prob: the PSIS check only
+            res = importance_resample(guide, params, key, *args, num_samples=num_samples,
+                                      num_proposals=num_proposals, warn=False, **kwargs)
+            use = {"amortized": "amortized", "corrected": "psis", "escalate": "nuts"}[
+                which_draws(res.pareto_k, res.ess, res.ess_fraction)]
+            ran = {"check"}
+        return res, use, time.perf_counter() - t0, ran
+
+    res, use, seconds, ran = run()
+    if ran - warm:
+        warm = warm | ran
+        res, use, seconds, _ = run()
+    return res, use, seconds, warm
 
 
 def _subsample(reference, samples, n, key):
@@ -293,10 +306,11 @@ def format_comparison(report: Comparison) -> str:
                      "density (Pareto k-hat and importance ESS; as numpyro_amortized.posterior "
                      "decides):")
         for use, why in (("amortized", "importance weights close to uniform"),
-                         ("corrected", (f"PSIS-corrected: k-hat <= {PARETO_K_THRESHOLD}, "
-                                       "enough importance ESS")),
-                         ("escalate", ("neither passes: refine on the dataset or run NUTS "
-                                      "(posterior() does)"))):
+                         ("psis", (f"PSIS-corrected: k-hat <= {PARETO_K_THRESHOLD}, "
+                                   "enough importance ESS")),
+                         ("refined+psis", ("the guide refined on the dataset, then "
+                                           "PSIS-corrected")),
+                         ("nuts", "no check passes: run NUTS (posterior() does)")):
             which = ds.dataset[ds.use == use].tolist()
             if which:
                 lines.append(f"  {use} ({why}): datasets {', '.join(map(str, which))}")

@@ -207,6 +207,7 @@ class _Program:
     def start(self, resume) -> Run:
         """Set the guide up (or restore it) and the initial state, then draw the simulations."""
         guide, cfg = self.guide, self.cfg
+        guide.summary_range = None  # another run's range must not outlive it (set at the end)
         k_init, k_data, k_val = jax.random.split(cfg.rng_key, 3)
         history = {"losses": [], "val_steps": [], "val_losses": [], "best": None,
                    "train_time": 0.0, "plateau": {}}
@@ -324,6 +325,7 @@ class _Program:
         if member_lps is not None:  # a flow ensemble's weights, fitted on held-out simulations
             params = guide.set_mixture_weights(host_tree(chosen), host_value(member_lps))
             params = jax.device_put(jax.tree.map(np.asarray, params), self.replicated)
+        guide.set_summary_range(params, self.val)  # sample_posterior warns outside it
         config = dict(cfg.record, flow=_describe(guide),
                       plateau={**run.plateau, "scale": run.scale,
                                "stopped": run.stop == "validation plateau"})

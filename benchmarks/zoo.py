@@ -1,0 +1,233 @@
+"""Everyday models: the guide with the package defaults against NUTS, raw and through posterior().
+
+The models are written the way NumPyro users write them (covariates as plain arguments, vague
+priors, a group index, `scan`, a hierarchical plate). For each model one guide is trained with
+`fit`'s defaults on the model's arguments; then, on 5 prior-predictive datasets and one
+real-scale or tail dataset per model, NUTS (4 chains x 1,000 draws after 1,000 warm-up steps)
+is the reference, and the C2ST (exact sbibm recipe, 1,000 draws a side) of the guide's raw
+draws and of `posterior(...)`'s draws against it is recorded, with the path `posterior` took
+and the time per dataset of each path.
+
+Writes benchmarks/results/zoo.json and the ZOO section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.infer import Predictive
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import machine, write_markdown
+
+from numpyro_amortized import AutoAmortizedFlow, fit, posterior
+from numpyro_amortized.compare import NUTSRunner
+from numpyro_amortized.compare.draws import flatten_draws
+from numpyro_amortized.diagnostics import c2st
+
+RESULTS = Path(__file__).parent / "results" / "zoo.json"
+
+
+# ------------------------------------------------------------------------------- the models
+def linear_regression(x, y=None):
+    """Two covariates, vague priors (the Pyro introduction's scale)."""
+    a = numpyro.sample("a", dist.Normal(0.0, 10.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.Uniform(0.0, 10.0))
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Normal(a + x @ b, sigma), obs=y)
+
+
+def logistic_regression(X, y=None):
+    b0 = numpyro.sample("b0", dist.Normal(0.0, 2.5))
+    b = numpyro.sample("b", dist.Normal(0.0, 2.5).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("N", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=b0 + X @ b), obs=y)
+
+
+def poisson_regression(x, y=None):
+    a = numpyro.sample("a", dist.Normal(1.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 0.5))
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(a + b * x)), obs=y)
+
+
+def varying_intercepts(group, num_groups, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(2.0))
+    with numpyro.plate("groups", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
+    with numpyro.plate("N", group.shape[0]):
+        numpyro.sample("y", dist.Normal(a[group], sigma), obs=y)
+
+
+def ar1(T, y=None):
+    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+
+    def step(prev, y_t):
+        y_t = numpyro.sample("y", dist.Normal(phi * prev, sigma), obs=y_t)
+        return y_t, None
+
+    scan(step, jnp.zeros(()), y if y is not None else None, length=T)
+
+
+def eight_schools(sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("J", sigma.shape[0]):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def _models():
+    """name -> (model, fixed arguments, guide options, tail dataset's latents, tail note)."""
+    rng = np.random.default_rng(0)
+    x2 = jnp.asarray(rng.normal(size=(50, 2)), jnp.float32)
+    X3 = jnp.asarray(rng.normal(size=(100, 3)), jnp.float32)
+    x1 = jnp.asarray(np.linspace(-1.5, 1.5, 60), jnp.float32)
+    group = jnp.asarray(np.repeat(np.arange(6), 10), jnp.int32)
+    sigma8 = jnp.asarray([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    return {
+        "linear_regression": (linear_regression, {"x": x2}, {}, {
+            "a": 9.2, "b": jnp.asarray([-1.8, 0.4]), "sigma": 0.95},
+            "real scale: a = 9.2 (24 prior sds from a small intercept)"),
+        "logistic_regression": (logistic_regression, {"X": X3}, {}, {
+            "b0": -1.0, "b": jnp.asarray([2.5, -3.0, 1.5])}, "large coefficients"),
+        "poisson_regression": (poisson_regression, {"x": x1}, {}, {"a": 3.0, "b": 1.0},
+                               "counts up to ~400 (a 2 prior sds up)"),
+        "varying_intercepts": (varying_intercepts, {"group": group, "num_groups": 6}, {}, {
+            "mu": 10.0, "tau": 4.0, "a": jnp.asarray([6.0, 8.0, 10.0, 11.0, 13.0, 15.0]),
+            "sigma": 1.0}, "mu 2 prior sds up, tight groups"),
+        "ar1": (ar1, {"T": 50}, {"time_series": True}, {"phi": 0.97, "sigma": 0.5},
+                "near unit root"),
+        "eight_schools": (eight_schools, {"sigma": sigma8}, {}, None,
+                          "the classic data (Rubin 1981)"),
+    }
+
+
+EIGHT_SCHOOLS_Y = jnp.asarray([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+
+
+def _datasets(name, model, fixed, tail, key, num_prior):
+    """``num_prior`` prior-predictive datasets and the tail (or real) one, as kwargs."""
+    sims = Predictive(model, num_samples=num_prior)(key, **fixed)
+    out = [{**fixed, "y": sims["y"][i]} for i in range(num_prior)]
+    if name == "eight_schools":
+        out.append({**fixed, "y": EIGHT_SCHOOLS_Y})
+    else:
+        rep = Predictive(model, posterior_samples={k: jnp.asarray(v)[None]
+                                                   for k, v in tail.items()})
+        out.append({**fixed, "y": rep(jax.random.fold_in(key, 1), **fixed)["y"][0]})
+    return out
+
+
+def _c2st(ref, draws, names, key, n=1000):
+    a = flatten_draws(ref, names)[0]
+    b = flatten_draws(draws, names)[0]
+    k1, k2 = jax.random.split(key)
+    a = a[np.asarray(jax.random.permutation(k1, len(a)))[:n]]
+    b = b[np.asarray(jax.random.permutation(k2, len(b)))[:n]]
+    return float(c2st(a, b))
+
+
+def bench_model(name, spec, key, num_prior=5, num_steps=None):
+    model, fixed, options, tail, note = spec
+    k_fit, k_data, k_eval = jax.random.split(key, 3)
+    data = _datasets(name, model, fixed, tail, k_data, num_prior)
+    guide = AutoAmortizedFlow(model, **options)
+    t0 = time.perf_counter()
+    result = fit(guide, k_fit, num_steps=num_steps, progress_bar=False, **data[0])
+    train_time = time.perf_counter() - t0
+    names = [s.name for s in guide.latent_layout.sites]
+    runner = NUTSRunner(model)
+    rows = []
+    for i, d in enumerate(data):
+        k_nuts, k_raw, k_post, k_c1, k_c2 = jax.random.split(jax.random.fold_in(k_eval, i), 5)
+        ref = runner.run(k_nuts, **d)
+        guide.sample_posterior(k_raw, result.params, sample_shape=(1000,), **d)  # compiled
+        t = time.perf_counter()
+        raw = jax.block_until_ready(guide.sample_posterior(k_raw, result.params,
+                                                           sample_shape=(1000,), **d))
+        t_raw = time.perf_counter() - t
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            post = posterior(guide, result.params, k_post, num_samples=1000, **d)
+        rows.append({
+            "dataset": i, "kind": "prior predictive" if i < num_prior else note,
+            "c2st_raw": _c2st(ref.samples, raw, names, k_c1),
+            "c2st_posterior": _c2st(ref.samples, post.draws, names, k_c2),
+            "method": post.method, "pareto_k": post.pareto_k, "reliable": post.reliable,
+            "time_raw": t_raw, "time_posterior": post.seconds, "time_nuts": ref.run_time,
+            "nuts_compile": ref.compile_time, "nuts_reliable": ref.diagnostics["reliable"],
+        })
+        print(name, rows[-1], flush=True)
+    return {"train_time": train_time, "num_steps": len(result.losses),
+            "latent_dim": guide.latent_layout.dim, "datasets": rows}
+
+
+def markdown(results, info):
+    lines = [
+        ("| model | latents | train s | raw C2ST median (max) | `posterior` C2ST median (max) "
+        "| paths taken (amortized/psis/refined/nuts) | s per dataset: raw / `posterior` / NUTS |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    share_ok = []
+    for name, r in results.items():
+        rows = r["datasets"]
+        raw = np.array([x["c2st_raw"] for x in rows])
+        post = np.array([x["c2st_posterior"] for x in rows])
+        share_ok += list(post <= 0.6)
+        paths = [sum(x["method"] == m for x in rows)
+                 for m in ("amortized", "psis", "refined+psis", "nuts")]
+        lines.append(
+            f"| {name} | {r['latent_dim']} | {r['train_time']:.0f} | {np.median(raw):.2f} "
+            f"({raw.max():.2f}) | {np.median(post):.2f} ({post.max():.2f}) | "
+            f"{'/'.join(map(str, paths))} | "
+            f"{np.median([x['time_raw'] for x in rows]):.3f} / "
+            f"{np.median([x['time_posterior'] for x in rows]):.2f} / "
+            f"{np.median([x['time_nuts'] for x in rows]):.2f} |")
+    lines.append("")
+    lines.append(f"`posterior` C2ST <= 0.6 on {sum(share_ok)} of {len(share_ok)} datasets. "
+                 f"Machine: {info['cpu_count']} cores, {info['devices'][0]}, jax {info['jax']}.")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="training steps (default: fit's default)")
+    parser.add_argument("--no-markdown", action="store_true")
+    args = parser.parse_args()
+    models = _models()
+    chosen = args.models or list(models)
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
+    info = machine()
+    for i, name in enumerate(chosen):
+        saved["results"][name] = bench_model(name, models[name], jax.random.PRNGKey(i),
+                                             num_steps=args.num_steps)
+        saved["machine"] = info
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(saved, indent=1))
+    ordered = {k: saved["results"][k] for k in models if k in saved["results"]}
+    text = markdown(ordered, info)
+    print(text)
+    if not args.no_markdown:
+        write_markdown("ZOO", text)
+
+
+if __name__ == "__main__":
+    main()

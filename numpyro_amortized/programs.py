@@ -1,0 +1,87 @@
+"""A bounded store of compiled programs, owned by the object that uses them.
+
+Checks that run on many datasets (the model's log density, refinement, NUTS) compile one
+program per data shape. The object that runs them (a guide, a
+:class:`~numpyro_amortized.compare.NUTSRunner`) keeps them in a :class:`Programs`, so that a
+second dataset of the same shapes reuses the program and nothing outlives its owner.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.infer.util import log_density
+
+__all__ = ["Programs", "abstract_key", "log_joint_program", "merge_static", "split_static"]
+
+
+class Programs:
+    """At most ``max_programs`` compiled programs by key, the least recently used dropped first.
+
+    :param max_programs: how many to keep.
+
+    **Example**::
+
+        programs = Programs(4)
+        f = programs.get(("log_joint", spec), lambda: jax.jit(log_joint))
+    """
+
+    def __init__(self, max_programs=16):
+        if int(max_programs) < 1:
+            raise ValueError(f"max_programs={max_programs}: keep at least one program.")
+        self.max_programs = int(max_programs)
+        self._store: OrderedDict = OrderedDict()
+
+    def get(self, key, build):
+        """The program under ``key``, built by ``build()`` (and kept) when missing."""
+        if key in self._store:
+            self._store.move_to_end(key)
+            return self._store[key]
+        program = build()
+        self._store[key] = program
+        while len(self._store) > self.max_programs:
+            self._store.popitem(last=False)
+        return program
+
+    def __contains__(self, key):
+        return key in self._store
+
+    def __len__(self):
+        return len(self._store)
+
+    def clear(self):
+        """Drop every program."""
+        self._store.clear()
+
+
+def split_static(tree):
+    """Split a pytree into its array leaves (traced) and a hashable spec of everything else."""
+    leaves, treedef = jax.tree.flatten(tree)
+    is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+    dynamic = [jnp.asarray(x) for x, a in zip(leaves, is_array) if a]
+    static = tuple(None if a else x for x, a in zip(leaves, is_array))
+    return dynamic, (treedef, tuple(is_array), static)
+
+
+def merge_static(dynamic, spec):
+    treedef, is_array, static = spec
+    it = iter(dynamic)
+    return jax.tree.unflatten(treedef, [next(it) if a else s for a, s in zip(is_array, static)])
+
+
+def abstract_key(dynamic) -> tuple:
+    """Shapes and dtypes of the traced leaves: one compilation serves all data like these."""
+    return tuple((tuple(x.shape), str(x.dtype)) for x in dynamic)
+
+
+def log_joint_program(model, spec):
+    """The jitted ``(latents, dynamic) -> log p(theta, x)`` of ``model`` for data with the
+    static parts ``spec`` (see :func:`split_static`), vectorized over the draws."""
+    def log_joint(latents, dynamic):
+        args, kwargs = merge_static(dynamic, spec)
+        return jax.vmap(lambda z: log_density(model, args, kwargs, z)[0])(latents)
+
+    return jax.jit(log_joint)

@@ -1,0 +1,70 @@
+"""Where the training simulations lie in summary space, to flag data outside it.
+
+A guide is trained on simulations from the model; on data unlike any of them its answer is an
+extrapolation. After training, the summaries of held-out simulations define the range: their
+mean and (shrunk) covariance from one half, and from the other half the largest Mahalanobis
+distance to that mean. A dataset farther than every held-out simulation is outside: under the
+model this happens with probability at most ``1 / (m + 1)`` for ``m`` held-out simulations
+(a conformal bound), so the check rarely fires on data the model describes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["SummaryRange"]
+
+
+class SummaryRange(NamedTuple):
+    """The range of the training simulations' summaries.
+
+    :param loc: ``(S,)`` mean summary.
+    :param whiten: ``(S, S)`` matrix ``W`` such that ``|W (s - loc)|`` is the Mahalanobis
+        distance.
+    :param threshold: the largest squared distance among the held-out half.
+    :param num_reference: how many simulations the threshold was taken over.
+    """
+
+    loc: np.ndarray
+    whiten: np.ndarray
+    threshold: float
+    num_reference: int
+
+    @classmethod
+    def fit(cls, summaries) -> SummaryRange:
+        """The range of ``(n, S)`` summaries of simulations (n of at least 20)."""
+        s = np.asarray(summaries, np.float64)
+        s = s[np.all(np.isfinite(s), axis=1)]
+        if len(s) < 20:
+            raise ValueError(f"{len(s)} finite summaries: at least 20 are needed for a range.")
+        first, second = s[0::2], s[1::2]
+        loc = first.mean(0)
+        cov = np.atleast_2d(np.cov(first, rowvar=False))
+        # shrunk towards its diagonal's mean: summaries are often nearly collinear
+        ridge = 1e-3 * np.trace(cov) / len(cov) + 1e-12
+        cov = cov + ridge * np.eye(len(cov))
+        whiten = np.linalg.inv(np.linalg.cholesky(cov))
+        r = cls(loc, whiten, 0.0, len(second))
+        return r._replace(threshold=float(r.distances(second).max()))
+
+    def distances(self, summaries) -> np.ndarray:
+        """Squared Mahalanobis distances of ``(n, S)`` summaries to the training mean."""
+        z = (np.asarray(summaries, np.float64) - self.loc) @ self.whiten.T
+        return np.sum(z**2, axis=-1)
+
+    def outside(self, summaries) -> np.ndarray:
+        """``(n,)``: which datasets lie beyond every held-out simulation (NaN summaries too)."""
+        d = self.distances(summaries)
+        return ~(d <= self.threshold)
+
+    def to_dict(self) -> dict:
+        return {"loc": np.asarray(self.loc), "whiten": np.asarray(self.whiten),
+                "threshold": np.asarray(self.threshold), "num_reference":
+                np.asarray(self.num_reference)}
+
+    @classmethod
+    def from_dict(cls, d) -> SummaryRange:
+        return cls(np.asarray(d["loc"], np.float64), np.asarray(d["whiten"], np.float64),
+                   float(d["threshold"]), int(d["num_reference"]))

@@ -56,7 +56,7 @@ def main(out_dir="."):
     m = 200 if QUICK else 1000
     t0 = time.perf_counter()
     report = diagnose(guide, result.params, jax.random.PRNGKey(1), x=z, y=z,
-                      num_simulations=m, num_posterior_samples=m,
+                      num_simulations=m, num_samples=m,
                       test_quantities={"mean_at_x1": lambda t: t["beta"][..., 0]
                                        + t["beta"][..., 1]},
                       observed=observed, observed_num_obs=num_obs, progress_bar=not QUICK)

@@ -17,6 +17,19 @@ from numpyro.infer.elbo import ELBO
 __all__ = ["NPE", "AmortizedELBO", "AmortizedLoss", "masked_mean"]
 
 
+DEFAULT_BATCH_SIZE = 256
+
+
+def resolve_batch_size(loss, batch_size):
+    """The batch size of a run: ``batch_size`` if given, else the loss's, else 256; a
+    ``ValueError`` when both are given and differ."""
+    own = getattr(loss, "batch_size", None)
+    if batch_size is not None and own is not None and int(batch_size) != own:
+        raise ValueError(f"batch_size={batch_size} and {type(loss).__name__}(batch_size={own}) "
+                         "disagree: give the batch size once.")
+    return batch_size if batch_size is not None else (own or DEFAULT_BATCH_SIZE)
+
+
 def masked_mean(values, valid):
     """Mean of ``values`` over entries where ``valid`` (0 if none are)."""
     values = jnp.where(valid, values, 0.0)
@@ -26,12 +39,16 @@ def masked_mean(values, valid):
 class AmortizedLoss(ELBO):
     """Base class: a loss per simulated dataset, averaged over a fresh batch of simulations.
 
-    :param num_simulations: datasets simulated per evaluation (the batch size under ``SVI``).
+    :param batch_size: datasets simulated per evaluation under ``SVI`` (default 256);
+        :func:`~numpyro_amortized.fit` trains with it when its own ``batch_size`` is not given
+        (both given must agree).
     """
 
-    def __init__(self, num_simulations=256):
+    def __init__(self, batch_size=None):
         super().__init__(num_particles=1)
-        self.num_simulations = int(num_simulations)
+        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size}: need a positive integer.")
+        self.batch_size = None if batch_size is None else int(batch_size)
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
         """Loss of each simulation in ``sims`` (shape ``(B,)``); subclasses implement this."""
@@ -45,7 +62,7 @@ class AmortizedLoss(ELBO):
         if getattr(guide, "structure", None) is None:
             raise RuntimeError(f"{type(self).__name__} needs an AutoAmortizedFlow guide.")
         k_sim, k_loss = jax.random.split(rng_key)
-        sims = guide.simulate(k_sim, self.num_simulations, *args, **kwargs)
+        sims = guide.simulate(k_sim, self.batch_size or DEFAULT_BATCH_SIZE, *args, **kwargs)
         losses = self.simulation_losses(
             guide, param_map[guide.param_name], k_loss, sims, *args, **kwargs
         )
@@ -62,7 +79,7 @@ class NPE(AmortizedLoss):
 
     **Example**::
 
-        svi = SVI(model, guide, numpyro.optim.Adam(1e-3), loss=NPE(num_simulations=256))
+        svi = SVI(model, guide, numpyro.optim.Adam(1e-3), loss=NPE(batch_size=256))
 
     **References:** Papamakarios & Murray (2016); Radev et al. (2020), *BayesFlow*.
     """
@@ -80,7 +97,7 @@ class NPE(AmortizedLoss):
 class AmortizedELBO(AmortizedLoss):
     """The ELBO averaged over datasets from the prior predictive (reverse KL).
 
-    :param num_simulations: datasets per evaluation.
+    :param batch_size: datasets per evaluation (see :class:`AmortizedLoss`).
     :param num_particles: posterior draws per dataset.
 
     **Example**::
@@ -91,8 +108,8 @@ class AmortizedELBO(AmortizedLoss):
     likelihood-free variational marginalization*; the amortized VI of Kingma & Welling (2014).
     """
 
-    def __init__(self, num_simulations=256, num_particles=1):
-        super().__init__(num_simulations)
+    def __init__(self, batch_size=None, num_particles=1):
+        super().__init__(batch_size)
         self.num_particles = int(num_particles)
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):

@@ -15,7 +15,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_amortized import AutoAmortizedFlow, fit
+from numpyro_amortized import NPE, AutoAmortizedFlow, fit
 from numpyro_amortized.networks import affine_flow
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "numpyro_amortized"
@@ -171,12 +171,21 @@ def trained():
     ({"validation_size": 0}, "validation_size=0"),
     ({"num_chunks": 0}, "num_chunks=0"),
     ({"patience": -1}, "patience=-1"),
+    ({"batch_size": 64, "loss": NPE(batch_size=128)}, r"batch_size=64 and NPE\(batch_size=128\)"),
 ])
 def test_nonsense_settings_are_refused_before_training(bad, match):
     guide = AutoAmortizedFlow(normal_mean, flow=small_flow, num_pilot_simulations=256)
     with pytest.raises(ValueError, match=match):
         fit(guide, KEY, y=Y, **{"num_steps": 10, "progress_bar": False, **bad})
     assert not guide.is_setup  # refused before any work
+
+
+def test_the_losss_batch_size_is_the_runs():
+    guide = AutoAmortizedFlow(normal_mean, flow=small_flow, num_pilot_simulations=256)
+    result = fit(guide, KEY, y=Y, num_steps=10, loss=NPE(batch_size=48), progress_bar=False)
+    assert result.config["batch_size"] == 48 and result.num_simulations == 480
+    with pytest.raises(ValueError, match="batch_size=0"):
+        NPE(batch_size=0)
 
 
 def test_parameters_that_do_not_fit_or_are_not_finite_are_refused(trained):

@@ -193,7 +193,7 @@ def test_misspecification_is_flagged(gaussian_guide):
 def test_diagnose_a_trained_guide(gaussian_guide):
     guide, params = gaussian_guide
     report = diagnose(guide, params, jax.random.PRNGKey(2), y=jnp.zeros(N_POINTS),
-                      num_simulations=500, num_posterior_samples=500,
+                      num_simulations=500, num_samples=500,
                       test_quantities={"mu_squared": lambda z: z["mu"] ** 2},
                       observed=observations("gaussian", 7), progress_bar=False)
     s = report.summary

@@ -80,7 +80,7 @@ def test_amortized_elbo_fit_matches_exact_posterior():
     assert_matches_exact(guide_draws(guide, result.params))
 
 
-@pytest.mark.parametrize("loss", [NPE(num_simulations=256), AmortizedELBO(num_simulations=256)],
+@pytest.mark.parametrize("loss", [NPE(batch_size=256), AmortizedELBO(batch_size=256)],
                          ids=["NPE", "AmortizedELBO"])
 @pytest.mark.slow
 def test_numpyro_svi_trains_the_guide(loss):

@@ -57,7 +57,7 @@ class DiagnosticsReport(NamedTuple):
 
 
 def calibration_draws(guide, params, rng_key, *args, num_simulations=1000,
-                      num_posterior_samples=1000, test_quantities=None, **kwargs):
+                      num_samples=1000, test_quantities=None, **kwargs):
     """Simulate datasets from the prior predictive and draw the guide's posterior for all of
     them in one vectorized call.
 
@@ -67,7 +67,7 @@ def calibration_draws(guide, params, rng_key, *args, num_simulations=1000,
     :return: ``(draws (M, L, D), truths (M, D), names, num_dropped)``.
     """
     k_sim, k_post = jax.random.split(rng_key)
-    m, n = int(num_simulations), int(num_posterior_samples)
+    m, n = int(num_simulations), int(num_samples)
     sims = jax.jit(lambda k: guide.simulate(k, m, *args, **kwargs))(k_sim)
     valid = np.asarray(sims.valid)
     post = guide.sample_posterior_batch(k_post, params, sims.observed, sample_shape=(n,),
@@ -84,7 +84,7 @@ def calibration_draws(guide, params, rng_key, *args, num_simulations=1000,
     return draws[valid], truths[valid], cols, int((~valid).sum())
 
 
-def diagnose(guide, params, rng_key, *args, num_simulations=1000, num_posterior_samples=1000,
+def diagnose(guide, params, rng_key, *args, num_simulations=1000, num_samples=1000,
              test_quantities=None, observed=None, observed_num_obs=None, make_plots=True,
              progress_bar=True, **kwargs) -> DiagnosticsReport:
     """Run the default diagnostics of a trained guide.
@@ -94,7 +94,7 @@ def diagnose(guide, params, rng_key, *args, num_simulations=1000, num_posterior_
     :param rng_key: a PRNG key.
     :param args: the model's arguments for one dataset, as given to ``fit``.
     :param num_simulations: prior-predictive datasets (``M``).
-    :param num_posterior_samples: posterior draws per dataset (``L``).
+    :param num_samples: posterior draws per dataset (``L``).
     :param test_quantities: extra scalar quantities to calibrate (see
         :func:`calibration_draws`).
     :param observed: optional observed datasets (leading dataset axis) for the
@@ -119,7 +119,7 @@ def diagnose(guide, params, rng_key, *args, num_simulations=1000, num_posterior_
     step(steps[0])
     draws, truths, names, dropped = calibration_draws(
         guide, params, k_draws, *args, num_simulations=num_simulations,
-        num_posterior_samples=num_posterior_samples, test_quantities=test_quantities, **kwargs)
+        num_samples=num_samples, test_quantities=test_quantities, **kwargs)
     bar.update()
     step("SBC")
     sbc = sbc_test(sbc_ranks(draws, truths), draws.shape[1], names)

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
-from numpyro_amortized.losses import NPE, masked_mean
+from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Plateau, ProgressBar, Run
@@ -66,7 +66,7 @@ class FitResult(NamedTuple):
     config: dict | None = None
 
 
-def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimizer=None,
+def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None,
@@ -84,7 +84,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         every simulation, and the summary network reads them (see the guide's ``model``).
     :param num_steps: optimizer steps. Default: 5,000 online; with a fixed budget, 30 passes over
         the training simulations, at least 5,000 and at most 20,000 steps.
-    :param batch_size: simulations per step (the global batch, over all devices).
+    :param batch_size: simulations per step (the global batch, over all devices). Default:
+        the loss's ``batch_size`` if it has one, else 256.
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
         :class:`~numpyro_amortized.AmortizedELBO`.
     :param optimizer: any optax transformation (default
@@ -129,7 +130,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=256, loss=None, optimi
         result = fit(guide, jax.random.PRNGKey(0), x=x, y=y, num_steps=3000)
         result.params, result.losses[-1]
     """
-    cfg = resolve_settings(rng_key, num_steps=num_steps, batch_size=batch_size,
+    cfg = resolve_settings(rng_key, num_steps=num_steps,
+                           batch_size=resolve_batch_size(loss, batch_size),
                            learning_rate=learning_rate, num_simulations=num_simulations,
                            validation_size=validation_size, num_chunks=num_chunks,
                            keep_best=keep_best, patience=patience, checkpoint=checkpoint,

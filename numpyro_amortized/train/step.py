@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from numpyro_amortized.losses import NPE
+from numpyro_amortized.losses import NPE, resolve_batch_size
 from numpyro_amortized.train.optim import default_optimizer
 
 __all__ = ["StepInfo", "TrainState", "Trainer", "trainer"]
@@ -55,7 +55,7 @@ def _axis_size(axis_name):
     return jax.lax.psum(1, axis_name)
 
 
-def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
+def trainer(guide, *, loss=None, optimizer=None, batch_size=None, axis_name=None,
             data_sharding=None) -> Trainer:
     """The pure training core for ``guide``.
 
@@ -64,7 +64,8 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
         :class:`~numpyro_amortized.AmortizedELBO`.
     :param optimizer: any ``optax.GradientTransformation`` (default :func:`default_optimizer`
         for 10,000 steps).
-    :param batch_size: simulations per update, over all devices (the global batch).
+    :param batch_size: simulations per update, over all devices (the global batch); default
+        the loss's ``batch_size``, else 256.
     :param axis_name: under ``jax.pmap`` (or ``shard_map``), the mapped axis: each device
         simulates ``batch_size / axis_size`` datasets with its own keys, and the loss and
         gradient are the mean over the global batch (a ``psum``), so the update is the one a
@@ -86,6 +87,7 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=256, axis_name=None,
         step = jax.jit(lambda s: tr.update(s, *model_args))
         state, info = step(state)
     """
+    batch_size = resolve_batch_size(loss, batch_size)
     loss = NPE() if loss is None else loss
     if optimizer is None:
         optimizer = default_optimizer(10_000, weight_decay=guide.weight_decay)

@@ -3,7 +3,8 @@
 The model is the linear regression of the BayesFlow tutorial, with 5 to 15 observations:
 beta ~ N([2, 0], [3, 1]), sigma ~ Gamma(1, 1), x ~ N(0, 1), y ~ N(beta0 + beta1 x, sigma).
 One guide is trained on datasets simulated from the model; then, for a new dataset, its
-posterior is printed next to NUTS's, with the time each took.
+posterior is printed next to NUTS's, with the time each took, and `posterior()` says which
+draws to use for it and why.
 
     python examples/quickstart.py            # full run (a few minutes on 2 CPU cores)
     QUICK=1 python examples/quickstart.py    # a short smoke run
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_amortized import AutoAmortizedFlow, compare_with_nuts, fit
+from numpyro_amortized import AutoAmortizedFlow, compare_with_nuts, fit, posterior
 from numpyro_amortized.examples import linear_regression
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
@@ -47,7 +48,7 @@ def main():
     t_amortized = time.perf_counter() - t0
 
     # 4. The same model and data through NUTS, side by side: per-latent differences in NUTS
-    #    posterior sds, C2ST, PSIS k-hat (can the amortized answer be trusted here?), times.
+    #    posterior sds, C2ST, Pareto k-hat and which draws to use, times.
     report = compare_with_nuts(guide, result.params, jax.random.PRNGKey(2), {"x": x, "y": y},
                                train_time=result.train_time,
                                c2st_kwargs={"early_stopping": True}, progress_bar=False)
@@ -64,10 +65,18 @@ def main():
               f"{np.quantile(b, .05):7.3f} {np.quantile(b, .95):7.3f}")
     row = report.datasets.iloc[0]
     print(f"\nC2ST amortized vs NUTS: {row.c2st_amortized:.3f} (0.5 = indistinguishable); "
-          f"PSIS-corrected: {row.c2st_corrected:.3f}")
-    print(f"Pareto k-hat {row.pareto_k:.2f}: "
-          + ("the amortized answer can be trusted for this dataset" if row.pareto_k <= 0.7
-             else "do not trust the amortized answer for this dataset"))
+          f"checked draws ({row.use}): {row.c2st_corrected:.3f}")
+
+    # 5. Without NUTS: posterior() checks the amortized draws against the model's exact density
+    #    and corrects or escalates them only as far as needed.
+    res = posterior(guide, result.params, jax.random.PRNGKey(3), x=x, y=y, num_samples=4000)
+    why = {"amortized": "importance weights close to uniform: the guide's own draws",
+           "psis": "PSIS-corrected draws (k-hat <= 0.7, enough importance ESS)",
+           "refined+psis": "the guide refined on this dataset, then PSIS-corrected",
+           "nuts": "the checks failed: NUTS, started from the guide"}[res.method]
+    print(f"posterior(): use the {res.method} draws, {why}; Pareto k-hat {res.pareto_k:.2f}, "
+          f"importance ESS {res.ess:.0f}, {1e3 * res.seconds:.0f} ms"
+          + ("" if res.reliable else " (NOT reliable: see the warning)"))
     t_nuts = report.nuts[0].run_time + report.nuts[0].compile_time
     print(f"time per dataset: amortized {1e3 * t_amortized:.1f} ms, NUTS {t_nuts:.2f} s "
           f"({t_nuts / t_amortized:,.0f}x faster; NUTS {report.nuts[0].run_time:.2f} s once "

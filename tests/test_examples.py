@@ -20,6 +20,7 @@ def test_quickstart_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "C2ST amortized vs NUTS" in out.stdout
     assert "sigma" in out.stdout and "faster" in out.stdout
+    assert "posterior(): use the " in out.stdout and "Pareto k-hat" in out.stdout
 
 
 def test_peak_example_runs(tmp_path):

@@ -277,7 +277,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                 "Some posterior draws are NaN or infinite: the data may be far outside what the "
                 "guide was trained on (check the data's scale against the prior predictive).",
                 UserWarning, stacklevel=3)
-        self._check_range(summaries, stacklevel=4)
+        if self.summary_range is not None:
+            self.summary_range.warn_outside(summaries, stacklevel=4)
         return draws
 
     def log_prob(self, params, latents, *args, **kwargs):

@@ -359,36 +359,11 @@ class AmortizedGuideBase:
         finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
         return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u)), emb
 
-    def set_summary_range(self, params, sims: Simulations):
-        """Record the range of the summaries of ``sims`` (held-out simulations) under
-        ``params``; :meth:`sample_posterior` then warns on data outside it. :func:`fit` calls
-        this with its validation simulations."""
-        emb = jax.jit(lambda p, d: self.posterior(p).embed(d))(self.network_params(params),
-                                                              sims.data)
-        emb = np.asarray(emb)[np.asarray(sims.valid)]
-        self.summary_range = SummaryRange.fit(emb) if len(emb) >= 20 else None
-
-    def _check_range(self, summaries, stacklevel):
-        if self.summary_range is None:
-            return
-        out = np.flatnonzero(self.summary_range.outside(np.asarray(summaries)))
-        if len(out) == 0:
-            return
-        m = self.summary_range.num_reference
-        n = len(summaries)
-        which = ("This dataset lies outside the data the guide was trained on: its summary "
-                 "statistics are" if n == 1 else
-                 f"{len(out)} of {n} datasets (indices {', '.join(map(str, out[:10]))}"
-                 f"{', ...' if len(out) > 10 else ''}) lie outside the data the guide was "
-                 "trained on: their summary statistics are")
-        chance = (f"fewer than 1 in {m + 1} datasets" if n == 1 else
-                  f"about {n / (m + 1):.1f} of {n} datasets by chance")
-        warnings.warn(
-            f"{which} farther from the training simulations' than all {m} held-out "
-            f"simulations (Mahalanobis distance in summary space; under the model: {chance}). "
-            "The guide extrapolates there: check the answer with numpyro_amortized.posterior, "
-            "which tests it against the model's exact density.",
-            UserWarning, stacklevel=stacklevel)
+    def set_summary_range(self, params, sims: Simulations, *, out_sharding=None):
+        """Record where the summaries of the held-out ``sims`` lie (:class:`SummaryRange`);
+        :meth:`sample_posterior` warns on data outside. :func:`fit` calls this."""
+        embed = lambda p, d: self.posterior(self.network_params(p)).embed(d)
+        self.summary_range = SummaryRange.of_simulations(embed, params, sims, out_sharding)
 
     def _log_prob_batch(self, params, latents, data, num_obs):
         u, log_det = self.latent_layout.unconstrain_with_log_det(latents)

@@ -10,8 +10,10 @@ model this happens with probability at most ``1 / (m + 1)`` for ``m`` held-out s
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 __all__ = ["SummaryRange"]
@@ -48,6 +50,41 @@ class SummaryRange(NamedTuple):
         whiten = np.linalg.inv(np.linalg.cholesky(cov))
         r = cls(loc, whiten, 0.0, len(second))
         return r._replace(threshold=float(r.distances(second).max()))
+
+    @classmethod
+    def of_simulations(cls, embed, params, sims, out_sharding=None) -> SummaryRange | None:
+        """The range of ``embed(params, sims.data)`` over the valid simulations (``None`` with
+        fewer than 20); ``out_sharding`` replicates the summaries when ``sims`` are spread over
+        devices or processes."""
+        def run(p, sims):
+            return embed(p, sims.data), sims.valid
+
+        shardings = None if out_sharding is None else (out_sharding, out_sharding)
+        emb, valid = jax.jit(run, out_shardings=shardings)(params, sims)
+        if isinstance(emb, jax.Array) and not emb.is_fully_addressable:  # replicated
+            emb, valid = emb.addressable_shards[0].data, valid.addressable_shards[0].data
+        emb = np.asarray(emb)[np.asarray(valid)]
+        return cls.fit(emb) if len(emb) >= 20 else None
+
+    def warn_outside(self, summaries, stacklevel=2):
+        """Warn, naming the datasets, when any of ``summaries`` lies outside the range."""
+        out = np.flatnonzero(self.outside(np.asarray(summaries)))
+        if len(out) == 0:
+            return
+        n, m = len(summaries), self.num_reference
+        which = ("This dataset lies outside the data the guide was trained on: its summary "
+                 "statistics are" if n == 1 else
+                 f"{len(out)} of {n} datasets (indices {', '.join(map(str, out[:10]))}"
+                 f"{', ...' if len(out) > 10 else ''}) lie outside the data the guide was "
+                 "trained on: their summary statistics are")
+        chance = (f"fewer than 1 in {m + 1} datasets" if n == 1 else
+                  f"about {n / (m + 1):.1f} of {n} datasets by chance")
+        warnings.warn(
+            f"{which} farther from the training simulations' than all {m} held-out "
+            f"simulations (Mahalanobis distance in summary space; under the model: {chance}). "
+            "The guide extrapolates there: check the answer with numpyro_amortized.posterior, "
+            "which tests it against the model's exact density.",
+            UserWarning, stacklevel=stacklevel)
 
     def distances(self, summaries) -> np.ndarray:
         """Squared Mahalanobis distances of ``(n, S)`` summaries to the training mean."""

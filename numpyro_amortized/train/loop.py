@@ -327,7 +327,8 @@ class _Program:
         if member_lps is not None:  # a flow ensemble's weights, fitted on held-out simulations
             params = guide.set_mixture_weights(host_tree(chosen), host_value(member_lps))
             params = jax.device_put(jax.tree.map(np.asarray, params), self.replicated)
-        guide.set_summary_range(params, self.val)  # sample_posterior warns outside it
+        # sample_posterior warns on data outside the range of the held-out simulations
+        guide.set_summary_range(params, self.val, out_sharding=self.replicated)
         config = dict(cfg.record, flow=_describe(guide),
                       plateau={**run.plateau, "scale": run.scale,
                                "stopped": run.stop == "validation plateau"})

@@ -23,7 +23,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.guide_base import AmortizedGuideBase
 from numpyro_amortized.predictive import posterior_predictive
-from numpyro_amortized.programs import Programs, log_joint_program, split_static
+from numpyro_amortized.programs import Programs, log_joint_program, merge_static, split_static
 
 __all__ = ["AutoAmortizedFlow"]
 
@@ -195,19 +195,26 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
 
     def _deterministic_sites(self, draws, sample_shape, args, kwargs):
         """The deterministic sites of the model run on each draw (vectorized, as
-        ``numpyro.infer.Predictive`` does)."""
+        ``numpyro.infer.Predictive`` does), compiled once per kind of data and draws."""
         names = self.structure.deterministic
-
-        def one(values):
-            model = substitute(seed(self.model, jax.random.PRNGKey(0)), data=values)
-            with block():
-                tr = trace(model).get_trace(*args, **kwargs)
-            return {n: tr[n]["value"] for n in names}
-
+        dynamic, spec = split_static((args, kwargs))
         n = len(sample_shape)
-        flat = {k: jnp.reshape(v, (-1,) + v.shape[n:]) for k, v in draws.items()}
-        out = jax.vmap(one)(flat)
-        return {k: jnp.reshape(v, sample_shape + v.shape[1:]) for k, v in out.items()}
+
+        def run(draws, dynamic):
+            a, kw = merge_static(dynamic, spec)
+
+            def one(values):
+                model = substitute(seed(self.model, jax.random.PRNGKey(0)), data=values)
+                with block():
+                    tr = trace(model).get_trace(*a, **kw)
+                return {name: tr[name]["value"] for name in names}
+
+            flat = {k: jnp.reshape(v, (-1,) + v.shape[n:]) for k, v in draws.items()}
+            out = jax.vmap(one)(flat)
+            return {k: jnp.reshape(v, sample_shape + v.shape[1:]) for k, v in out.items()}
+
+        key = ("deterministic", spec, tuple(sample_shape), tuple(sorted(draws)))
+        return self.programs.get(key, lambda: jax.jit(run))(draws, dynamic)
 
     def _batch_inputs(self, data, num_obs):
         """A batch of datasets checked and as arrays: the sites the guide reads (no more, no

@@ -27,8 +27,8 @@ from numpyro_amortized.networks.factories import (
 from numpyro_amortized.networks.flows import mixture_log_weights, weight_decay_tree
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
-from numpyro_amortized.programs import Programs
-from numpyro_amortized.simulation import MaskDataPlate, inspect_model, observed_values, simulate
+from numpyro_amortized.programs import Programs, observed_values_compiled
+from numpyro_amortized.simulation import MaskDataPlate, inspect_model, simulate
 from numpyro_amortized.summary_range import SummaryRange
 from numpyro_amortized.transforms import LatentLayout
 
@@ -291,7 +291,7 @@ class AmortizedGuideBase:
     def observed_data(self, *args, **kwargs) -> dict:
         """The observed values in the model's arguments, checked against the trained shapes."""
         self._check_setup()
-        values = {**observed_values(self.model, *args, **kwargs),
+        values = {**observed_values_compiled(self.programs, self.model, args, kwargs),
                   **self._covariates(args, kwargs)}
         data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
         self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)

@@ -78,3 +78,28 @@ def test_posterior_predictive_of_a_scan_model_follows_the_draws():
     assert rep.shape == (400, T)
     lag1 = np.sum(rep[:, 1:] * rep[:, :-1], 1) / np.sum(rep[:, :-1] ** 2, 1)
     assert abs(float(np.mean(lag1)) - 0.9) < 0.1  # replicated series are AR(1) with phi 0.9
+
+
+def test_reading_the_data_of_a_scan_model_is_compiled_once():
+    guide = AutoAmortizedFlow(ar1, time_series=True, num_pilot_simulations=256)
+    guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(T))
+    ys = jax.random.normal(jax.random.PRNGKey(1), (3, T))
+    for y in ys:  # three datasets of one kind: one program
+        np.testing.assert_array_equal(guide.observed_data(y=y)["y"], y)
+    [key] = [k for k in guide.programs._store if k[0] == "observed_values"]
+    assert guide.programs.get(key, None)._cache_size() == 1
+
+
+def test_a_model_that_reads_its_arguments_with_numpy_still_works():
+    def with_numpy(x, y=None):
+        x = np.asarray(x)  # not traceable: the data are read eagerly instead
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("N", len(x)):
+            numpyro.sample("y", dist.Normal(mu + x, 1.0), obs=y)
+
+    guide = AutoAmortizedFlow(with_numpy, num_pilot_simulations=256)
+    guide.setup(jax.random.PRNGKey(0), np.zeros(5), y=jnp.zeros(5))
+    for _ in range(2):
+        assert guide.observed_data(np.zeros(5), y=jnp.ones(5))["y"].tolist() == [1.0] * 5
+    [key] = [k for k in guide.programs._store if k[0] == "observed_values"]
+    assert guide.programs.get(key, None) is None  # remembered as eager

@@ -72,7 +72,8 @@ def test_non_finite_simulations_are_dropped_and_counted():
     assert result.num_skipped == 0
     assert np.isfinite(result.losses).all()
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(result.params))
-    draws = guide.sample_posterior(KEY, result.params, y=jnp.full(5, 0.5), sample_shape=(2000,))
+    y = jnp.array([-0.3, 1.2, 0.1, 0.9, 0.6])  # mean 0.5, spread like the model's data
+    draws = guide.sample_posterior(KEY, result.params, y=y, sample_shape=(2000,))
     # exact posterior N(5 * 0.5 / 6, 1 / 6); mass above 1.5 (never simulated) is negligible
     assert abs(float(draws["mu"].mean()) - 0.5 * 5 / 6) < 0.25 * (1 / 6) ** 0.5
 

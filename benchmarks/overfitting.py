@@ -14,7 +14,7 @@ with a few settings, and reports, on 20,000 fresh simulations from the model:
     python benchmarks/overfitting.py          # about 5 minutes on 2 cores
     python benchmarks/overfitting.py --quick  # smoke run
 
-Writes the OVERFITTING section of docs/benchmarks.md.
+Writes the OVERFITTING section of docs/dev/notes.md.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main():
         write_markdown("OVERFITTING", "Held-out over 20,000 fresh simulations; one bank per task "
                        "and budget, `fit`'s defaults otherwise (up to 5,000 steps of 256, 100 "
                        "validation checks; \"step kept\" is the step whose parameters are "
-                       "returned, of the steps run).\n\n" + table(rows))
+                       "returned, of the steps run).\n\n" + table(rows), doc="dev/notes.md")
 
 
 if __name__ == "__main__":

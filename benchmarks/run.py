@@ -217,8 +217,8 @@ def markdown(results, info):
     return "\n".join(lines)
 
 
-def write_markdown(section, text):
-    path = ROOT / "docs" / "benchmarks.md"
+def write_markdown(section, text, doc="benchmarks.md"):
+    path = ROOT / "docs" / doc
     begin, end = f"<!-- {section} BEGIN -->", f"<!-- {section} END -->"
     doc = path.read_text() if path.exists() else ""
     block = f"{begin}\n{text}\n{end}"

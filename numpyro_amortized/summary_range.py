@@ -102,6 +102,13 @@ class SummaryRange(NamedTuple):
                 np.asarray(self.num_reference)}
 
     @classmethod
-    def from_dict(cls, d) -> SummaryRange:
-        return cls(np.asarray(d["loc"], np.float64), np.asarray(d["whiten"], np.float64),
-                   float(d["threshold"]), int(d["num_reference"]))
+    def from_dict(cls, d, dim=None) -> SummaryRange:
+        """The range from :meth:`to_dict`'s output; a ``ValueError`` when it is not a valid
+        range (of summaries of length ``dim``, when given)."""
+        r = cls(np.asarray(d["loc"], np.float64), np.asarray(d["whiten"], np.float64),
+                float(d["threshold"]), int(d["num_reference"]))
+        n = len(r.loc) if dim is None else dim
+        if not (r.loc.shape == (n,) and r.whiten.shape == (n, n) and r.num_reference > 0
+                and np.all(np.isfinite(r.whiten)) and np.isfinite(r.threshold)):
+            raise ValueError("not a summary range for summaries of this length")
+        return r

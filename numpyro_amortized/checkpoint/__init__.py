@@ -286,16 +286,11 @@ def _summary_range(body, guide, params, path):
     if "summary_range" not in body:
         return None
     try:
-        r = SummaryRange.from_dict(body["summary_range"])
         dim = guide.posterior(params).summary_net.summary_dim
-        ok = (r.loc.shape == (dim,) and r.whiten.shape == (dim, dim) and r.num_reference > 0
-              and np.all(np.isfinite(r.whiten)) and np.isfinite(r.threshold))
+        return SummaryRange.from_dict(body["summary_range"], dim)
     except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
         raise CheckpointError(f"{path}: the checkpoint's summary range does not fit the "
-                              "guide's summary network (a damaged or forged file).")
-    return r
+                              "guide's summary network (a damaged or forged file).") from None
 
 
 def restore_guide(guide, body, path, args, kwargs):

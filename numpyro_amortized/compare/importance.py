@@ -109,11 +109,16 @@ def weigh(guide, proposal_params, rng_key, args, kwargs, num_samples, num_propos
     proposal), with ``num_samples`` draws resampled from ``num_proposals`` proposals."""
     keys = jax.random.split(rng_key, len(proposal_params) + 1)
     m = -(-int(num_proposals) // len(proposal_params))
-    parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
-             for k, p in zip(keys[:-1], proposal_params, strict=True)]
     ours = isinstance(guide, AmortizedGuideBase)
-    names = [s.name for s in guide.latent_layout.sites] if ours else list(parts[0])
-    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in names}
+    if ours:  # the latents only: deterministic sites are computed for the kept draws
+        data = {k: jnp.asarray(v)[None] for k, v in guide.observed_data(*args, **kwargs).items()}
+        parts = [jax.tree.map(lambda v: v[0], guide.sample_posterior_batch(
+            k, p, data, sample_shape=(m,))) for k, p in zip(keys[:-1], proposal_params,
+                                                           strict=True)]
+    else:
+        parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
+                 for k, p in zip(keys[:-1], proposal_params, strict=True)]
+    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
     log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
               for p in proposal_params]
     log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))

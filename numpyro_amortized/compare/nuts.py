@@ -97,13 +97,10 @@ class NUTSRunner:
         extra = (init_params, inverse_mass_matrix)
         key = (spec, abstract_key(dynamic), jax.tree.structure(extra),
                abstract_key(jax.tree.leaves(extra)))
-        compile_time = 0.0
-        if key not in self.programs:
-            t0 = time.perf_counter()
-            self.programs.get(key, lambda: jax.jit(_nuts_program(model, self.settings, spec))
-                              .lower(rng_key, dynamic, *extra).compile())
-            compile_time = time.perf_counter() - t0
-        compiled = self.programs.get(key, None)
+        fresh, t0 = key not in self.programs, time.perf_counter()
+        compiled = self.programs.get(key, lambda: jax.jit(
+            _nuts_program(model, self.settings, spec)).lower(rng_key, dynamic, *extra).compile())
+        compile_time = time.perf_counter() - t0 if fresh else 0.0
         t0 = time.perf_counter()
         samples, fields = jax.block_until_ready(compiled(rng_key, dynamic, *extra))
         run_time = time.perf_counter() - t0

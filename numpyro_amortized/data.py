@@ -184,7 +184,11 @@ class Simulations(NamedTuple):
 
 
 def pilot_statistics(pilot: Simulations):
-    """Means and sds of unconstrained latents and of data features, from valid simulations."""
+    """Locations and scales of unconstrained latents and of data features, from valid
+    simulations: medians and interquartile ranges (scaled to equal the sd of a normal), so
+    that a heavy-tailed prior predictive (a Student-t likelihood, a Cauchy prior) does not
+    shrink every typical dataset to zero; the sd where the quartiles coincide (a feature that
+    is mostly one value)."""
     valid = np.asarray(pilot.valid)
     if valid.mean() < 0.5:
         raise ValueError(
@@ -197,13 +201,23 @@ def pilot_statistics(pilot: Simulations):
         w = valid.astype(float)
         if mask is not None:  # set data: rows (B, N, F) weighted by mask
             w = (np.asarray(mask) * w[:, None]).reshape(-1)
-            x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1])  # (rows, features)
         w = w / w.sum()
-        loc = np.einsum("i,i...->...", w, x)
-        sd = np.sqrt(np.einsum("i,i...->...", w, (x - loc) ** 2))
-        return loc.astype(np.float32), np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
+        q25, median, q75 = _weighted_quantiles(x, w, (0.25, 0.5, 0.75))
+        sd = np.sqrt(np.einsum("i,i...->...", w, (x - np.einsum("i,i...->...", w, x)) ** 2))
+        scale = np.where((q75 - q25) / 1.349 > 1e-8, (q75 - q25) / 1.349, sd)
+        scale = np.where(scale > 1e-8, scale, 1.0)
+        return median.astype(np.float32), scale.astype(np.float32)
 
     u_loc, u_scale = moments(pilot.u)
     set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
     flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
     return {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}
+
+
+def _weighted_quantiles(x, w, qs):
+    """Quantiles ``qs`` of each column of ``x`` (N, F) under row weights ``w`` (sum 1)."""
+    order = np.argsort(x, axis=0)
+    xs = np.take_along_axis(x, order, axis=0)
+    cw = np.cumsum(w[order], axis=0)
+    return [xs[np.minimum((cw < q).sum(0), len(x) - 1), np.arange(x.shape[1])] for q in qs]

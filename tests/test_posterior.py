@@ -112,9 +112,10 @@ def test_a_too_wide_guide_is_caught_by_the_ess_rule_and_corrected(trained):
     assert res.steps[0]["pareto_k"] <= 0.7 and res.steps[0]["ess_fraction"] < 0.9
     assert c2st(np.asarray(res.draws["mu"]), exact_draws()) <= 0.6
     # 10,000 proposals gave an ESS of ~570, so the resampled draws would repeat most of them:
-    # more proposals were drawn, and the returned draws are mostly distinct
-    assert res.steps[0]["num_proposals"] > 15_000 and res.ess > 900, res.steps
-    assert len(np.unique(np.asarray(res.draws["mu"][:, 0]))) > 550
+    # more proposals were drawn (toward an ESS of 4 x 1,000, capped at 50,000 proposals), and
+    # the returned draws are mostly distinct
+    assert res.steps[0]["num_proposals"] > 40_000 and res.ess > 2_000, res.steps
+    assert len(np.unique(np.asarray(res.draws["mu"][:, 0]))) > 750
 
 
 def two_modes(y=None):

@@ -82,8 +82,8 @@ def _quiet_range(fn):
 
 @_quiet_range
 def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=None,
-              max_proposals=50_000, raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS,
-              refine=True, refine_steps=300,
+              max_proposals=50_000, target_ess=None, raw_ess_fraction=RAW_ESS_FRACTION,
+              min_ess=MIN_ESS, refine=True, refine_steps=300,
               refine_particles=32, refine_learning_rate=1e-3, nuts=True, nuts_warmup=500,
               **kwargs) -> PosteriorResult:
     """The posterior of the dataset in ``args``/``kwargs``, checked against the model's exact
@@ -94,8 +94,10 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
     :param num_samples: draws to return.
     :param num_proposals: guide draws to weight (default ``10 * num_samples``).
     :param max_proposals: when PSIS-resampled draws would rest on an importance ESS below
-        ``num_samples`` (many repeated draws), the proposals are drawn anew, as many as make
-        the ESS about ``num_samples``, up to this many.
+        ``target_ess`` (many repeated draws), the proposals are drawn anew, as many as make
+        the ESS about ``target_ess``, up to this many.
+    :param target_ess: importance ESS wanted under PSIS-resampled draws (default
+        ``4 * num_samples``: about 90% of the returned draws distinct).
     :param raw_ess_fraction: the guide's own draws are returned when the importance ESS is
         at least this share of the proposals (weights close to uniform).
     :param min_ess: PSIS-resampled draws are returned when k-hat <= 0.7 and the importance
@@ -116,6 +118,7 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
     guide.observed_data(*args, **kwargs)  # checks the data before any work
     k_check, k_refine, k_again, k_nuts = jax.random.split(rng_key, 4)
     n = int(num_samples)
+    target = int(target_ess or 4 * n)
     steps = []
 
     def check(proposal_params, key, name):
@@ -123,9 +126,9 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
         m = int(num_proposals or 10 * n)
         res = weigh(guide, proposal_params, key, args, kwargs, n, m)
         use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction, min_ess)
-        if use == "corrected" and res.ess < n and m < max_proposals:
+        if use == "corrected" and res.ess < target and m < max_proposals:
             # more proposals, so that the resampled draws are mostly distinct
-            more = min(int(max_proposals), int(np.ceil(m * n / res.ess)))
+            more = min(int(max_proposals), int(np.ceil(m * target / res.ess)))
             res = weigh(guide, proposal_params, jax.random.fold_in(key, 1), args, kwargs, n,
                         more)
             use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction,
@@ -233,8 +236,8 @@ def _refine_program(guide, spec, num_steps, num_particles, learning_rate):
 
 @_quiet_range
 def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_proposals=None,
-                    max_proposals=50_000, raw_ess_fraction=RAW_ESS_FRACTION, min_ess=MIN_ESS,
-                    **options) -> list:
+                    max_proposals=50_000, target_ess=None, raw_ess_fraction=RAW_ESS_FRACTION,
+                    min_ess=MIN_ESS, **options) -> list:
     """:func:`posterior` for many datasets: the first check runs for all of them at once
     (one vectorized call per group of datasets with equal shapes), and only the datasets that
     fail it are refined or sent to NUTS, one by one.
@@ -251,7 +254,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
     if unknown:
         raise TypeError(f"posterior_batch got unknown options {unknown}; it takes "
                         f"{sorted(allowed)} besides num_samples, num_proposals, "
-                        "max_proposals, raw_ess_fraction and min_ess.")
+                        "max_proposals, target_ess, raw_ess_fraction and min_ess.")
     items = _as_datasets(datasets)
     for i, (a, kw) in enumerate(items):  # every dataset checked before any work
         try:
@@ -259,6 +262,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
         except (ValueError, TypeError) as e:
             raise type(e)(f"dataset {i}: {e}") from None
     n, m = int(num_samples), int(num_proposals or 10 * num_samples)
+    target = int(target_ess or 4 * n)
     k_first, k_resample, k_rest = jax.random.split(rng_key, 3)
     groups = {}
     for i, item in enumerate(items):
@@ -285,7 +289,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
             use = which_draws(k, ess, ess / m, raw_ess_fraction, min_ess)
             if use == "amortized":
                 method, take = "amortized", np.arange(n)
-            elif use == "corrected" and (ess >= n or m >= max_proposals):
+            elif use == "corrected" and (ess >= target or m >= max_proposals):
                 method = "psis"
                 take = np.asarray(jax.random.choice(jax.random.fold_in(k_resample, i), m, (n,),
                                                     p=jnp.asarray(np.exp(smoothed))))
@@ -293,7 +297,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
                 a, kw = items[i]
                 results[i] = posterior(guide, params, jax.random.fold_in(k_rest, i), *a,
                                        num_samples=n, num_proposals=num_proposals,
-                                       max_proposals=max_proposals,
+                                       max_proposals=max_proposals, target_ess=target,
                                        raw_ess_fraction=raw_ess_fraction, min_ess=min_ess,
                                        **options, **kw)
                 continue

@@ -8,11 +8,25 @@ from flax import nnx
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.networks.layers import Buffer, buffer_value
 
-__all__ = ["AmortizedPosterior"]
+__all__ = ["AmortizedPosterior", "compress_tails"]
+
+TAIL = 5.0
+
+
+def compress_tails(z, tail=TAIL):
+    """``z`` where ``|z| <= tail``, ``sign(z) (tail + log1p(|z| - tail))`` beyond: continuous
+    with a continuous derivative, monotone, so no information is lost."""
+    excess = jnp.maximum(jnp.abs(z) - tail, 0.0)
+    return jnp.where(excess > 0, jnp.sign(z) * (tail + jnp.log1p(excess)), z)
 
 
 class AmortizedPosterior(nnx.Module):
     """``q(u | x) = flow(u | summary_net(standardize(x)))``.
+
+    Standardizing centres and scales each data feature by the prior predictive's median and
+    interquartile range, then compresses values beyond ``TAIL`` of those scales
+    logarithmically (monotone, the identity below): one far outlier of a heavy-tailed
+    likelihood then moves the summary a little instead of saturating it.
 
     :param summary_net: a summary network (``__call__(DataBatch) -> (B, summary_dim)``).
     :param flow: a conditional density over ``u``: ``log_prob(u, c)``,
@@ -40,10 +54,11 @@ class AmortizedPosterior(nnx.Module):
         """Summary vectors ``(B, summary_dim)`` of a batch of datasets."""
         set_x, flat = data.set, data.flat
         if set_x is not None:
-            z = (set_x - buffer_value(self.set_loc)) / buffer_value(self.set_scale)
+            z = compress_tails((set_x - buffer_value(self.set_loc)) / buffer_value(self.set_scale))
             set_x = jnp.where(data.mask[..., None], z, 0.0)
         if flat is not None:
-            flat = (flat - buffer_value(self.flat_loc)) / buffer_value(self.flat_scale)
+            flat = compress_tails((flat - buffer_value(self.flat_loc))
+                                  / buffer_value(self.flat_scale))
         return self.summary_net(DataBatch(set_x, data.mask, flat))
 
     def _condition(self, u, data: DataBatch):

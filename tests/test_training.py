@@ -334,3 +334,68 @@ def test_resumed_fixed_budget_run_with_plateaus_equals_the_uninterrupted_one(tmp
         for x, y in zip(jax.tree.leaves(getattr(resumed, tree)),
                         jax.tree.leaves(getattr(fresh, tree)), strict=True):
             np.testing.assert_array_equal(x, y, err_msg=tree)
+
+
+def test_converge_keeps_the_rate_while_the_loss_falls_then_cools_down_and_stops():
+    from numpyro_amortized.train import Converge, Run
+
+    def drive(val_losses, num_steps=20_000, chunk=100):
+        run, cb, scales = Run(state=None, step=0, num_steps=num_steps), Converge(), []
+        for v in val_losses:
+            run.step += chunk
+            run.val_losses.append(v)
+            cb.on_chunk(run, None)
+            scales.append(run.scale)
+            if run.stop:
+                break
+        return run, np.asarray(scales)
+
+    # falls for 3,000 steps, then flat: the decay starts once the last 1,000 steps gained
+    # less than 0.01 nats over the 1,000 before (at 5,000), and lasts max(1,000, 20% of the
+    # steps so far)
+    falling = list(5.0 - 0.1 * np.arange(30)) + [2.0] * 200
+    run, scales = drive(falling)
+    start = run.plateau["decay_start"]
+    assert start == 5000 and run.plateau["decay_steps"] == 1000
+    assert np.all(scales[: start // 100 - 1] == 1.0)
+    assert np.all(np.diff(scales[start // 100 - 1:]) < 0)  # a half cosine down to 1%
+    assert run.stop == "converged" and run.step == start + 1000 and scales[-1] == 0.01
+
+    # a loss that never stops falling: the decay starts at 80% of the cap and ends at the cap
+    run, scales = drive(list(5.0 - 0.05 * np.arange(200)))
+    assert run.plateau["decay_start"] == 16_000 and run.step == 16_000 + 3_200
+    assert run.stop == "converged" and scales[-1] == 0.01
+
+
+def test_online_default_length_follows_the_validation_loss_and_resumes_exactly(tmp_path):
+    from numpyro_amortized.train import Callback
+
+    flow = functools.partial(affine_flow, num_layers=2, hidden=(16,))
+    make = lambda: AutoAmortizedFlow(normal_mean, num_pilot_simulations=512, flow=flow)
+    settings = {"batch_size": 64, "progress_bar": False}
+    guide = make()
+    fresh = fit(guide, KEY, y=X, **settings)
+    steps = len(fresh.losses)
+    assert fresh.stopped_early and fresh.config["converge"] and 3000 <= steps < 20_000
+    plateau = fresh.config["plateau"]
+    assert plateau["stopped"] == "converged" and steps == plateau["decay_start"] + plateau[
+        "decay_steps"]
+    # the exact posterior of mu (10 points, unit noise, N(0, 1) prior): N(sum(y) / 11, 1 / 11)
+    y = jnp.asarray(0.3 + np.random.default_rng(0).normal(size=10), jnp.float32)
+    mu = np.asarray(guide.sample_posterior(KEY, fresh.params, sample_shape=(20_000,), y=y)["mu"])
+    sd = np.sqrt(1 / 11)
+    assert abs(mu.mean() - float(y.sum()) / 11) < 0.1 * sd and abs(mu.std() / sd - 1) < 0.1
+
+    class StopAfter(Callback):  # Ctrl-C in the stable phase
+        def on_chunk(self, run, chunk):
+            if run.step == 1500:
+                raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.warns(UserWarning, match="interrupted at step 1500"):
+        fit(make(), KEY, y=X, checkpoint=ckpt, callbacks=[StopAfter()], **settings)
+    resumed = fit(make(), KEY, y=X, checkpoint=ckpt, resume=ckpt, **settings)
+    assert resumed.config == fresh.config
+    np.testing.assert_array_equal(resumed.validation_losses[1], fresh.validation_losses[1])
+    for x, y in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(fresh.params), strict=True):
+        np.testing.assert_array_equal(x, y)

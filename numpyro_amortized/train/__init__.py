@@ -3,10 +3,17 @@
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
 - :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay.
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
-  (:class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
+  (:class:`Converge`, :class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
 """
 
-from numpyro_amortized.train.callbacks import Callback, Chunk, Plateau, ProgressBar, Run
+from numpyro_amortized.train.callbacks import (
+    Callback,
+    Chunk,
+    Converge,
+    Plateau,
+    ProgressBar,
+    Run,
+)
 from numpyro_amortized.train.checkpointing import Checkpointer
 from numpyro_amortized.train.loop import FitResult, fit
 from numpyro_amortized.train.optim import default_optimizer
@@ -18,6 +25,7 @@ __all__ = [
     "Callback",
     "Checkpointer",
     "Chunk",
+    "Converge",
     "FitResult",
     "Plateau",
     "ProgressBar",

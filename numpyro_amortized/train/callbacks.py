@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from numpyro_amortized.train.sharding import host_value
 
-__all__ = ["Callback", "Chunk", "Plateau", "ProgressBar", "Run"]
+__all__ = ["Callback", "Chunk", "Converge", "Plateau", "ProgressBar", "Run"]
 
 
 class Chunk(NamedTuple):
@@ -100,6 +100,39 @@ class Plateau(Callback):
             p["halvings"] += 1
             run.scale *= self.factor
             run.state = run.state._replace(params=run.best_params)
+
+
+class Converge(Callback):
+    """Train as long as the validation loss improves, then cool down and stop.
+
+    A constant learning rate while the validation loss falls; once the mean validation loss of
+    the last ``window`` checks is less than ``tol`` nats below that of the ``window`` checks
+    before (or the run reaches 80% of ``run.num_steps``), the rate decays to 1% along a half
+    cosine over ``cooldown`` of the steps so far (at least ``min_cooldown`` steps, within
+    ``run.num_steps``), and training stops at its end. (A warmup-stable-decay schedule whose
+    stable phase lasts as long as it pays; a short decay at the end gains what a cosine
+    schedule over the whole run would.) ``run.plateau`` holds its state, so a resumed run
+    continues it.
+    """
+
+    def __init__(self, window=10, tol=0.01, cooldown=0.2, min_cooldown=1000):
+        self.window, self.tol = int(window), float(tol)
+        self.cooldown, self.min_cooldown = float(cooldown), int(min_cooldown)
+
+    def on_chunk(self, run, chunk):
+        p, w = run.plateau, self.window
+        if "decay_start" not in p:
+            v = run.val_losses
+            flat = len(v) >= 2 * w and np.mean(v[-2 * w:-w]) - np.mean(v[-w:]) < self.tol
+            if not (flat or run.step >= 0.8 * run.num_steps):
+                return
+            p["decay_start"] = run.step
+            p["decay_steps"] = min(run.num_steps - run.step,
+                                   max(self.min_cooldown, int(self.cooldown * run.step)))
+        done = (run.step - p["decay_start"]) / max(p["decay_steps"], 1)
+        if done >= 1:
+            run.stop = "converged"
+        run.scale = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 class ProgressBar(Callback):

@@ -19,7 +19,7 @@ from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_gui
 from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.samplers import looping_sites
-from numpyro_amortized.train.callbacks import Chunk, Plateau, ProgressBar, Run
+from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import default_optimizer
 from numpyro_amortized.train.settings import resolve_settings
@@ -44,8 +44,9 @@ class FitResult(NamedTuple):
     :param best_step: the step with the lowest validation loss (``params`` are that step's
         with ``keep_best``, the last step's otherwise); ``best_validation_loss`` its loss.
     :param interrupted: training was stopped early (``KeyboardInterrupt``).
-    :param stopped_early: the validation loss stopped improving after the last learning-rate
-        reduction (``patience``), so training ended before ``num_steps``.
+    :param stopped_early: training ended before ``num_steps``: the validation loss stopped
+        improving after the last learning-rate reduction (``patience``), or (online, by
+        default) the run converged (:class:`~numpyro_amortized.train.Converge`).
     :param config: the run's settings, the flow the guide was built with, and the plateau
         counters (what a resumed run is checked against and continues from).
     """
@@ -82,8 +83,11 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     :param args: the model's arguments for one dataset (observed sites with values, of the
         largest size); ``kwargs`` likewise. Covariates passed here are used as they are for
         every simulation, and the summary network reads them (see the guide's ``model``).
-    :param num_steps: optimizer steps. Default: 5,000 online; with a fixed budget, 30 passes over
-        the training simulations, at least 5,000 and at most 20,000 steps.
+    :param num_steps: optimizer steps. Default online: as long as the validation loss improves,
+        then a short decay of the learning rate, at most 20,000 steps
+        (:class:`~numpyro_amortized.train.Converge`; a given ``num_steps`` trains that many
+        steps on a cosine schedule). With a fixed budget: 30 passes over the training
+        simulations, at least 5,000 and at most 20,000 steps.
     :param batch_size: simulations per step (the global batch, over all devices). Default:
         the loss's ``batch_size`` if it has one, else 256.
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
@@ -96,7 +100,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     :param validation_size: held-out simulations for the validation loss (online mode).
     :param progress_bar: show a tqdm bar with the loss (on process 0 only).
     :param num_chunks: how often to report progress and validate. Default: 100 times over the
-        run, at most every 10 steps.
+        run, at most every 10 steps (every 100 steps when the length follows the loss).
     :param devices: devices to train on, data parallel: ``None`` for all (all processes' under
         ``jax.distributed``), an int for the first ``n``, or a list.
     :param keep_best: return the parameters with the lowest validation loss instead of the last
@@ -146,6 +150,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     make_result = lambda r: program.result(r, compile_time, t0)
     is_writer = jax.process_index() == 0
     hooks = [Plateau(cfg.patience)] if cfg.patience else []
+    if cfg.converge:
+        hooks.append(Converge())
     if checkpoint is not None:  # the path is checked before any work
         resuming = resume is not None and os.fspath(resume) == os.fspath(checkpoint)
         hooks.append(Checkpointer(checkpoint, guide, cfg.checkpoint_every, make_result, is_writer,
@@ -222,7 +228,8 @@ class _Program:
         if optimizer is None:
             if not guide.is_setup:  # the decay depends on the networks: set up from the file
                 restore_guide(guide, read_file(resume), resume, self.args, self.kwargs)
-            optimizer = default_optimizer(cfg.num_steps, cfg.learning_rate,
+            optimizer = default_optimizer(None if cfg.converge else cfg.num_steps,
+                                          cfg.learning_rate,
                                           weight_decay=guide.weight_decay)
         self.tr = trainer(guide, loss=self.loss, optimizer=optimizer,
                           batch_size=cfg.batch_size,
@@ -240,10 +247,11 @@ class _Program:
                   val_losses=history["val_losses"], best_step=best_step, best_loss=best_loss,
                   best_params=best_params, train_time=history["train_time"])
         plateau = history["plateau"]
-        run.plateau.update({k: plateau[k] for k in ("stale", "halvings") if k in plateau})
+        run.plateau.update({k: v for k, v in plateau.items() if k not in ("scale", "stopped")})
         run.scale = float(plateau.get("scale", 1.0))
         if plateau.get("stopped"):
-            run.stop = "validation plateau"
+            run.stop = plateau["stopped"] if isinstance(plateau["stopped"], str) \
+                else "validation plateau"
         if run.step % cfg.chunk and run.step < cfg.num_steps:
             raise CheckpointError(f"{resume}: the checkpoint stopped at step {run.step}, not at "
                                   f"a multiple of this run's chunk ({cfg.chunk}).")
@@ -276,7 +284,8 @@ class _Program:
                                              (cfg.batch_size,), 0, bank.u.shape[0])
                     sims = jax.tree.map(lambda x: x[idx], bank)
                 new_state, info = tr.update(state, *args, simulations=sims,
-                                            update_scale=scale if cfg.patience else None,
+                                            update_scale=scale if cfg.patience or cfg.converge
+                                            else None,
                                             **kwargs)
                 active = state.step < cfg.num_steps
                 new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
@@ -331,7 +340,8 @@ class _Program:
         guide.set_summary_range(params, self.val, out_sharding=self.replicated)
         config = dict(cfg.record, flow=_describe(guide),
                       plateau={**run.plateau, "scale": run.scale,
-                               "stopped": run.stop == "validation plateau"})
+                               "stopped": run.stop if run.stop in ("validation plateau",
+                                                                   "converged") else False})
         return FitResult(
             params={guide.param_name: params},
             losses=np.concatenate(run.losses) if run.losses else np.zeros(0),
@@ -339,7 +349,7 @@ class _Program:
             state=run.state,
             num_skipped=int(host_value(run.state.num_skipped)),
             num_dropped=int(host_value(run.state.num_dropped)),
-            num_simulations=(cfg.num_steps * cfg.batch_size if self.bank is None
+            num_simulations=(run.step * cfg.batch_size if self.bank is None
                              else cfg.num_simulations),
             compile_time=compile_time,
             train_time=run.train_time + time.perf_counter() - t0,

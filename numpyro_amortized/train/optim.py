@@ -14,6 +14,9 @@ __all__ = ["default_optimizer"]
 def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
     """Adam with a cosine-decayed learning rate and gradient clipping at global norm 1.
 
+    :param num_steps: the length of the cosine decay; ``None`` for a constant rate (a run whose
+        rate is set while it trains, as :class:`~numpyro_amortized.train.Converge` does).
+
     :param weight_decay: ``None``, or a function from the parameters to a tree of the same
         structure holding each leaf's decoupled weight decay (AdamW's, per unit learning rate;
         ``0`` for none). :func:`fit` and :func:`trainer` pass the guide's
@@ -27,7 +30,8 @@ def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
     hundred leaves, and XLA compiles each leaf's operations apart. The state (Adam's moments)
     holds one vector each.
     """
-    schedule = optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1), alpha=0.01)
+    schedule = (optax.constant_schedule(learning_rate) if num_steps is None
+                else optax.cosine_decay_schedule(learning_rate, max(int(num_steps), 1), alpha=0.01))
     adam = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
     rate = optax.scale_by_learning_rate(schedule)
 

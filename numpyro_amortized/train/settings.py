@@ -17,7 +17,10 @@ import numpy as np
 from numpyro_amortized.checkpoint import CheckpointError
 from numpyro_amortized.train.sharding import key_data
 
-__all__ = ["Settings", "num_held_out", "resolve_settings"]
+__all__ = ["MAX_STEPS", "Settings", "num_held_out", "resolve_settings"]
+
+MAX_STEPS = 20_000  # the longest default run, online or on a fixed budget
+CONVERGE_CHUNK = 100  # steps between validation checks when the length follows the loss
 
 
 class Settings(NamedTuple):
@@ -35,6 +38,7 @@ class Settings(NamedTuple):
     patience: int
     checkpoint_every: int
     record: dict  # what a resumed run must agree on
+    converge: bool = False  # online, num_steps not given: train until converged, up to num_steps
 
 
 def num_held_out(num_simulations, validation_size):
@@ -66,13 +70,15 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
                 f"batch_size={batch_size} is larger than the {num_train} training simulations "
                 f"of num_simulations={num_simulations} ({held_out} held out): use a smaller "
                 "batch or a larger budget.")
+    converge = num_steps is None and num_train is None
     if num_steps is None:
-        num_steps = 5000
+        num_steps = MAX_STEPS
         if num_train is not None:
-            num_steps = min(20_000, max(5000, math.ceil(30 * num_train / batch_size)))
+            num_steps = min(MAX_STEPS, max(5000, math.ceil(30 * num_train / batch_size)))
     num_steps = _integer("num_steps", num_steps)
     if num_chunks is None:
-        num_chunks = min(100, max(1, num_steps // 10))
+        num_chunks = (num_steps // CONVERGE_CHUNK if converge
+                      else min(100, max(1, num_steps // 10)))
     num_chunks = _integer("num_chunks", num_chunks)
     chunk = max(1, math.ceil(num_steps / num_chunks))
     keep_best = num_simulations is not None if keep_best is None else bool(keep_best)
@@ -96,6 +102,7 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
               "num_simulations": -1 if num_simulations is None else num_simulations,
               "validation_size": validation_size, "num_chunks": num_chunks,
               "rng_key": np.asarray(rng_key).astype(np.uint32).tolist(),
-              "keep_best": keep_best, "patience": patience}
+              "keep_best": keep_best, "patience": patience, "converge": converge}
     return Settings(rng_key, num_steps, batch_size, lr, num_simulations, num_train, held_out,
-                    validation_size, num_chunks, chunk, keep_best, patience, every, record)
+                    validation_size, num_chunks, chunk, keep_best, patience, every, record,
+                    converge)

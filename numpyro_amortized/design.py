@@ -3,9 +3,11 @@ and the checks that data fit what the guide was trained on.
 
 An array argument with one row per observation of the data plate (a design matrix, a group
 index, exposures) is a covariate: the network reads it row by row next to the responses (an
-index vector one-hot). Training simulates with the values given at set-up (the design); other
-values at sampling time are an extrapolation and warn. A model whose rows differ without a
-covariate saying how cannot be summarized by pooling its rows, and warns at set-up.
+index vector one-hot). Training simulates with the values given at set-up (the design), or,
+with a declared design (``AutoAmortizedFlow(model, design=...)``), with covariates drawn
+anew for every simulation; without one, other values at sampling time are an extrapolation and
+warn. A model whose rows differ without a covariate saying how cannot be summarized by pooling
+its rows, and warns at set-up.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["categories_of", "covariate_values", "row_differences", "warn_other_design",
-           "warn_unpaired_rows"]
+__all__ = ["categories_of", "covariate_values", "draw_designs", "row_differences",
+           "warn_other_design", "warn_unpaired_rows", "with_arguments"]
 
 MAX_CATEGORIES = 64
 
@@ -115,3 +117,53 @@ def warn_other_design(design, data, batch_ndim, stacklevel):
                 f"posterior for other values of '{name}' is an extrapolation and may be wrong. "
                 "Train a guide with these values to rely on it.",
                 UserWarning, stacklevel=stacklevel + 1)
+
+
+def draw_designs(design, rng_key, num, given) -> dict:
+    """``num`` designs from a declared ``design``, by argument name, each with a leading axis
+    of size ``num``; checked against the covariates ``given`` at set-up (same names, shapes).
+
+    :param design: a function ``design(rng_key) -> {argument name: value}``, drawn once per
+        simulation, or a dict of arrays with a leading axis of designs (one is chosen uniformly
+        for each simulation).
+    """
+    if callable(design):
+        values = jax.vmap(design)(jax.random.split(rng_key, num))
+    elif isinstance(design, dict) and design:
+        counts = {np.shape(v)[0] if np.ndim(v) else 0 for v in design.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError("design: a dict of designs needs arrays with one leading axis of "
+                             f"the same size (one entry per design); got shapes "
+                             f"{ {k: np.shape(v) for k, v in design.items()} }.")
+        idx = jax.random.randint(rng_key, (num,), 0, counts.pop())
+        values = {k: jnp.asarray(v)[idx] for k, v in design.items()}
+    else:
+        raise TypeError("design must be a function rng_key -> {argument: value}, or a dict of "
+                        f"arrays stacked over designs; got {type(design).__name__}.")
+    if not isinstance(values, dict):
+        raise TypeError("design(rng_key) must return a dict from the model's argument names to "
+                        f"their values; got {type(values).__name__}.")
+    for name, v in values.items():
+        if name not in given:
+            raise ValueError(f"design gives '{name}', which is not a covariate of the model "
+                             f"(plate-aligned array arguments: {sorted(given)}).")
+        if tuple(v.shape[1:]) != tuple(np.shape(given[name])):
+            raise ValueError(f"design gives '{name}' of shape {tuple(v.shape[1:])}; the model "
+                             f"was set up with shape {tuple(np.shape(given[name]))}.")
+    return values
+
+
+def with_arguments(model, args, kwargs, values):
+    """``args``, ``kwargs`` with the arguments named in ``values`` replaced (names as
+    :func:`covariate_values` gives them)."""
+    bound = inspect.signature(model).bind(*args, **kwargs)
+    for name, v in values.items():
+        if name in bound.arguments:
+            bound.arguments[name] = v
+        elif name in bound.kwargs:
+            bound.arguments[next(iter(k for k, p in inspect.signature(model).parameters.items()
+                                      if p.kind is p.VAR_KEYWORD))][name] = v
+        else:
+            raise ValueError(f"design: '{name}' is not an argument of the model by that name "
+                             "(pass covariates by keyword to declare a design over them).")
+    return bound.args, bound.kwargs

@@ -21,6 +21,7 @@ from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.autoguide import AutoGuide
 
 from numpyro_amortized.data import DataBatch
+from numpyro_amortized.design import warn_other_design
 from numpyro_amortized.guide_base import AmortizedGuideBase
 from numpyro_amortized.predictive import posterior_predictive
 from numpyro_amortized.programs import Programs, log_joint_program, merge_static, split_static
@@ -65,7 +66,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         simulation. Array arguments with one row per observation of the data plate (a
         covariate matrix, group indices) are *covariates*: the summary network reads them
         next to the observations, and other values of them at sampling time give a warning.
-        To amortize over covariates too, write them as observed sites
+        To amortize over covariates too, declare a ``design`` or write them as observed sites
         (``numpyro.sample("x", prior, obs=x)``), as the quick start does.
     :param summary_net: a summary-network class or ``functools.partial`` of one, called as
         ``summary_net(spec, rngs=rngs)`` (see :mod:`numpyro_amortized.networks.summary`); by
@@ -90,6 +91,13 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         a DeepSet, and with ``set_sizes`` a series of ``n`` steps is its first ``n`` time points.
         A series observed inside ``numpyro.contrib.control_flow.scan`` (no plate) is read
         along its leading axis.
+    :param design: covariates to amortize over: a function ``design(rng_key)`` returning
+        values of covariate arguments by name (shapes as at set-up), drawn anew for every
+        training simulation, e.g. ``lambda k: {"X": jax.random.normal(k, (100, 3))}``; or a
+        dict of arrays stacked over designs you have (``{"X": Xs}``, ``Xs`` of shape
+        ``(num_designs, 100, 3)``), one chosen at random per simulation. The guide then answers
+        for any design such draws cover. Default: the covariates given at set-up, for every
+        simulation (other values at sampling time warn).
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 
@@ -114,8 +122,10 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
     """
 
     def __init__(self, model, *, summary_net=None, flow=None, observed=None, data_plate="auto",
-                 set_sizes=None, time_series=False, num_pilot_simulations=4096, prefix="auto"):
+                 set_sizes=None, time_series=False, design=None, num_pilot_simulations=4096,
+                 prefix="auto"):
         super().__init__(model, prefix=prefix)
+        self.design = design
         self.summary_net = summary_net
         self.flow = flow
         self.observed = tuple(observed or ())
@@ -230,7 +240,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                              f"covariates of the model; the guide reads {names}.")
         data = {k: jnp.asarray(v) for k, v in data.items()}
         self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        self._warn_design(data, batch_ndim=1, stacklevel=4)
+        warn_other_design(self._design, data, batch_ndim=1, stacklevel=5)
         sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
         if sizes == {0} or None in sizes:
             raise ValueError("data holds no datasets: give each site a leading dataset axis of "

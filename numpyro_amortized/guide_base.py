@@ -18,7 +18,12 @@ from numpyro.handlers import condition
 from numpyro.infer.util import log_density
 
 from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
-from numpyro_amortized.design import covariate_values, warn_other_design, warn_unpaired_rows
+from numpyro_amortized.design import (
+    covariate_values,
+    draw_designs,
+    warn_other_design,
+    warn_unpaired_rows,
+)
 from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
@@ -27,8 +32,9 @@ from numpyro_amortized.networks.factories import (
 from numpyro_amortized.networks.flows import mixture_log_weights, weight_decay_tree
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
+from numpyro_amortized.param_check import check_params
 from numpyro_amortized.programs import Programs, observed_values_compiled
-from numpyro_amortized.simulation import MaskDataPlate, inspect_model, simulate
+from numpyro_amortized.simulation import MaskDataPlate, inspect_model, simulate_designs
 from numpyro_amortized.summary_range import SummaryRange
 from numpyro_amortized.transforms import LatentLayout
 
@@ -149,15 +155,18 @@ class AmortizedGuideBase:
 
     def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers):
         self._args, self._kwargs = args, kwargs
-        self._design = {k: np.asarray(v, np.float64) for k, v in
-                        self._covariates(args, kwargs).items()}
+        given = self._covariates(args, kwargs)  # those a declared design draws are not fixed
+        drawn = draw_designs(self.design, rng_key, 1, given) if self.design is not None else {}
+        self._design = {k: np.asarray(v, np.float64) for k, v in given.items() if k not in drawn}
         self._setup_key = np.asarray(rng_key)
         k_pilot, k_net = jax.random.split(rng_key)
         if stats is None:
             n = self.num_pilot_simulations
             pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
             stats = pilot_statistics(pilot)
-            self._warn_unpaired_rows(pilot)
+            if self.summary_net is None and not self.time_series and not given:
+                warn_unpaired_rows(pilot, self.data_layout.spec.set_features,  # pooled rows
+                                   self.structure.data_plate, stacklevel=4)
         self._stats = stats
         summary_cls = self.summary_net or default_summary_net(self.data_layout.spec,
                                                               time_series=self.time_series)
@@ -204,27 +213,7 @@ class AmortizedGuideBase:
         self._check_setup()
         if isinstance(params, dict) and self.param_name in params:
             params = params[self.param_name]
-        if jax.tree.structure(params) != self._param_structure:
-            want = {jax.tree_util.keystr(p) for p, _ in
-                    jax.tree_util.tree_flatten_with_path(self.init_params)[0]}
-            got = {jax.tree_util.keystr(p) for p, _ in
-                   jax.tree_util.tree_flatten_with_path(params)[0]}
-            missing, extra = sorted(want - got), sorted(got - want)
-            raise ValueError(
-                f"The parameters do not fit this guide's networks (missing: {missing[:3]}"
-                f"{'...' if len(missing) > 3 else ''}; unexpected: {extra[:3]}"
-                f"{'...' if len(extra) > 3 else ''}). Pass the parameters this guide was trained "
-                f"with: fit(...).params, or svi.get_params(state) with the '{self.param_name}' "
-                "entry."
-            )
-        for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                     jax.tree.leaves(self.init_params), strict=True):
-            if jnp.shape(got) != jnp.shape(want):
-                raise ValueError(
-                    f"Parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(got)}; this "
-                    f"guide's networks need {jnp.shape(want)}. Pass the parameters this guide "
-                    "was trained with."
-                )
+        check_params(params, self.init_params, self._param_structure, self.param_name)
         return params
 
     def set_mixture_weights(self, params, member_log_probs):
@@ -249,11 +238,15 @@ class AmortizedGuideBase:
         """
         self._check_setup()
         k_sim, k_size = jax.random.split(rng_key)
-        sims = simulate(self.model, k_sim, num_simulations, *args, **kwargs)
+        given, drawn = self._covariates(args, kwargs), {}
+        if self.design is not None:  # covariates drawn anew for every simulation
+            k_sim, k_design = jax.random.split(k_sim)
+            drawn = draw_designs(self.design, k_design, num_simulations, given)
+        sims = simulate_designs(self.model, k_sim, num_simulations, args, kwargs, drawn)
         latents = {s.name: sims[s.name] for s in self.latent_layout.sites}
         observed = {s.name: sims[s.name] for s in self.structure.observed}
-        design = {name: jnp.broadcast_to(v, (num_simulations,) + v.shape)
-                  for name, v in self._covariates(args, kwargs).items()}
+        design = {name: drawn[name] if name in drawn else
+                  jnp.broadcast_to(v, (num_simulations,) + v.shape) for name, v in given.items()}
         num_obs = None
         if self.structure.data_plate is not None:
             if self.set_sizes is not None:
@@ -296,23 +289,14 @@ class AmortizedGuideBase:
         data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
         self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
         self._warn_size(self.data_layout.set_size(data))
-        self._warn_design(data, batch_ndim=0)
+        warn_other_design(self._design, data, batch_ndim=0, stacklevel=5)
         return data
-
-    def _warn_unpaired_rows(self, pilot):
-        """A set summary pools the rows: warn when the model makes them differ unseen."""
-        if self.summary_net is None and not self.time_series and not self.structure.covariates:
-            warn_unpaired_rows(pilot, self.data_layout.spec.set_features,
-                               self.structure.data_plate, stacklevel=5)
 
     def _covariates(self, args, kwargs) -> dict:
         """The covariates (plate-aligned array arguments) the summary network reads."""
         values = covariate_values(self.model, args, kwargs)
         return {c.name: jnp.asarray(values[c.name]) for c in self.structure.covariates
                 if c.name in values}
-
-    def _warn_design(self, data, batch_ndim, stacklevel=4):
-        warn_other_design(self._design, data, batch_ndim, stacklevel + 1)
 
     def _warn_size(self, n, stacklevel=3):
         if n is None or self.structure.data_plate is None:

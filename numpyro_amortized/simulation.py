@@ -21,7 +21,7 @@ from numpyro.distributions import biject_to, constraints
 from numpyro.handlers import block, seed, trace, uncondition
 from numpyro.primitives import Messenger
 
-from numpyro_amortized.design import categories_of, covariate_values
+from numpyro_amortized.design import categories_of, covariate_values, with_arguments
 from numpyro_amortized.samplers import LoopSafe, looping_sites
 
 __all__ = ["LatentSite", "ModelStructure", "ObservedSite", "covariate_values", "inspect_model",
@@ -300,32 +300,34 @@ def _check_static_supports(model, rng_key, args, kwargs, lat_sites):
 def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     """Draw ``num_simulations`` joint samples from the prior predictive of ``model``.
 
-    Runs ``trace(seed(uncondition(model), key))`` under :func:`jax.vmap` over keys, so it is
-    one vectorized computation (jit it, or call it inside a jitted function). A model with
-    observed sites inside ``numpyro.contrib.control_flow.scan`` is called with those
-    observations set to ``None`` instead, as ``Predictive`` calls it, so that simulated values
-    flow through the scan's carry (``uncondition`` does not reach inside a scan). Binomial sites
-    are drawn with :func:`jax.random.binomial` (an exact sampler of the same distribution):
-    NumPyro's Binomial sampler, vectorized over keys and compiled for CPU, can fail to return
-    for some parameter values.
+    ``trace(seed(uncondition(model), key))`` under :func:`jax.vmap` over keys: one vectorized
+    computation (jit it, or call it inside a jitted function). Observed sites inside
+    ``numpyro.contrib.control_flow.scan`` are set to ``None``, as ``Predictive`` does, so that
+    simulated values flow through the scan's carry. Binomial sites are drawn with
+    :func:`jax.random.binomial` (exact; NumPyro's sampler, vectorized and compiled for CPU,
+    can fail to return for some parameter values).
 
-    :return: a dict from every sample site name to its values, with a leading axis of size
-        ``num_simulations``.
+    :return: every sample site's values by name, with a leading axis of ``num_simulations``.
 
     **Example**::
 
         sims = simulate(model, jax.random.PRNGKey(0), 1000, y=jnp.zeros(10))
         sims["mu"].shape  # (1000,)
     """
+    return simulate_designs(model, rng_key, num_simulations, args, kwargs)
 
+
+def simulate_designs(model, rng_key, num_simulations, args, kwargs, designs=None) -> dict:
+    """:func:`simulate`, with the arguments named in ``designs`` set per simulation."""
     args, kwargs = prior_predictive_arguments(model, args, kwargs)
 
-    def one(key):
-        tr = trace(seed(uncondition(LoopSafe(model)), key)).get_trace(*args, **kwargs)
+    def one(key, values):
+        a, kw = with_arguments(model, args, kwargs, values) if values else (args, kwargs)
+        tr = trace(seed(uncondition(LoopSafe(model)), key)).get_trace(*a, **kw)
         return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
 
     with block():
-        return jax.vmap(one)(jax.random.split(rng_key, num_simulations))
+        return jax.vmap(one)(jax.random.split(rng_key, num_simulations), designs or {})
 
 
 class _ControlFlow(Messenger):

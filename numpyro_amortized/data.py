@@ -172,6 +172,8 @@ class Simulations(NamedTuple):
     :param num_obs: ``(B,)`` dataset sizes (``None`` without a data plate).
     :param valid: ``(B,)`` ``False`` where the simulation produced NaN or infinity (those
         entries are zeroed and must be left out of any loss).
+    :param design: covariates drawn per simulation from a declared design, by argument name,
+        leading axis ``B`` (empty without one): the model's arguments for that simulation.
     """
 
     latents: dict
@@ -181,6 +183,7 @@ class Simulations(NamedTuple):
     data: DataBatch
     num_obs: jax.Array | None
     valid: jax.Array
+    design: dict | None = None
 
 
 def pilot_statistics(pilot: Simulations):

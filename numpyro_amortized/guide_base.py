@@ -267,10 +267,8 @@ class AmortizedGuideBase:
         u = clean(u)
         _, log_det = self.latent_layout.constrain(u)
         data = DataBatch(*(None if x is None else clean(x) for x in data))
-        return Simulations(
-            jax.tree.map(clean, latents), u, log_det, jax.tree.map(clean, observed), data,
-            num_obs, valid,
-        )
+        return Simulations(jax.tree.map(clean, latents), u, log_det,
+                           jax.tree.map(clean, observed), data, num_obs, valid, drawn)
 
     def model_log_density(self, latents, observed, num_obs, *args, **kwargs):
         """``log p(theta, x)`` of the model for one dataset (masked beyond ``num_obs``)."""

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from numpyro.infer.elbo import ELBO
 
+from numpyro_amortized.design import with_arguments
+
 __all__ = ["NPE", "AmortizedELBO", "AmortizedLoss", "masked_mean"]
 
 
@@ -118,9 +120,12 @@ class AmortizedELBO(AmortizedLoss):
         latents, log_det = guide.latent_layout.constrain(u)
         log_q = log_q_u - log_det
 
-        def one_dataset(theta, observed, num_obs):
-            return guide.model_log_density(theta, observed, num_obs, *args, **kwargs)
+        def one_dataset(theta, observed, num_obs, design):  # design: per-simulation covariates
+            a, kw = with_arguments(guide.model, args, kwargs, design) if design else (args, kwargs)
+            return guide.model_log_density(theta, observed, num_obs, *a, **kw)
 
-        per_particle = jax.vmap(one_dataset, in_axes=(0, 0, 0 if sims.num_obs is not None else None))
-        log_p = jax.vmap(lambda th: per_particle(th, sims.observed, sims.num_obs))(latents)
+        per_particle = jax.vmap(one_dataset,
+                                in_axes=(0, 0, 0 if sims.num_obs is not None else None, 0))
+        log_p = jax.vmap(lambda th: per_particle(th, sims.observed, sims.num_obs,
+                                                 sims.design or {}))(latents)
         return -jnp.mean(log_p - log_q, axis=0)

@@ -11,7 +11,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_amortized import AutoAmortizedFlow, fit, inspect_model
+from numpyro_amortized import AmortizedELBO, AutoAmortizedFlow, fit, inspect_model
 from numpyro_amortized.networks import affine_flow
 
 N, K, SIGMA = 20, 2, 0.5
@@ -132,6 +132,15 @@ def test_a_declared_design_amortizes_over_covariates():
         warnings.simplefilter("error", UserWarning)  # no "differs from the trained design"
         warnings.filterwarnings("ignore", message="This dataset lies outside")
         assert _design_errors(guide, params) < 0.6  # measured .44
+
+    # AmortizedELBO evaluates the model's density with each simulation's own design
+    elbo = AutoAmortizedFlow(_regression, design=design)
+    elbo_params = fit(elbo, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=1500,
+                      loss=AmortizedELBO(), progress_bar=False).params
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="This dataset lies outside")
+        assert _design_errors(elbo, elbo_params) < 0.6  # measured .39
 
     # the same model trained on the one design given: new designs are extrapolation (and warn)
     fixed = AutoAmortizedFlow(_regression)

@@ -115,17 +115,24 @@ class AmortizedELBO(AmortizedLoss):
         self.num_particles = int(num_particles)
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
-        posterior = guide.posterior(params)
-        u, log_q_u = posterior.sample_and_log_prob(rng_key, sims.data, (self.num_particles,))
-        latents, log_det = guide.latent_layout.constrain(u)
-        log_q = log_q_u - log_det
+        log_w = importance_log_weights(guide, params, rng_key, sims, self.num_particles, args,
+                                       kwargs)
+        return -jnp.mean(log_w, axis=0)
 
-        def one_dataset(theta, observed, num_obs, design):  # design: per-simulation covariates
-            a, kw = with_arguments(guide.model, args, kwargs, design) if design else (args, kwargs)
-            return guide.model_log_density(theta, observed, num_obs, *a, **kw)
 
-        per_particle = jax.vmap(one_dataset,
-                                in_axes=(0, 0, 0 if sims.num_obs is not None else None, 0))
-        log_p = jax.vmap(lambda th: per_particle(th, sims.observed, sims.num_obs,
-                                                 sims.design or {}))(latents)
-        return -jnp.mean(log_p - log_q, axis=0)
+def importance_log_weights(guide, params, rng_key, sims, num_draws, args, kwargs):
+    """``(num_draws, B)``: ``log p(theta, x_i) - log q(theta | x_i)`` for ``num_draws`` guide
+    draws per simulation (reparameterized), with the model's exact density evaluated at each
+    simulation's data (and covariates, under a declared design)."""
+    posterior = guide.posterior(params)
+    u, log_q_u = posterior.sample_and_log_prob(rng_key, sims.data, (num_draws,))
+    latents, log_det = guide.latent_layout.constrain(u)
+
+    def one_dataset(theta, observed, num_obs, design):  # design: per-simulation covariates
+        a, kw = with_arguments(guide.model, args, kwargs, design) if design else (args, kwargs)
+        return guide.model_log_density(theta, observed, num_obs, *a, **kw)
+
+    per_draw = jax.vmap(one_dataset, in_axes=(0, 0, 0 if sims.num_obs is not None else None, 0))
+    log_p = jax.vmap(lambda th: per_draw(th, sims.observed, sims.num_obs, sims.design or {}))(
+        latents)
+    return log_p - (log_q_u - log_det)

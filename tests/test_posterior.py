@@ -160,3 +160,40 @@ def test_the_batch_form_escalates_only_flagged_datasets_in_order(trained):
                                    atol=4 / np.sqrt(precision * 1000) + 0.02)
     with pytest.raises(TypeError, match="unknown options"):
         posterior_batch(guide, params, jax.random.PRNGKey(1), datasets, refine_stepz=3)
+
+
+def test_the_held_out_check_passes_a_good_guide_and_fails_a_too_narrow_one(trained):
+    from numpyro_amortized.train import held_out_check
+
+    guide, params = trained
+    kwargs = {"y": jnp.zeros((N, 2))}
+    sims = jax.jit(lambda k: guide.simulate(k, 64, **kwargs))(jax.random.PRNGKey(7))
+    good = held_out_check(guide, params, jax.random.PRNGKey(8), sims, (), kwargs)
+    assert good.pareto_k.shape == (32,) and good.failed_share <= 0.1, good
+    narrow = held_out_check(scaled(guide, 0.15), params, jax.random.PRNGKey(8), sims, (), kwargs)
+    assert narrow.failed_share > 0.9 and np.median(narrow.pareto_k) > 1.0, narrow
+    assert "numpyro_amortized.posterior" in narrow.message()
+
+
+def bnn(X, y=None):
+    """The Pyro tutorial's Bayesian neural network: 32 latents, a posterior with many modes."""
+    w1 = numpyro.sample("w1", dist.Normal(0.0, 1.0).expand([1, 10]).to_event(2))
+    b1 = numpyro.sample("b1", dist.Normal(0.0, 1.0).expand([10]).to_event(1))
+    w2 = numpyro.sample("w2", dist.Normal(0.0, 1.0).expand([10]).to_event(1))
+    b2 = numpyro.sample("b2", dist.Normal(0.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.Uniform(0.0, 1.0))
+    with numpyro.plate("N", X.shape[0]):
+        numpyro.sample("y", dist.Normal(jnp.tanh(X @ w1 + b1) @ w2 + b2, sigma), obs=y)
+
+
+@pytest.mark.slow
+def test_fit_says_up_front_when_the_posterior_is_beyond_the_guide():
+    X = jnp.linspace(-1.5, 1.5, 50)[:, None]
+    guide = AutoAmortizedFlow(bnn)
+    with pytest.warns(UserWarning, match="fails the exact-density check") as record:
+        result = fit(guide, jax.random.PRNGKey(0), X=X, y=jnp.sin(2 * X[:, 0]), num_steps=1500,
+                     progress_bar=False)
+    from numpyro_amortized.train import GuideCheckWarning
+
+    assert any(issubclass(w.category, GuideCheckWarning) for w in record)
+    assert result.check.failed_share > 0.5, result.check

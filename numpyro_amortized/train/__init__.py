@@ -2,6 +2,8 @@
 
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
 - :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay.
+- :func:`held_out_check`: the guide against the model's exact density on held-out
+  simulations (what :func:`fit` checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
   (:class:`Converge`, :class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
 """
@@ -14,6 +16,7 @@ from numpyro_amortized.train.callbacks import (
     ProgressBar,
     Run,
 )
+from numpyro_amortized.train.check import GuideCheckWarning, HeldOutCheck, held_out_check
 from numpyro_amortized.train.checkpointing import Checkpointer
 from numpyro_amortized.train.loop import FitResult, fit
 from numpyro_amortized.train.optim import default_optimizer
@@ -27,6 +30,8 @@ __all__ = [
     "Chunk",
     "Converge",
     "FitResult",
+    "GuideCheckWarning",
+    "HeldOutCheck",
     "Plateau",
     "ProgressBar",
     "Run",
@@ -37,5 +42,6 @@ __all__ = [
     "data_mesh",
     "default_optimizer",
     "fit",
+    "held_out_check",
     "trainer",
 ]

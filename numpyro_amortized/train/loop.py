@@ -20,6 +20,7 @@ from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
+from numpyro_amortized.train.check import FAILED_SHARE, GuideCheckWarning, held_out_check
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import default_optimizer
 from numpyro_amortized.train.settings import resolve_settings
@@ -47,6 +48,9 @@ class FitResult(NamedTuple):
     :param stopped_early: training ended before ``num_steps``: the validation loss stopped
         improving after the last learning-rate reduction (``patience``), or (online, by
         default) the run converged (:class:`~numpyro_amortized.train.Converge`).
+    :param check: the guide checked against the model's exact density on held-out simulations
+        (a :class:`~numpyro_amortized.train.HeldOutCheck`: k-hat and ESS per simulation), or
+        ``None`` with ``check=False``.
     :param config: the run's settings, the flow the guide was built with, and the plateau
         counters (what a resumed run is checked against and continues from).
     """
@@ -65,12 +69,13 @@ class FitResult(NamedTuple):
     interrupted: bool = False
     stopped_early: bool = False
     config: dict | None = None
+    check: object = None
 
 
 def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
-        checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None,
+        checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None, check=True,
         **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
@@ -119,6 +124,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     :param stall_timeout: seconds a chunk of steps may take before training is declared stalled
         (:class:`~numpyro_amortized.train.TrainingStalled`). Default: ten minutes for the first
         chunk, then 50 times the slowest chunk so far, at least a minute.
+    :param check: at the end, weigh the guide's draws on 32 held-out simulations by the model's
+        exact density (:func:`~numpyro_amortized.train.held_out_check`) and warn
+        (:class:`~numpyro_amortized.train.GuideCheckWarning`) when k-hat > 0.7 on more than a
+        quarter of them; the figures are in ``result.check``. ``False`` skips it.
     :return: a :class:`FitResult`.
 
     Non-finite simulations are dropped from their batch and counted (an error is raised when
@@ -195,7 +204,12 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         for hook in hooks:
             hook.on_end(run)
     jax.block_until_ready(run.state.params)
-    return make_result(run)
+    result = make_result(run)
+    if check and not run.interrupted:
+        result = result._replace(check=program.check(result))
+        if result.check.failed_share > FAILED_SHARE:
+            warnings.warn(result.check.message(), GuideCheckWarning, stacklevel=2)
+    return result
 
 
 class _Program:
@@ -301,6 +315,11 @@ class _Program:
         compiled = jax.jit(run_chunk, out_shardings=out).lower(
             state, self.bank, self.val, jnp.float32(1.0)).compile()
         return compiled, time.perf_counter() - t0
+
+    def check(self, result):
+        """The exact-density check of the returned parameters on held-out simulations."""
+        return held_out_check(self.guide, result.params, jax.random.PRNGKey(1), self.val,
+                              self.args, self.kwargs, out_sharding=self.replicated)
 
     def stall_message(self, run, n, limit, checkpoint, saved_step):
         sites = looping_sites(self.guide.model, *self.args, **self.kwargs)

@@ -143,7 +143,9 @@ def psis_weights(log_w):
             "No guide draw has a finite importance weight: the model gives log density -inf "
             "(or NaN) to all of them. Check that the data are possible under the model."
         )
-    smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
+    log_w = log_w - np.max(log_w[finite])
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme tails: the fit gives a large k
+        smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
     smoothed = np.where(finite, smoothed, -np.inf)
     smoothed = smoothed - logsumexp(smoothed)
     return smoothed, float(k), float(1.0 / np.sum(np.exp(2 * smoothed)))

@@ -265,10 +265,10 @@ def bench_model(name, spec, key, num_prior=5, num_steps=None):
 
 def markdown(results, info):
     lines = [
-        ("| model | latents | train s | raw C2ST median (max) | raw max error, NUTS sds: mean "
+        ("| model | latents | steps | train s | raw C2ST median (max) | raw max error, NUTS sds: mean "
          "/ sd | `posterior` C2ST median (max) | paths (amortized/psis/refined/nuts) "
          "| s per dataset: raw / `posterior` / NUTS |"),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     share_ok, nuts_bad, raw_all = [], [], []
     for name, r in results.items():
@@ -281,7 +281,8 @@ def markdown(results, info):
         paths = [sum(x["method"] == m for x in rows)
                  for m in ("amortized", "psis", "refined+psis", "nuts")]
         lines.append(
-            f"| {name} | {r['latent_dim']} | {r['train_time']:.0f} | {np.median(raw):.2f} "
+            f"| {name} | {r['latent_dim']} | {r['num_steps']:,} | {r['train_time']:.0f} | "
+            f"{np.median(raw):.2f} "
             f"({raw.max():.2f}) | {max(x['max_mean_error'] for x in rows):.2f} / "
             f"{max(x['max_sd_error'] for x in rows):.2f} | {np.median(post):.2f} "
             f"({post.max():.2f}) | "

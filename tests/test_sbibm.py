@@ -105,6 +105,7 @@ def test_slcp_symmetrized_draws_fill_the_four_modes():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::numpyro_amortized.train.GuideCheckWarning")  # --quick
 def test_runner_smoke(monkeypatch):
     sbibm = _benchmark_module(monkeypatch)
 

@@ -5,7 +5,6 @@ from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
     factory_from_description,
-    fixed_budget_flow,
 )
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
@@ -41,6 +40,5 @@ __all__ = [
     "describe_factory",
     "ensemble_flow",
     "factory_from_description",
-    "fixed_budget_flow",
     "spline_flow",
 ]

@@ -2,6 +2,7 @@
 
 from numpyro_amortized.networks.factories import (
     REGISTRY,
+    current_description,
     default_flow,
     describe_factory,
     factory_from_description,
@@ -35,6 +36,7 @@ __all__ = [
     "TimeSeriesNet",
     "affine_flow",
     "coupling_flow",
+    "current_description",
     "default_flow",
     "default_summary_net",
     "describe_factory",

@@ -15,7 +15,8 @@ from numpyro_amortized.networks.flows import (
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
 from numpyro_amortized.networks.summary import DeepSet, Identity, LinearSummary, MLPSummary
 
-__all__ = ["REGISTRY", "default_flow", "describe_factory", "factory_from_description"]
+__all__ = ["REGISTRY", "current_description", "default_flow", "describe_factory",
+           "factory_from_description"]
 
 REGISTRY = {
     f.__name__: f
@@ -62,11 +63,18 @@ def factory_from_description(desc):
             f"The network {name!r} is not one of the package's own; build the guide with the "
             "network it was trained with."
         )
-    kwargs = _tuples(kwargs or {})
-    if name in ("coupling_flow", "spline_flow", "affine_flow", "ensemble_flow"):
-        kwargs.pop("weight_decay", None)  # older checkpoints kept it here; fit's now
+    kwargs = _tuples(current_description(desc)["kwargs"] or {})
     obj = REGISTRY[name]
     return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def current_description(desc):
+    """A stored factory description as this version writes it: older checkpoints named a
+    flow's ``weight_decay`` among its options, which is now :func:`~numpyro_amortized.fit`'s
+    setting (``desc`` is changed in place and returned)."""
+    if isinstance(desc, dict) and isinstance(desc.get("kwargs"), dict):
+        desc["kwargs"].pop("weight_decay", None)
+    return desc
 
 
 def _tuples(obj):

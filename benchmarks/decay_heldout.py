@@ -2,7 +2,7 @@
 
 For each task and seed, trains two guides on the same bank (``fit``'s key fixes the bank, the
 initialization and the batches): one with the default flow for the budget
-(:func:`~numpyro_amortized.fixed_budget_flow`, whose decay follows the bank) and one with decay 2
+(:func:`~numpyro_amortized.train.fixed_budget_weight_decay`: the decay follows the bank) and one with decay 2
 on the decayed members. Both are scored by their mixture's ``-log q(theta | x)`` over the same
 fresh prior-predictive simulations: the difference of the two means is the difference of their
 expected KL(p || q), with no reference posterior needed. Prints one line per arm and the paired
@@ -23,21 +23,21 @@ import numpy as np
 from numpyro_amortized import NPE, AutoAmortizedFlow, fit
 from numpyro_amortized.examples.sbibm import TASKS
 from numpyro_amortized.networks import ensemble_flow
+from numpyro_amortized.train import ENSEMBLE_WEIGHT_DECAY
 
-# the default arm builds no flow, so fit gives it fixed_budget_flow for its bank; ensemble_flow's
-# own default is the same ensemble with decay 2 on its decayed members
-ARMS = {"default": None, "decay2": ensemble_flow}
+# the default arm: fit's default decay for its bank; the other: decay 2 on the decayed members
+ARMS = {"default": None, "decay2": ENSEMBLE_WEIGHT_DECAY}
 
 
-def heldout_nll(name, flow, budget, seed, num_fresh):
-    """Train on ``budget`` simulations with ``flow`` (``None``: fit's default); the
+def heldout_nll(name, decay, budget, seed, num_fresh):
+    """Train on ``budget`` simulations with weight ``decay`` (``None``: fit's default); the
     per-simulation held-out loss (NaN where a fresh simulation is invalid) and the mixture
     weights."""
     task = TASKS[name]
-    guide = AutoAmortizedFlow(task.model, flow=flow, **(task.guide_kwargs or {}))
+    guide = AutoAmortizedFlow(task.model, flow=ensemble_flow, **(task.guide_kwargs or {}))
     t0 = time.perf_counter()
     result = fit(guide, jax.random.PRNGKey(seed), num_simulations=budget, progress_bar=False,
-                 **task.data)
+                 weight_decay=decay, **task.data)
     wall = time.perf_counter() - t0
     fresh = jax.jit(lambda k: guide.simulate(k, num_fresh, **task.data))(
         jax.random.PRNGKey(12345))

@@ -312,8 +312,9 @@ def _flow_fields(guide, result):
     if log_w is None:
         return {"flow": "spline"}
     flow = guide.posterior(result.params).flow
+    decays = result.config.get("weight_decay") or [0.0] * len(flow.member_kinds)
     members = [kind + (f" wd {w:g}" if w else "")
-               for kind, w in zip(flow.member_kinds, flow.weight_decays, strict=True)]
+               for kind, w in zip(flow.member_kinds, decays, strict=True)]
     return {"flow": f"ensemble ({', '.join(members)})",
             "mixture_weights": [round(float(w), 3) for w in np.exp(np.asarray(log_w))]}
 

@@ -11,7 +11,7 @@ from numpyro_amortized.checkpoint import CheckpointError, load, save
 from numpyro_amortized.data import Simulations
 from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.losses import NPE, AmortizedELBO
-from numpyro_amortized.networks import default_flow, fixed_budget_flow
+from numpyro_amortized.networks import default_flow
 from numpyro_amortized.simulation import inspect_model, simulate
 from numpyro_amortized.train import FitResult, fit
 
@@ -53,7 +53,6 @@ __all__ = [
     "default_flow",
     "diagnose",
     "fit",
-    "fixed_budget_flow",
     "guide_inference_data",
     "importance_resample",
     "inspect_model",

@@ -77,7 +77,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         (``None``): chosen at set-up by :func:`default_flow` for how the guide is trained: a
         :func:`~numpyro_amortized.networks.spline_flow` online, and on a fixed simulation
         budget (:func:`fit` with ``num_simulations``) an
-        :func:`~numpyro_amortized.networks.ensemble_flow` (see :func:`fixed_budget_flow`),
+        :func:`~numpyro_amortized.networks.ensemble_flow` (trained with per-member weight decay),
         which over-fits a finite bank less than any one flow alone. This attribute stays
         ``None``; :attr:`flow_factory` is what was built.
     :param observed: names of sites to treat as observed even without ``obs=``.

@@ -29,7 +29,7 @@ from numpyro_amortized.networks.factories import (
     describe_factory,
     factory_from_description,
 )
-from numpyro_amortized.networks.flows import mixture_log_weights, weight_decay_tree
+from numpyro_amortized.networks.flows import mixture_log_weights
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.param_check import check_params
@@ -363,16 +363,6 @@ class AmortizedGuideBase:
         :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
         member is trained as if alone; the posterior is their mixture)."""
         return self.posterior(params).training_log_prob(sims.u, sims.data) - sims.log_det
-
-    def weight_decay(self, params):
-        """Each parameter's decoupled weight decay, a tree like ``params`` (a pure dict, or
-        SVI's param dict): the ``weight_decay`` of the flow it belongs to (see
-        :func:`~numpyro_amortized.networks.coupling_flow`), 0 elsewhere. Static: it depends
-        on the networks' structure only, not on the values."""
-        self._check_setup()
-        module = nnx.merge(self._graphdef, self._param_template, self._buffers)
-        prefix = (self.param_name,) if self.network_params(params) is not params else ()
-        return weight_decay_tree(module, params, prefix)
 
     def member_log_prob_simulations(self, params, sims: Simulations):
         """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or

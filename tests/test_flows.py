@@ -176,20 +176,20 @@ def test_mixture_weights_maximize_the_held_out_likelihood(rng):
 @pytest.mark.slow
 def test_members_of_one_structure_stack_into_one_vectorized_flow_in_member_order():
     # the two spline members share their graph (same construction key, hence permutations) and
-    # differ in weights and decay; the affine one stands alone
-    def member(t, seed, decay):
+    # differ in weights; the affine one stands alone
+    def member(t, seed):
         flow = coupling_flow(2, CONTEXT, transformer=t, num_layers=2, hidden=(16,),
-                             weight_decay=decay, rngs=nnx.Rngs(0))
+                             rngs=nnx.Rngs(0))
         return perturb(flow, scale=0.1, seed=seed)
 
-    members = [member("spline", 1, 0.0), member("affine", 2, 1.0), member("spline", 3, 2.0)]
+    members = [member("spline", 1), member("affine", 2), member("spline", 3)]
     c = jax.random.normal(jax.random.PRNGKey(3), (6, CONTEXT))
     u = jax.random.normal(jax.random.PRNGKey(4), (6, 2))
     alone = jnp.stack([m.log_prob(u, c) for m in members])
     flow = FlowEnsemble(members, 2)
     assert [g.size for g in flow.groups] == [2, 1]
     assert flow.member_kinds == ("spline", "affine", "spline")
-    assert flow.weight_decays == (0.0, 1.0, 2.0)
+    assert flow.member_groups == ((0, 2), (1,))  # the members each stacked group holds
     np.testing.assert_allclose(flow.member_log_probs(u, c), alone, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(alone[0] - alone[2]).max()) > 1e-2  # the stacked members differ
     # sampling: every member draws its own points; the mixture's log q is consistent
@@ -197,4 +197,4 @@ def test_members_of_one_structure_stack_into_one_vectorized_flow_in_member_order
     assert draws.shape == (50, 6, 2)
     np.testing.assert_allclose(log_q, flow.log_prob(draws, c), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one structure"):
-        StackedFlows([member("spline", 1, 0.0), member("affine", 2, 0.0)])
+        StackedFlows([member("spline", 1), member("affine", 2)])

@@ -309,12 +309,9 @@ def test_resume_with_other_settings_or_another_guide_is_refused(trained):
         fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, **{**settings, "batch_size": 32})
     with pytest.raises(CheckpointError, match="other settings.*'patience': \\(0, 3\\)"):
         fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, keep_best=True, patience=3, **settings)
-    # the same shapes, but the flow's options change training: refused, naming them
-    decayed = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15),
-                                flow=small_flow(weight_decay=0.5))
-    with pytest.raises(CheckpointError, match="another guide.*'weight_decay': 0.5"):
-        fit(decayed, jax.random.PRNGKey(0), x=Z, y=Z, **settings)
-    assert decayed.structure is None  # left as it was
+    # the same networks, trained with another weight decay: refused, naming it
+    with pytest.raises(CheckpointError, match=r"other settings.*'weight_decay': \(\[0.0\], \[0.5\]"):
+        fit(fresh, jax.random.PRNGKey(0), x=Z, y=Z, weight_decay=0.5, **settings)
     other = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
     other.setup(jax.random.PRNGKey(5), x=Z, y=Z)  # set up differently from the saved run
     with pytest.raises(CheckpointError, match="set up for another run"):
@@ -351,3 +348,35 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(trained, tmp_path,
         write_file(target, checkpoint_body(guide, result.params))
     assert target.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_a_checkpoint_from_when_the_decay_was_a_flow_option_loads_and_resumes(trained, tmp_path):
+    guide, result, path = trained
+    body = read_file(path)
+
+    def with_decay(desc):  # the flow description as such files wrote it
+        desc = json.loads(desc) if isinstance(desc, str) else desc
+        return {**desc, "kwargs": {**desc["kwargs"], "weight_decay": 0.5}}
+
+    run = json.loads(body["train"]["run"])
+    run.pop("weight_decay")
+    guide_desc = json.loads(body["guide"])
+    old = tmp_path / "old.ckpt"
+    write_file(old, {**body, "flow": json.dumps(with_decay(body["flow"])),
+                     "guide": json.dumps({**guide_desc, "flow": with_decay(guide_desc["flow"])}),
+                     "train": {**body["train"], "run": json.dumps({**run, "flow": with_decay(
+                         run["flow"])})}})
+    loaded, params = numpyro_amortized.load(old, linear_regression)  # the networks load
+    data = {"x": jnp.linspace(-1, 1, 12), "y": jnp.linspace(0, 2, 12)}
+    np.testing.assert_array_equal(
+        loaded.sample_posterior(jax.random.PRNGKey(0), params, sample_shape=(5,), **data)["beta"],
+        guide.sample_posterior(jax.random.PRNGKey(0), result.params, sample_shape=(5,),
+                               **data)["beta"])
+    settings = {"num_steps": 60, "batch_size": 64, "num_chunks": 3, "validation_size": 64,
+                "progress_bar": False, "resume": old, "check": False}
+    fresh = lambda: AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), flow=small_flow())
+    with pytest.raises(CheckpointError, match=r"weight decay 0.5; resume it with fit\(\.\.\., "
+                                              r"weight_decay=0.5\)"):
+        fit(fresh(), jax.random.PRNGKey(0), x=Z, y=Z, **settings)
+    again = fit(fresh(), jax.random.PRNGKey(0), x=Z, y=Z, weight_decay=0.5, **settings)
+    np.testing.assert_array_equal(again.losses, result.losses)  # the run was complete

@@ -9,15 +9,19 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 import pytest
-from flax import nnx
 from tqdm.auto import tqdm as tqdm_auto
 
 import numpyro_amortized
-from numpyro_amortized import NPE, AutoAmortizedFlow, fit, fixed_budget_flow
+from numpyro_amortized import NPE, AutoAmortizedFlow, fit
 from numpyro_amortized.examples import gaussian_linear
 from numpyro_amortized.losses import AmortizedLoss
 from numpyro_amortized.networks import FlowEnsemble, affine_flow, coupling_flow, ensemble_flow
-from numpyro_amortized.train import default_optimizer, trainer
+from numpyro_amortized.train import (
+    default_optimizer,
+    fixed_budget_weight_decay,
+    flow_weight_decay,
+    trainer,
+)
 
 KEY = jax.random.PRNGKey(0)
 X = jnp.zeros(10)
@@ -106,22 +110,18 @@ def normal_mean(y=None):
 @pytest.mark.slow
 def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path, monkeypatch):
     guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
-    sizes = []  # the bank sizes fit builds the default flow for
-    spy = lambda n: sizes.append(n) or fixed_budget_flow(n)
-    monkeypatch.setattr(numpyro_amortized.networks.factories, "fixed_budget_flow", spy)
     result = fit(guide, KEY, y=X, num_steps=200, num_simulations=2000, progress_bar=False)
-    assert sizes == [1800]  # the training simulations: 10% of 2,000 held out
     assert guide.flow is None  # the user's setting is left alone; the choice is reported
-    assert guide.flow_factory.func is ensemble_flow
-    assert result.config["flow"] == {"name": "ensemble_flow",
-                                     "kwargs": {"weight_decay": (0.0, 0.0, 2.0, 2.0)}}
+    assert guide.flow_factory is ensemble_flow
+    assert result.config["flow"] == {"name": "ensemble_flow", "kwargs": {}}
+    # each flow kind plain and regularized (for the 1,800 training simulations)
+    assert result.config["weight_decay"] == [0.0, 0.0, 2.0, 2.0]
     log_w = np.asarray(result.params[guide.param_name]["flow"]["log_weights"])
     assert log_w.shape == (4,) and abs(np.exp(log_w).sum() - 1) < 1e-5
     flow = guide.posterior(result.params).flow
     assert flow.member_kinds == ("spline", "affine", "spline", "affine")
-    assert flow.weight_decays == (0.0, 0.0, 2.0, 2.0)  # each flow kind plain and regularized
     # the decay falls as 1 / bank size beyond 10,000 training simulations (none above 2)
-    decays = {n: fixed_budget_flow(n).keywords["weight_decay"] for n in (900, 9000, 98_976)}
+    decays = {n: fixed_budget_weight_decay(n) for n in (900, 9000, 98_976)}
     assert decays == {900: (0.0, 0.0, 2.0, 2.0), 9000: (0.0, 0.0, 2.0, 2.0),
                       98_976: (0.0, 0.0, 0.202, 0.202)}
     assert [g.size for g in flow.groups] == [2, 2]  # one vectorized flow per kind
@@ -144,8 +144,8 @@ def test_fixed_budget_default_is_a_flow_ensemble_and_online_is_one_flow(tmp_path
 def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     # beyond 10,000 training simulations the default flow's decay depends on the bank size
-    # (here 13,976, 1,024 held out: 1.431), so a new guide resuming the run must rebuild the
-    # same flow
+    # (here 13,976, 1,024 held out: 1.431), so a run resumed with a new guide must train with
+    # the same decay
     budget = {"num_steps": 60, "num_chunks": 6, "num_simulations": 15_000, "batch_size": 64,
               "progress_bar": False}
     ckpt = tmp_path / "run.ckpt"
@@ -167,7 +167,7 @@ def test_resume_with_the_default_fixed_budget_flow_equals_the_uninterrupted_run(
     monkeypatch.undo()
     resumed_guide = AutoAmortizedFlow(normal_mean, num_pilot_simulations=512)
     resumed = fit(resumed_guide, KEY, y=X, resume=ckpt, **budget)
-    assert resumed_guide.flow_factory.keywords["weight_decay"] == (0.0, 0.0, 1.431, 1.431)
+    assert resumed.config["weight_decay"] == [0.0, 0.0, 1.431, 1.431]
     fresh = fit(AutoAmortizedFlow(normal_mean, num_pilot_simulations=512), KEY, y=X, **budget)
     assert not resumed.interrupted and int(resumed.state.step) == 60
     np.testing.assert_array_equal(resumed.losses, fresh.losses)
@@ -247,32 +247,37 @@ def test_update_runs_under_pmap():
 
 
 def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
-    flow = lambda *a, **k: ensemble_flow(*a, transformers=("spline", "affine", "affine"),
-                                         weight_decay=(0.0, 0.0, 0.5), **k)
+    flow = functools.partial(ensemble_flow, transformers=("spline", "affine", "affine"))
     guide = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
     params = guide.setup(KEY, y=X)
-    decay = guide.weight_decay(params)
+    decay_of = flow_weight_decay(guide, (0.0, 0.0, 0.5))
+    decay = decay_of(params)
     groups = decay["flow"]["groups"]
     spline, affine = groups[0], groups[1]  # the two affine members are stacked, in order
-    assert set(jax.tree.leaves(spline)) == {0.0}
+    assert all(np.all(np.asarray(w) == 0.0) for w in jax.tree.leaves(spline))
     for w, p in zip(jax.tree.leaves(affine), jax.tree.leaves(params["flow"]["groups"][1]),
                     strict=True):
         assert np.ndim(w) == np.ndim(p) and np.ravel(w).tolist() == [0.0, 0.5]
     assert set(jax.tree.leaves(decay["summary_net"])) == {0.0}  # a DeepSet: not decayed
-    # SVI's param dict (keyed by the guide's param name) gets the same values
-    wrapped = guide.weight_decay({guide.param_name: params})
-    for a, b in zip(jax.tree.leaves(wrapped), jax.tree.leaves(decay), strict=True):
+    assert float(decay["flow"]["log_weights"]) == 0.0  # nor the mixture weights
+    # SVI's param dict (keyed by the guide's param name, beside other params) likewise
+    wrapped = decay_of({guide.param_name: params, "other": jnp.ones(3)})
+    assert float(np.max(wrapped["other"])) == 0.0
+    for a, b in zip(jax.tree.leaves(wrapped[guide.param_name]), jax.tree.leaves(decay),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="one per member"):
-        ensemble_flow(1, 2, transformers=("spline", "affine"), weight_decay=(0.0, 1.0, 2.0),
-                      rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="one value per flow-ensemble member"):
+        flow_weight_decay(guide, (0.0, 1.0))
+    # one number: every flow parameter but the mixture weights
+    one = flow_weight_decay(guide, 0.3)(params)
+    assert all(np.asarray(w) == np.float32(0.3) for w in jax.tree.leaves(one["flow"]["groups"]))
+    assert float(one["flow"]["log_weights"]) == 0.0
 
     # with a zero gradient Adam's step is 0, so one step of the default optimizer moves a
     # decayed parameter by exactly -learning_rate * decay * value and leaves the others alone
-    opt = default_optimizer(10, learning_rate=0.1,
-                                              weight_decay=guide.weight_decay)
+    opt = default_optimizer(10, learning_rate=0.1, weight_decay=decay_of)
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = opt.update(zero, opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(zero, opt.init(params), params)  # static under jit
     expected = jax.tree.map(lambda p, w: -0.1 * w * p, params, decay)
     for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-12)
@@ -286,14 +291,13 @@ def test_weight_decay_reaches_exactly_the_decayed_members(monkeypatch):
     moments = [x for x in jax.tree.leaves(opt.init(params)) if np.ndim(x) > 0]
     size = sum(np.size(p) for p in jax.tree.leaves(params))
     assert [np.shape(x) for x in moments] == [(size,), (size,)]
-    # trainer's default optimizer is the decaying one too
-    calls = []
-    real = numpyro_amortized.train.step.default_optimizer
-    monkeypatch.setattr(numpyro_amortized.train.step, "default_optimizer",
-                        lambda *a, **k: calls.append(k) or real(*a, **k))
-    other = AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512)
-    trainer(other)
-    assert calls[-1]["weight_decay"] == other.weight_decay
+    # fit resolves the decay once (0 for a guide of its own flow) and reports it; with an
+    # optimizer of the user's, the setting belongs there
+    result = fit(guide, KEY, y=X, num_steps=20, batch_size=32, progress_bar=False, check=False)
+    assert result.config["weight_decay"] == [0.0]
+    with pytest.raises(ValueError, match="setting of the default optimizer"):
+        fit(AutoAmortizedFlow(normal_mean, flow=flow, num_pilot_simulations=512), KEY, y=X,
+            num_steps=20, optimizer=optax.adam(1e-3), weight_decay=0.5, progress_bar=False)
 
 
 @pytest.mark.slow
@@ -303,10 +307,10 @@ def test_resumed_fixed_budget_run_with_plateaus_equals_the_uninterrupted_one(tmp
     # on both sides of the interruption: everything that drives a decision must match
     from numpyro_amortized.train import Callback
 
-    flow = functools.partial(ensemble_flow, transformers=("affine", "affine"),
-                             weight_decay=(0.0, 2.0), num_layers=2, hidden=(16,))
+    flow = functools.partial(ensemble_flow, transformers=("affine", "affine"), num_layers=2,
+                             hidden=(16,))
     budget = {"num_steps": 200, "num_chunks": 20, "num_simulations": 2000, "batch_size": 64,
-              "patience": 1, "progress_bar": False}
+              "patience": 1, "progress_bar": False, "weight_decay": (0.0, 2.0)}
 
     class StopAfter(Callback):  # Ctrl-C after the 7th chunk
         def on_chunk(self, run, chunk):

@@ -40,6 +40,7 @@ from numpyro_amortized.checkpoint.format import (
 from numpyro_amortized.data import DataBatch, Simulations
 from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.networks import describe_factory, factory_from_description
+from numpyro_amortized.networks.factories import current_description
 from numpyro_amortized.simulation import inspect_model
 from numpyro_amortized.summary_range import SummaryRange
 
@@ -276,7 +277,7 @@ def _state_of(body):
             "u_scale": np.asarray(body["stats"]["u_scale"]),
             "data": tuple(decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
         },
-        "flow": json.loads(body["flow"]),
+        "flow": current_description(json.loads(body["flow"])),
     }
 
 
@@ -384,9 +385,10 @@ def _sizes(obj, key=""):
 
 
 def _check_config(guide, body, path):
-    """The networks' options (a weight decay, say) change training without changing any
+    """The networks' options (a spline's bound, say) change training without changing any
     shape: compare them where both guides describe them (a lambda is not described)."""
     saved, here = json.loads(body["guide"]), json.loads(json.dumps(guide_config(guide)))
+    current_description(saved.get("flow"))
     diff = {k: (saved[k], v) for k, v in here.items()
             if k != "num_pilot_simulations"  # the standardization is restored, not re-estimated
             and saved.get(k) is not None and v is not None and saved[k] != v}

@@ -2,10 +2,10 @@
 
 from numpyro_amortized.networks.factories import (
     REGISTRY,
+    current_description,
     default_flow,
     describe_factory,
     factory_from_description,
-    fixed_budget_flow,
 )
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
@@ -36,11 +36,11 @@ __all__ = [
     "TimeSeriesNet",
     "affine_flow",
     "coupling_flow",
+    "current_description",
     "default_flow",
     "default_summary_net",
     "describe_factory",
     "ensemble_flow",
     "factory_from_description",
-    "fixed_budget_flow",
     "spline_flow",
 ]

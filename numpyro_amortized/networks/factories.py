@@ -12,12 +12,11 @@ from numpyro_amortized.networks.flows import (
     ensemble_flow,
     spline_flow,
 )
-from numpyro_amortized.networks.flows.ensemble import DEFAULT_WEIGHT_DECAY
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
 from numpyro_amortized.networks.summary import DeepSet, Identity, LinearSummary, MLPSummary
 
-__all__ = ["REGISTRY", "default_flow", "describe_factory", "factory_from_description",
-           "fixed_budget_flow"]
+__all__ = ["REGISTRY", "current_description", "default_flow", "describe_factory",
+           "factory_from_description"]
 
 REGISTRY = {
     f.__name__: f
@@ -26,29 +25,13 @@ REGISTRY = {
 }
 
 
-def fixed_budget_flow(num_train):
-    """The default flow for a fixed budget of ``num_train`` training simulations:
-    :func:`~numpyro_amortized.networks.ensemble_flow`, a spline and an affine flow, each plain
-    and weight-decayed. The decay is 2 up to 10,000 training simulations and falls as
-    ``1 / num_train`` beyond (0.202 for a bank of 10^5): a larger bank is memorized less, and
-    the decay that suits 10^4 over-regularizes it.
-
-    **Example**::
-
-        guide = AutoAmortizedFlow(model, flow=fixed_budget_flow(50_000))
-    """
-    factor = min(1.0, 10_000 / max(int(num_train), 1))
-    decays = tuple(round(w * factor, 3) for w in DEFAULT_WEIGHT_DECAY)
-    return functools.partial(ensemble_flow, weight_decay=decays)
-
-
 def default_flow(num_train_simulations=None):
     """The flow a guide built without ``flow=`` gets: a
-    :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and
-    :func:`fixed_budget_flow` for a fixed bank of ``num_train_simulations``."""
-    if num_train_simulations is None:
-        return spline_flow
-    return fixed_budget_flow(num_train_simulations)
+    :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and an
+    :func:`~numpyro_amortized.networks.ensemble_flow` for a fixed bank of
+    ``num_train_simulations`` (which :func:`~numpyro_amortized.fit` trains with per-member
+    weight decay, :func:`~numpyro_amortized.train.fixed_budget_weight_decay`)."""
+    return spline_flow if num_train_simulations is None else ensemble_flow
 
 
 def describe_factory(factory):
@@ -80,9 +63,18 @@ def factory_from_description(desc):
             f"The network {name!r} is not one of the package's own; build the guide with the "
             "network it was trained with."
         )
-    kwargs = _tuples(kwargs or {})
+    kwargs = _tuples(current_description(desc)["kwargs"] or {})
     obj = REGISTRY[name]
     return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def current_description(desc):
+    """A stored factory description as this version writes it: older checkpoints named a
+    flow's ``weight_decay`` among its options, which is now :func:`~numpyro_amortized.fit`'s
+    setting (``desc`` is changed in place and returned)."""
+    if isinstance(desc, dict) and isinstance(desc.get("kwargs"), dict):
+        desc["kwargs"].pop("weight_decay", None)
+    return desc
 
 
 def _tuples(obj):

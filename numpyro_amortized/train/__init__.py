@@ -1,7 +1,8 @@
 """Training: the pure step, the optimizer, callbacks and the ``fit`` loop.
 
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
-- :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay.
+- :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay
+  (:func:`flow_weight_decay`: a flow's, or one per member of a flow ensemble).
 - :func:`held_out_check`: the guide against the model's exact density on held-out
   simulations (what :func:`fit` checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
@@ -19,12 +20,18 @@ from numpyro_amortized.train.callbacks import (
 from numpyro_amortized.train.check import GuideCheckWarning, HeldOutCheck, held_out_check
 from numpyro_amortized.train.checkpointing import Checkpointer
 from numpyro_amortized.train.loop import FitResult, fit
-from numpyro_amortized.train.optim import default_optimizer
+from numpyro_amortized.train.optim import (
+    ENSEMBLE_WEIGHT_DECAY,
+    default_optimizer,
+    fixed_budget_weight_decay,
+    flow_weight_decay,
+)
 from numpyro_amortized.train.sharding import data_mesh
 from numpyro_amortized.train.step import StepInfo, Trainer, TrainState, trainer
 from numpyro_amortized.train.watchdog import TrainingStalled
 
 __all__ = [
+    "ENSEMBLE_WEIGHT_DECAY",
     "Callback",
     "Checkpointer",
     "Chunk",
@@ -42,6 +49,8 @@ __all__ = [
     "data_mesh",
     "default_optimizer",
     "fit",
+    "fixed_budget_weight_decay",
+    "flow_weight_decay",
     "held_out_check",
     "trainer",
 ]

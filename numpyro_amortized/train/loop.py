@@ -7,7 +7,6 @@ import math
 import os
 import time
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,61 +21,27 @@ from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
 from numpyro_amortized.train.check import FAILED_SHARE, GuideCheckWarning, held_out_check
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
-from numpyro_amortized.train.optim import default_optimizer
+from numpyro_amortized.train.optim import (
+    default_optimizer,
+    fixed_budget_weight_decay,
+    flow_weight_decay,
+)
+from numpyro_amortized.train.result import FitResult
 from numpyro_amortized.train.settings import resolve_settings
 from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value
-from numpyro_amortized.train.step import TrainState, trainer
+from numpyro_amortized.train.step import trainer
 from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled
 
 __all__ = ["FitResult", "fit"]
 
-
-class FitResult(NamedTuple):
-    """The result of :func:`fit`.
-
-    :param params: trained parameters, ``{guide.param_name: ...}`` as ``SVI.get_params`` gives.
-    :param losses: training loss per step.
-    :param validation_losses: ``(steps, losses)`` of the held-out loss during training.
-    :param state: the final :class:`~numpyro_amortized.train.TrainState` (to continue training).
-    :param num_skipped: updates skipped because the loss or gradient was not finite.
-    :param num_dropped: simulations dropped because they contained NaN or infinity.
-    :param num_simulations: simulations used for training (drawn online, or the bank size).
-    :param compile_time: seconds spent compiling; :param train_time: seconds spent training.
-    :param best_step: the step with the lowest validation loss (``params`` are that step's
-        with ``keep_best``, the last step's otherwise); ``best_validation_loss`` its loss.
-    :param interrupted: training was stopped early (``KeyboardInterrupt``).
-    :param stopped_early: training ended before ``num_steps``: the validation loss stopped
-        improving after the last learning-rate reduction (``patience``), or (online, by
-        default) the run converged (:class:`~numpyro_amortized.train.Converge`).
-    :param check: the guide checked against the model's exact density on held-out simulations
-        (a :class:`~numpyro_amortized.train.HeldOutCheck`: k-hat and ESS per simulation), or
-        ``None`` with ``check=False``.
-    :param config: the run's settings, the flow the guide was built with, and the plateau
-        counters (what a resumed run is checked against and continues from).
-    """
-
-    params: dict
-    losses: np.ndarray
-    validation_losses: tuple
-    state: TrainState
-    num_skipped: int
-    num_dropped: int
-    num_simulations: int
-    compile_time: float
-    train_time: float
-    best_step: int = -1
-    best_validation_loss: float = float("inf")
-    interrupted: bool = False
-    stopped_early: bool = False
-    config: dict | None = None
-    check: object = None
+DEFAULT_MEMBERS = ("spline", "affine", "spline", "affine")  # ensemble_flow's default members
 
 
 def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optimizer=None,
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None, check=True,
-        **kwargs) -> FitResult:
+        weight_decay=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`. It is set up here if it is
@@ -98,7 +63,13 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
         :class:`~numpyro_amortized.AmortizedELBO`.
     :param optimizer: any optax transformation (default
-        :func:`~numpyro_amortized.train.default_optimizer` from ``learning_rate``).
+        :func:`~numpyro_amortized.train.default_optimizer` from ``learning_rate`` and
+        ``weight_decay``).
+    :param weight_decay: decoupled weight decay of the flow's parameters under the default
+        optimizer: a number, or one per member of a flow ensemble. Default: for the default
+        fixed-budget ensemble (a spline and an affine flow, each twice),
+        :func:`~numpyro_amortized.train.fixed_budget_weight_decay` (the second of each kind
+        decayed, less for larger banks); 0 otherwise. Reported in ``result.config``.
     :param num_simulations: ``None`` (default) simulates fresh data every step, inside the jitted
         step (online); an integer fixes a simulation budget: that many simulations are drawn once
         and minibatches are sampled from them, 10% (at most ``validation_size``) held out.
@@ -155,7 +126,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the "
                          f"{mesh.devices.size} devices; use a multiple, or fewer (devices=...).")
     loss = NPE() if loss is None else loss
-    program = _Program(guide, cfg, loss, optimizer, mesh, args, kwargs)
+    program = _Program(guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay)
     make_result = lambda r: program.result(r, compile_time, t0)
     is_writer = jax.process_index() == 0
     hooks = [Plateau(cfg.patience)] if cfg.patience else []
@@ -216,8 +187,9 @@ class _Program:
     """The parts of one run: the step, the simulations it trains and validates on, the
     compiled chunk, and the result."""
 
-    def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs):
+    def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay):
         self.guide, self.cfg, self.loss, self.args, self.kwargs = guide, cfg, loss, args, kwargs
+        self.weight_decay = weight_decay
         self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.n_devices = mesh.devices.size
         self.optimizer = optimizer
@@ -242,9 +214,19 @@ class _Program:
         if optimizer is None:
             if not guide.is_setup:  # the decay depends on the networks: set up from the file
                 restore_guide(guide, read_file(resume), resume, self.args, self.kwargs)
+            decay = self.weight_decay
+            if decay is None:
+                default = guide.posterior(guide.init_params).flow
+                decay = (fixed_budget_weight_decay(cfg.num_train or 10_000)
+                         if getattr(default, "member_kinds", None) == DEFAULT_MEMBERS else 0.0)
+            cfg.record["weight_decay"] = [float(w) for w in np.atleast_1d(decay)]
             optimizer = default_optimizer(None if cfg.converge else cfg.num_steps,
                                           cfg.learning_rate,
-                                          weight_decay=guide.weight_decay)
+                                          weight_decay=flow_weight_decay(guide, decay))
+        elif self.weight_decay is not None:
+            raise ValueError("weight_decay is a setting of the default optimizer; with an "
+                             "optimizer of your own, give it default_optimizer(..., "
+                             "weight_decay=flow_weight_decay(guide, ...)) or add decay there.")
         self.tr = trainer(guide, loss=self.loss, optimizer=optimizer,
                           batch_size=cfg.batch_size,
                           data_sharding=self.batched if self.n_devices > 1 else None)

@@ -1,4 +1,5 @@
-"""The default optimizer: Adam on one raveled vector, cosine decay, clipping, weight decay."""
+"""The default optimizer: Adam on one raveled vector, cosine decay, clipping, weight decay;
+and the weight decay of flows, per parameter (one value per member of a flow ensemble)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-__all__ = ["default_optimizer"]
+__all__ = ["ENSEMBLE_WEIGHT_DECAY", "default_optimizer", "fixed_budget_weight_decay",
+           "flow_weight_decay"]
+
+ENSEMBLE_WEIGHT_DECAY = (0.0, 0.0, 2.0, 2.0)  # of ensemble_flow's default members, in order
 
 
 def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
@@ -19,11 +23,10 @@ def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
 
     :param weight_decay: ``None``, or a function from the parameters to a tree of the same
         structure holding each leaf's decoupled weight decay (AdamW's, per unit learning rate;
-        ``0`` for none). :func:`fit` and :func:`trainer` pass the guide's
-        :meth:`~numpyro_amortized.AutoAmortizedFlow.weight_decay`; with
-        ``numpyro.infer.SVI`` or an optimizer of your own, pass it yourself, e.g.
-        ``SVI(model, guide, optax_to_numpyro(default_optimizer(n, weight_decay=guide.weight_decay)),
-        loss=NPE())``, or the flows' weight decay is not applied.
+        ``0`` for none), as :func:`flow_weight_decay` makes. :func:`fit` passes the one its
+        ``weight_decay`` resolves to; with ``numpyro.infer.SVI``, e.g.
+        ``SVI(model, guide, optax_to_numpyro(default_optimizer(n, weight_decay=
+        flow_weight_decay(guide, ENSEMBLE_WEIGHT_DECAY))), loss=NPE())``.
 
     The update runs on all parameters raveled into one vector (as ``optax.flatten`` does), a
     handful of operations on one array instead of a few per parameter leaf: a guide has over a
@@ -55,3 +58,52 @@ def default_optimizer(num_steps, learning_rate=2e-3, weight_decay=None):
         return unravel(step), (adam_state, rate_state)
 
     return optax.GradientTransformation(init, update)
+
+
+def fixed_budget_weight_decay(num_train):
+    """The weight decay :func:`fit` gives the default fixed-budget flow (an
+    :func:`~numpyro_amortized.networks.ensemble_flow` of a spline and an affine flow, each
+    plain and decayed) for ``num_train`` training simulations: :data:`ENSEMBLE_WEIGHT_DECAY` up
+    to 10,000 and falling as ``1 / num_train`` beyond (0.202 for a bank of 10^5): a larger bank
+    is memorized less, and the decay that suits 10^4 over-regularizes it."""
+    factor = min(1.0, 10_000 / max(int(num_train), 1))
+    return tuple(round(w * factor, 3) for w in ENSEMBLE_WEIGHT_DECAY)
+
+
+def flow_weight_decay(guide, weight_decay):
+    """A function from the guide's parameters (a pure dict or SVI's param dict) to each leaf's
+    decoupled weight decay, for :func:`default_optimizer`: ``weight_decay`` on every flow
+    parameter (a number), or one number per member of a flow ensemble (in member order); 0 on
+    the summary network and on an ensemble's mixture weights. Static: read from the guide's
+    structure once."""
+    from numpyro_amortized.networks.flows import FlowEnsemble
+
+    flow = guide.posterior(guide.init_params).flow
+    per_member = np.ndim(weight_decay) > 0
+    if per_member:
+        decays = np.asarray(weight_decay, np.float32)
+        if not isinstance(flow, FlowEnsemble) or decays.shape != (flow.num_members,):
+            members = flow.num_members if isinstance(flow, FlowEnsemble) else "no"
+            raise ValueError(f"weight_decay={tuple(weight_decay)}: one value per flow-ensemble "
+                             f"member needs an ensemble of {decays.size} members; this guide's "
+                             f"flow has {members} members. Give one number for all.")
+
+    def decay_tree(params):  # numpy values: static, known while the update is traced
+        outer = isinstance(params, dict) and guide.param_name in params
+        net = params[guide.param_name] if outer else params
+        out = jax.tree.map(lambda p: np.float32(0.0), net)
+        if per_member:
+            for g, members in enumerate(flow.member_groups):
+                w = decays[list(members)]
+                out["flow"]["groups"][g] = jax.tree.map(
+                    lambda p, w=w: np.reshape(w, w.shape + (1,) * (p.ndim - 1)),
+                    net["flow"]["groups"][g])
+        elif weight_decay:
+            out["flow"] = jax.tree.map(lambda p: np.float32(weight_decay), net["flow"])
+            if "log_weights" in out["flow"]:
+                out["flow"]["log_weights"] = np.float32(0.0)
+        if outer:  # other parameters (of the model, under SVI) are not decayed
+            return {**jax.tree.map(lambda p: np.float32(0.0), params), guide.param_name: out}
+        return out
+
+    return decay_tree

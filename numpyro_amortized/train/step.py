@@ -90,7 +90,7 @@ def trainer(guide, *, loss=None, optimizer=None, batch_size=None, axis_name=None
     batch_size = resolve_batch_size(loss, batch_size)
     loss = NPE() if loss is None else loss
     if optimizer is None:
-        optimizer = default_optimizer(10_000, weight_decay=guide.weight_decay)
+        optimizer = default_optimizer(10_000)
 
     def init(rng_key, *args, **kwargs) -> TrainState:
         k_setup, k_state = jax.random.split(rng_key)

@@ -40,9 +40,9 @@ params = local(result.state.params)
 # affine members, one vectorized flow: compiling is most of this run)
 bank_guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15), num_pilot_simulations=512,
                                flow=partial(ensemble_flow, transformers=("affine", "affine"),
-                                            weight_decay=(0.0, 2.0), **small))
+                                            **small))
 bank = fit(bank_guide, jax.random.PRNGKey(1), x=z, y=z, num_steps=8, batch_size=64, num_chunks=2,
-           num_simulations=1280, progress_bar=False)
+           num_simulations=1280, progress_bar=False, weight_decay=(0.0, 2.0), check=False)
 weights = local(bank.params[bank_guide.param_name]["flow"]["log_weights"])
 np.savez(out, losses=result.losses, devices=len(jax.devices()),
          processes=jax.process_count(), **{f"param{i}": v for i, v in enumerate(params.values())},

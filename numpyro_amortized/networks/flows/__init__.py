@@ -8,7 +8,6 @@ from numpyro_amortized.networks.flows.ensemble import (
     StackedFlows,
     ensemble_flow,
     mixture_log_weights,
-    weight_decay_tree,
 )
 from numpyro_amortized.networks.flows.flow import (
     ConditionalFlow,
@@ -35,5 +34,4 @@ __all__ = [
     "ensemble_flow",
     "mixture_log_weights",
     "spline_flow",
-    "weight_decay_tree",
 ]

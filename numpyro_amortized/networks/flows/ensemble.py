@@ -37,24 +37,22 @@ class StackedFlows(nnx.Module):
     """K flows of one structure as one flow whose parameters carry a leading axis of size K.
 
     :param members: :class:`~numpyro_amortized.networks.flows.ConditionalFlow` objects with the
-        same graph (layers, sizes, permutations); their ``weight_decay`` may differ.
+        same graph (layers, sizes, permutations).
 
     Every method evaluates all K members at once (``jax.vmap`` over the stacked parameters) and
     returns their results stacked on a leading axis.
     """
 
     def __init__(self, members):
-        decays = tuple(float(m.weight_decay) for m in members)
         graphdef, states = None, []
         for m in members:
-            g, state = _split_without_decay(m)
+            g, state = nnx.split(m)
             if graphdef is not None and g != graphdef:
                 raise ValueError("StackedFlows needs members of one structure (same layers, "
                                  "sizes and permutations).")
             graphdef = g
             states.append(state)
         self.flow = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-        self.weight_decays = decays
         self.size = len(members)
 
     def _vmap(self, fn, *args):
@@ -70,28 +68,14 @@ class StackedFlows(nnx.Module):
         their ``(K, ...)`` log densities under the member that drew them."""
         return self._vmap(lambda f, k: f.sample_and_log_prob(k, condition, sample_shape), rng_keys)
 
-    def decay_of_leaf(self, leaf):
-        """The decoupled weight decay of a stacked parameter, broadcastable against it."""
-        return np.reshape(np.asarray(self.weight_decays, np.float32),
-                          (self.size,) + (1,) * (np.ndim(leaf) - 1))
-
-
-def _split_without_decay(flow):
-    """``nnx.split(flow)`` with the weight decay (a static attribute) left out of the graph, so
-    that members differing only in their decay stack; ``flow`` is left as it was."""
-    decay, flow.weight_decay = flow.weight_decay, 0.0
-    try:
-        return nnx.split(flow)
-    finally:
-        flow.weight_decay = decay
 
 
 def _stack_same_structure(members):
-    """Group ``members`` by graph (weight decay aside) into :class:`StackedFlows`, in order of
-    first appearance; also return each member's (group, index in group)."""
+    """Group ``members`` by graph into :class:`StackedFlows`, in order of first appearance;
+    also return each member's (group, index in group)."""
     groups, where = [], []
     for m in members:
-        graphdef = _split_without_decay(m)[0]
+        graphdef = nnx.split(m)[0]
         for gi, (g, ms) in enumerate(groups):
             if g == graphdef:
                 where.append((gi, len(ms)))
@@ -112,12 +96,14 @@ class FlowEnsemble(nnx.Module):
 
     The log weights are a parameter that no gradient reaches (they are set from held-out data by
     :func:`~numpyro_amortized.fit`, see :func:`mixture_log_weights`). Members of one structure
-    are stacked into a :class:`StackedFlows` (``groups``); ``member_kinds`` and
-    ``weight_decays`` describe the members in the order given, the order of the weights.
+    are stacked into a :class:`StackedFlows` (``groups``); ``member_kinds`` describes the
+    members in the order given (the order of the weights), and ``member_groups`` says which
+    members each group stacks, in its order (what a per-member optimizer setting, such as
+    :func:`~numpyro_amortized.train.flow_weight_decay`, needs).
 
     **Example**::
 
-        flow = ensemble_flow(2, 3, rngs=nnx.Rngs(0))  # spline, affine, and both weight-decayed
+        flow = ensemble_flow(2, 3, rngs=nnx.Rngs(0))  # spline, affine, spline, affine
         u, log_q = flow.sample_and_log_prob(jax.random.PRNGKey(0), jnp.zeros((5, 3)), (100,))
     """
 
@@ -128,8 +114,9 @@ class FlowEnsemble(nnx.Module):
             raise TypeError("FlowEnsemble's members must be ConditionalFlow objects "
                             "(e.g. from coupling_flow).")
         self.member_kinds = tuple(_kind(m) for m in members)
-        self.weight_decays = tuple(float(m.weight_decay) for m in members)
         groups, where = _stack_same_structure(members)
+        self.member_groups = tuple(tuple(k for k, (gk, _) in sorted(
+            enumerate(where), key=lambda item: item[1]) if gk == g) for g in range(len(groups)))
         self.groups = nnx.List(groups)
         # position of member k in the concatenation of the groups' outputs
         offsets = np.cumsum([0] + [g.size for g in groups])
@@ -190,23 +177,16 @@ def _kind(flow):
     return "mixed" if spline and affine else "spline" if spline else "affine" if affine else "flow"
 
 
-DEFAULT_WEIGHT_DECAY = (0.0, 0.0, 2.0, 2.0)  # of ensemble_flow's default members, in order
-
-
 def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline", "affine"),
-                  weight_decay=DEFAULT_WEIGHT_DECAY, loc=None, scale=None, rngs: nnx.Rngs,
-                  **kwargs):
+                  loc=None, scale=None, rngs: nnx.Rngs, **kwargs):
     """A :class:`FlowEnsemble` of one :func:`coupling_flow` per entry of ``transformers``
-    (default: a spline flow and an affine flow, each twice: plain and with weight decay 2;
-    :func:`~numpyro_amortized.fit` lowers the decay for banks over 10,000 simulations, see
-    :func:`~numpyro_amortized.fixed_budget_flow`); ``kwargs`` go to every member.
-
-    :param weight_decay: one number for every member, or one per member (see
-        :func:`~numpyro_amortized.networks.coupling_flow`): members that differ only in their
-        weight decay let the held-out mixture weights choose how strongly to regularize.
+    (default: a spline flow and an affine flow, each twice); ``kwargs`` go to every member.
 
     The default flow of :class:`~numpyro_amortized.AutoAmortizedFlow` when
-    :func:`~numpyro_amortized.fit` trains it on a fixed simulation budget.
+    :func:`~numpyro_amortized.fit` trains it on a fixed simulation budget, where ``fit``'s
+    default optimizer decays the weights of the second spline and affine members (see
+    :func:`~numpyro_amortized.train.fixed_budget_weight_decay`): members that differ only in
+    how they are regularized let the held-out mixture weights choose how strongly.
 
     **Example**::
 
@@ -214,14 +194,10 @@ def ensemble_flow(dim, context_dim, *, transformers=("spline", "affine", "spline
         guide = AutoAmortizedFlow(model, flow=functools.partial(ensemble_flow,
                                                                 transformers=("spline",) * 3))
     """
-    decays = (weight_decay,) * len(transformers) if np.ndim(weight_decay) == 0 else weight_decay
-    if len(decays) != len(transformers):
-        raise ValueError(f"weight_decay has {len(decays)} entries for {len(transformers)} "
-                         "transformers; give one per member, or one number for all.")
     members, first = [], {}
-    for t, w in zip(transformers, decays, strict=True):
-        m = coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale,
-                          weight_decay=w, rngs=rngs, **kwargs)
+    for t in transformers:
+        m = coupling_flow(dim, context_dim, transformer=t, loc=loc, scale=scale, rngs=rngs,
+                          **kwargs)
         _share_permutations(m, first.setdefault(t, m))
         members.append(m)
     return FlowEnsemble(members, dim)
@@ -258,23 +234,3 @@ def mixture_log_weights(member_log_probs, num_iterations=500):
         if converged:
             break
     return log_w
-
-
-def weight_decay_tree(module, params, prefix=()):
-    """Each leaf of ``params`` (a pure dict of ``module``'s parameters, under the keys
-    ``prefix``) mapped to the decoupled weight decay of the flow it belongs to: a
-    :class:`~numpyro_amortized.networks.flows.ConditionalFlow`'s ``weight_decay``, per member
-    in a :class:`StackedFlows`, 0 outside any decayed flow."""
-    decays = {}  # path of a flow -> the decay of a parameter leaf under it
-    for path, node in nnx.iter_graph(module):
-        if isinstance(node, StackedFlows) and any(node.weight_decays):
-            decays[tuple(path)] = node.decay_of_leaf  # one decay per stacked member
-        elif isinstance(node, ConditionalFlow) and node.weight_decay:
-            decays[tuple(path)] = lambda leaf, w=node.weight_decay: w
-
-    def decay(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)[len(prefix):]
-        return next((decays[keys[:n]](leaf) for n in range(len(keys), 0, -1)
-                     if keys[:n] in decays), 0.0)
-
-    return jax.tree_util.tree_map_with_path(decay, params)

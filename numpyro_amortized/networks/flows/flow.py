@@ -41,8 +41,6 @@ class ConditionalFlow(nnx.Module):
     :param bijections: bijections from base to data side, each with
         ``transform_and_log_det(x, condition)`` and ``inverse_and_log_det(y, condition)``.
     :param dim: dimension of ``u``.
-    :param weight_decay: decoupled weight decay (AdamW-style, per unit learning rate) that
-        :func:`~numpyro_amortized.fit`'s default optimizer applies to this flow's parameters.
 
     **Example**::
 
@@ -51,10 +49,9 @@ class ConditionalFlow(nnx.Module):
         u.shape  # (100, 5, 2)
     """
 
-    def __init__(self, bijections, dim, *, weight_decay=0.0):
+    def __init__(self, bijections, dim):
         self.bijections = nnx.List(bijections)
         self.dim = dim
-        self.weight_decay = float(weight_decay)
 
     def _forward(self, z, c):
         total = jnp.zeros(z.shape[:-1], z.dtype)
@@ -104,7 +101,7 @@ class ConditionalFlow(nnx.Module):
 
 def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(64, 64),
                   num_bins=8, bound=5.0, conditional_affine=False, loc=None, scale=None,
-                  weight_decay=0.0, rngs: nnx.Rngs):
+                  rngs: nnx.Rngs):
     """Stack ``num_layers`` of [coupling, ActNorm, permutation], then a fixed standardization.
 
     :param dim: dimension of the latents.
@@ -117,11 +114,6 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     :param conditional_affine: end with a :class:`ConditionalAffine` layer (a per-dataset
         location and scale), so the flow's tails contract with the posterior.
     :param loc: prior mean of the unconstrained latents; :param scale: their sd.
-    :param weight_decay: decoupled weight decay of this flow's parameters under
-        :func:`~numpyro_amortized.fit`'s default optimizer (see
-        :func:`~numpyro_amortized.train.default_optimizer` for SVI; pulls the couplings towards the
-        identity, i.e. the posterior towards a standardized prior: a regularizer against
-        memorizing a small simulation bank).
 
     **Example**::
 
@@ -150,7 +142,7 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     loc = jnp.zeros(dim) if loc is None else loc
     scale = jnp.ones(dim) if scale is None else scale
     layers.append(Standardize(loc, scale))
-    return ConditionalFlow(layers, dim, weight_decay=weight_decay)
+    return ConditionalFlow(layers, dim)
 
 
 def spline_flow(dim, context_dim, **kwargs):

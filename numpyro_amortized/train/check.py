@@ -21,6 +21,8 @@ from numpyro_amortized.train.sharding import host_tree
 
 __all__ = ["GuideCheckWarning", "HeldOutCheck", "held_out_check"]
 
+# the thresholds of compare.importance, defined apart: that module loads ArviZ (imported here
+# only when the check runs), and importing from it would make an import circle
 PARETO_K_THRESHOLD = 0.7
 RAW_ESS_FRACTION = 0.9  # weights this close to uniform: the guide is right (k-hat is noise)
 FAILED_SHARE = 0.25  # warn when the guide fails on more than this share of held-out simulations

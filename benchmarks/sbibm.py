@@ -36,6 +36,7 @@ import numpy as np
 from numpyro.infer import init_to_median
 
 from numpyro_amortized import AutoAmortizedFlow, c2st, fit, run_nuts
+from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.examples.sbibm import TASKS, parameter_vector
 from numpyro_amortized.simulation import simulate
 
@@ -160,7 +161,6 @@ def rejection_reference(model, data, num_draws, rng, *, seed=0, num_starts=8, df
     fail) and ``info`` the acceptance rate, the Pareto k-hat of the importance weights (the
     proposal's tails cover the posterior's when k-hat < 0.5) and the failed checks.
     """
-    import arviz as az
     from jax.flatten_util import ravel_pytree
     from jax.scipy.optimize import minimize
     from numpyro.infer import init_to_sample
@@ -219,7 +219,7 @@ def rejection_reference(model, data, num_draws, rng, *, seed=0, num_starts=8, df
                             f"{len(all_lw):,} proposals")
             break
     with np.errstate(over="ignore"):  # inside ArviZ's tail fit; harmless
-        _, khat = az.psislw(all_lw[np.isfinite(all_lw)].copy())
+        _, khat = psislw(all_lw[np.isfinite(all_lw)].copy())
     info = {"acceptance": float(accepted.mean()), "khat": float(khat),
             "num_proposals": len(all_lw), "mode_neg_log_joint": float(best.fun)}
     if khat > 0.5:

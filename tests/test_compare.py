@@ -28,6 +28,7 @@ from numpyro_amortized.compare import (
     run_nuts,
     warm_start_nuts,
 )
+from numpyro_amortized.compare.arviz_data import ARVIZ_1
 from numpyro_amortized.examples import linear_regression
 
 matplotlib.use("Agg")
@@ -116,7 +117,8 @@ def test_nuts_reference_matches_exact_posterior_and_compiles_once(datasets):
         assert np.abs(theta.std(0) / sd - 1).max() < 0.1
         assert r.diagnostics["reliable"], r.diagnostics
         idata = r.inference_data
-        assert {"posterior", "sample_stats", "observed_data"} <= set(idata.groups())
+        groups = set(idata.children) if ARVIZ_1 else set(idata.groups())  # DataTree / 0.x
+        assert {"posterior", "sample_stats", "observed_data"} <= groups
         assert idata.posterior["theta"].shape == (4, 1000, 3)
         for field in ("diverging", "tree_depth", "step_size", "n_steps", "energy"):
             assert idata.sample_stats[field].shape == (4, 1000)
@@ -234,9 +236,13 @@ def test_inference_data_of_the_guide_works_with_arviz():
     # the replicated data scatter around the observed ones with the noise sd and posterior spread
     resid = np.asarray(idata.posterior_predictive["y"][0]) - np.asarray(d["A"]) @ mean
     assert abs(resid.std() - NOISE) < 0.1
-    az.plot_pair([idata, ref.inference_data][0], var_names=["theta"])
-    az.plot_ppc(idata, num_pp_samples=20)
-    az.plot_forest([idata, ref.inference_data], model_names=["amortized", "NUTS"])
+    az.plot_pair(idata, var_names=["theta"])
+    if ARVIZ_1:  # arviz-plots
+        az.plot_ppc_dist(idata, num_samples=20)
+        az.plot_forest({"amortized": idata, "NUTS": ref.inference_data})
+    else:
+        az.plot_ppc(idata, num_pp_samples=20)
+        az.plot_forest([idata, ref.inference_data], model_names=["amortized", "NUTS"])
     matplotlib.pyplot.close("all")
 
 

@@ -1,8 +1,9 @@
 """Side by side with NUTS: the reference run, ArviZ data, importance correction, the report.
 
 - :func:`run_nuts`: NumPyro's NUTS on the same model and data, compiled once for all datasets
-  of the same shapes, as ``arviz.InferenceData`` with convergence diagnostics.
-- :func:`guide_inference_data`: the guide's answer as ``arviz.InferenceData`` (with the
+  of the same shapes, as ArviZ data with convergence diagnostics (``xarray.DataTree`` with
+  ArviZ 1.x, ``InferenceData`` with 0.x).
+- :func:`guide_inference_data`: the guide's answer as ArviZ data (with the
   posterior predictive through ``numpyro.infer.Predictive`` when asked).
 - :func:`importance_resample`: the guide's draws reweighted by ``p(theta, x) / q(theta | x)``
   with PSIS, with Pareto k-hat saying when not to trust the amortized answer.

@@ -2,16 +2,17 @@
 
 Both answers are turned into the same shapes here: a ``(draws, columns)`` matrix with one
 column per scalar latent (``"beta[0]"``, ``"sigma"``, ...) for the numeric comparisons, and an
-``arviz.InferenceData`` (posterior, optional posterior predictive, observed data) so that
-``arviz.summary``, ``plot_pair``, ``plot_forest`` and ``plot_ppc`` work on both.
+ArviZ data (posterior, optional posterior predictive, observed data; an ``xarray.DataTree``
+with ArviZ 1.x, ``InferenceData`` with 0.x) so that ``arviz.summary``, ``plot_pair``,
+``plot_forest`` and ``plot_ppc_dist`` (0.x: ``plot_ppc``) work on both.
 """
 
 from __future__ import annotations
 
-import arviz as az
 import jax
 import numpy as np
 
+from numpyro_amortized.compare.arviz_data import from_dict
 from numpyro_amortized.predictive import posterior_predictive, response_sites
 from numpyro_amortized.programs import log_joint_program, split_static
 from numpyro_amortized.simulation import observed_values as _observed_values
@@ -35,15 +36,15 @@ _replicate = posterior_predictive  # guide_inference_data's argument shadows the
 
 
 def to_inference_data(posterior: dict, *, chains=1, sample_stats=None, observed_data=None,
-                      posterior_predictive_draws=None, attrs=None) -> az.InferenceData:
-    """Build ``InferenceData`` from flat draws (``(chains * draws, ...)``) by site."""
+                      posterior_predictive_draws=None, attrs=None):
+    """ArviZ data from flat draws (``(chains * draws, ...)``) by site."""
 
     def by_chain(d):
         if d is None:
             return None
         return {k: np.asarray(v).reshape((chains, -1) + np.shape(v)[1:]) for k, v in d.items()}
 
-    return az.from_dict(
+    return from_dict(
         posterior=by_chain(posterior),
         sample_stats=sample_stats,
         posterior_predictive=by_chain(posterior_predictive_draws),
@@ -54,8 +55,8 @@ def to_inference_data(posterior: dict, *, chains=1, sample_stats=None, observed_
 
 def guide_inference_data(guide, params, rng_key, *args, num_samples=1000, num_chains=4,
                          posterior_predictive=False, predictive_sites=None,
-                         **kwargs) -> az.InferenceData:
-    """The guide's posterior for the dataset in ``args``/``kwargs`` as ``InferenceData``.
+                         **kwargs):
+    """The guide's posterior for the dataset in ``args``/``kwargs`` as ArviZ data.
 
     :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow`.
     :param params: its parameters.
@@ -66,8 +67,9 @@ def guide_inference_data(guide, params, rng_key, *args, num_samples=1000, num_ch
     :param posterior_predictive: also replicate the responses through
         ``numpyro.infer.Predictive`` (group ``posterior_predictive``).
     :param predictive_sites: which observed sites to replicate (default: the responses).
-    :return: ``InferenceData`` with ``posterior``, ``observed_data`` and, when asked,
-        ``posterior_predictive``; ``arviz.plot_ppc`` and ``plot_pair`` work on it.
+    :return: a ``DataTree`` (ArviZ 1.x; ``InferenceData`` with 0.x) with ``posterior``,
+        ``observed_data`` and, when asked, ``posterior_predictive``; ``arviz.plot_pair`` and
+        ``plot_ppc_dist`` (0.x: ``plot_ppc``) work on it.
 
     **Example**::
 

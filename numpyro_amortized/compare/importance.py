@@ -12,12 +12,12 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
-import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
+from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.compare.draws import log_joint
 from numpyro_amortized.guide_base import AmortizedGuideBase
 
@@ -145,7 +145,7 @@ def psis_weights(log_w):
         )
     log_w = log_w - np.max(log_w[finite])
     with np.errstate(over="ignore", invalid="ignore"):  # extreme tails: the fit gives a large k
-        smoothed, k = az.psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
+        smoothed, k = psislw(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
     smoothed = np.where(finite, smoothed, -np.inf)
     smoothed = smoothed - logsumexp(smoothed)
     return smoothed, float(k), float(1.0 / np.sum(np.exp(2 * smoothed)))

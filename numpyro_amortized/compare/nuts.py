@@ -32,7 +32,8 @@ _EXTRA_FIELDS = ("num_steps", "adapt_state.step_size", "energy", "accept_prob")
 class NUTSResult(NamedTuple):
     """A NUTS run.
 
-    :param inference_data: ``arviz.InferenceData`` with ``posterior`` (by chain),
+    :param inference_data: ArviZ data (``InferenceData``; a ``DataTree`` with ArviZ 1.x) with
+        ``posterior`` (by chain),
         ``sample_stats`` (``diverging``, ``tree_depth``, ``n_steps``, ``step_size``,
         ``energy``, ``acceptance_rate``), ``observed_data`` and, when asked,
         ``posterior_predictive``.
@@ -42,7 +43,7 @@ class NUTSResult(NamedTuple):
     :param compile_time: seconds spent compiling (0 when a compiled program was reused).
     """
 
-    inference_data: az.InferenceData
+    inference_data: object
     samples: dict
     diagnostics: dict
     run_time: float

@@ -107,7 +107,7 @@ def misspecification_test(guide, params, rng_key, observed: dict, *args, num_obs
 
 def ppc_p_values(idata, statistics=None) -> dict:
     """Posterior predictive p-values ``P(T(y_rep) >= T(y))`` of test statistics, per replicated
-    site of an ``InferenceData`` with ``posterior_predictive`` and ``observed_data`` groups
+    site of ArviZ data with ``posterior_predictive`` and ``observed_data`` groups
     (from :func:`~numpyro_amortized.compare.guide_inference_data` or
     :func:`~numpyro_amortized.compare.run_nuts` with ``posterior_predictive=True``).
 

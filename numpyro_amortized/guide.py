@@ -97,7 +97,9 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         dict of arrays stacked over designs you have (``{"X": Xs}``, ``Xs`` of shape
         ``(num_designs, 100, 3)``), one chosen at random per simulation. The guide then answers
         for any design such draws cover. Default: the covariates given at set-up, for every
-        simulation (other values at sampling time warn).
+        simulation (other values at sampling time warn). Checkpoints store a dict of arrays;
+        a function is code, so :func:`~numpyro_amortized.load` then needs the guide built
+        with it (``guide=``).
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 

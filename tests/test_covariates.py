@@ -172,3 +172,30 @@ def test_a_design_bank_is_sampled_and_bad_designs_are_refused():
         jax.random.PRNGKey(1))
     first_x = np.asarray(sims.data.set[:, 0, 1])  # features per row: y, then X's columns
     assert set(first_x.tolist()) == {0.0, 40.0, 80.0}
+
+
+def test_a_declared_design_is_saved_with_the_guide(tmp_path):
+    from numpyro_amortized import load, save
+    from numpyro_amortized.checkpoint import CheckpointError
+
+    given = {"X": jnp.zeros((20, 2)), "y": jnp.zeros(20)}
+    bank = {"X": jax.random.normal(jax.random.PRNGKey(3), (4, 20, 2))}
+    guide = AutoAmortizedFlow(_regression, design=bank, num_pilot_simulations=256)
+    params = guide.setup(jax.random.PRNGKey(0), **given)
+    save(tmp_path / "bank.ckpt", guide, params)
+    loaded, _ = load(tmp_path / "bank.ckpt", _regression)
+    np.testing.assert_array_equal(loaded.design["X"], bank["X"])  # resumes over the same designs
+    # a guide built without the design, or with other designs, is not the saved one
+    for other in (None, {"X": bank["X"][:2]}):
+        with pytest.raises(CheckpointError, match="design"):
+            load(tmp_path / "bank.ckpt", _regression,
+                 guide=AutoAmortizedFlow(_regression, design=other, num_pilot_simulations=256))
+    # a design function is code: the checkpoint says so, and loads with the guide passed in
+    fn = lambda k: {"X": jax.random.normal(k, (20, 2))}
+    guide = AutoAmortizedFlow(_regression, design=fn, num_pilot_simulations=256)
+    save(tmp_path / "fn.ckpt", guide, guide.setup(jax.random.PRNGKey(0), **given))
+    with pytest.raises(CheckpointError, match="design function"):
+        load(tmp_path / "fn.ckpt", _regression)
+    loaded, _ = load(tmp_path / "fn.ckpt", _regression,
+                     guide=AutoAmortizedFlow(_regression, design=fn, num_pilot_simulations=256))
+    assert loaded.design is fn

@@ -25,6 +25,14 @@ import jax
 import numpy as np
 
 from numpyro_amortized._version import __version__
+from numpyro_amortized.checkpoint.config import (
+    check_config,
+    check_sizes,
+    design_arrays,
+    guide_config,
+    resolve_factory,
+    stored_design,
+)
 from numpyro_amortized.checkpoint.format import (
     FORMAT_VERSION,
     CheckpointError,
@@ -39,7 +47,6 @@ from numpyro_amortized.checkpoint.format import (
 )
 from numpyro_amortized.data import DataBatch, Simulations
 from numpyro_amortized.guide import AutoAmortizedFlow
-from numpyro_amortized.networks import describe_factory, factory_from_description
 from numpyro_amortized.networks.factories import current_description
 from numpyro_amortized.simulation import inspect_model
 from numpyro_amortized.summary_range import SummaryRange
@@ -47,35 +54,6 @@ from numpyro_amortized.summary_range import SummaryRange
 __all__ = ["CheckpointError", "check_writable", "checkpoint_body", "flatten_tree", "load",
            "probe_simulations", "read_file", "restore_guide", "save", "train_record",
            "unflatten_tree", "write_file"]
-
-# ---------------------------------------------------------------------------- configuration
-def guide_config(guide) -> dict:
-    """The guide's constructor options as plain data (the networks by description)."""
-    return {
-        "summary_net": describe_factory(guide.summary_net) if guide.summary_net else
-        {"name": None, "kwargs": {}},
-        "flow": describe_factory(guide.flow) if guide.flow else {"name": None, "kwargs": {}},
-        "observed": list(guide.observed),
-        "data_plate": guide.data_plate,
-        "set_sizes": None if guide.set_sizes is None else list(guide.set_sizes),
-        "time_series": guide.time_series,
-        "num_pilot_simulations": guide.num_pilot_simulations,
-        "prefix": guide.prefix,
-    }
-
-
-def _resolve_factory(desc, role, path):
-    """The factory a description names, looked up only in the package's registry."""
-    if desc["name"] is None:
-        return None
-    try:
-        return factory_from_description(desc)
-    except (ValueError, TypeError, KeyError):
-        raise CheckpointError(
-            f"{path}: the {role} {desc.get('name')!r} is not one of numpyro_amortized.networks. "
-            "Build the guide yourself and pass it as guide=."
-        ) from None
-
 
 # ---------------------------------------------------------------------------- public API
 def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
@@ -114,6 +92,7 @@ def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
         **({"train": train} if train is not None else {}),
         **({"summary_range": guide.summary_range.to_dict()}
            if guide.summary_range is not None else {}),
+        **({"design": design_arrays(guide)} if design_arrays(guide) else {}),
     }
 
 
@@ -253,13 +232,13 @@ def load(path, model, *args, guide=None, **kwargs):
                     f"{path}: the guide was trained with a {role} of your own; build the guide "
                     f"as for training and pass it: load(path, model, guide=guide)."
                 )
-            nets[role] = _resolve_factory(config[role], role, path)
+            nets[role] = resolve_factory(config[role], role, path)
         set_sizes = config["set_sizes"]
         guide = AutoAmortizedFlow(
             model, summary_net=nets["summary_net"], flow=nets["flow"],
             observed=config["observed"], data_plate=config["data_plate"],
             set_sizes=None if set_sizes is None else tuple(set_sizes),
-            time_series=bool(config.get("time_series", False)),
+            time_series=bool(config.get("time_series", False)), design=stored_design(body, path),
             num_pilot_simulations=config["num_pilot_simulations"], prefix=config["prefix"],
         )
     elif guide.is_setup:
@@ -299,7 +278,7 @@ def restore_guide(guide, body, path, args, kwargs):
     return its parameters, after checking the model's structure and the networks' shapes. A
     guide already set up must be the one of the checkpoint (same model, key, standardization
     and flow): it is checked, not rebuilt."""
-    _check_sizes(body, path)
+    check_sizes(body, path)
     structure = inspect_model(guide.model, *args, observed=guide.observed,
                               data_plate=guide.data_plate, time_series=guide.time_series,
                               **kwargs)
@@ -312,7 +291,7 @@ def restore_guide(guide, body, path, args, kwargs):
             f"this model has latents [{here}] and observed [{obs}] (names, shapes and supports "
             "must match). Load it with the model it was trained for."
         )
-    _check_config(guide, body, path)
+    check_config(guide, body, path)
     state = _state_of(body)
     if guide.is_setup:
         here = guide.state_dict()
@@ -347,53 +326,3 @@ def restore_guide(guide, body, path, args, kwargs):
         raise
     guide.init_params = params
     return params
-
-
-def _check_sizes(body, path):
-    """Refuse, before anything is built, network descriptions bigger than the stored weights:
-    every width of a network is a dimension of some stored parameter array, and every count
-    (layers, bins, members) is at most the number of arrays. A forged description (a hidden
-    size of 20,000 with a valid checksum) would otherwise allocate for minutes."""
-    try:
-        shapes = [np.shape(v) for v in body["params"].values()]
-        descs = [json.loads(body["flow"])] + [json.loads(body["guide"])[role]
-                                              for role in ("summary_net", "flow")]
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: the checkpoint's networks are malformed.") from None
-    bound = max([len(shapes), *(d for shape in shapes for d in shape)], default=0)
-    for desc in descs:
-        kwargs = desc.get("kwargs") if isinstance(desc, dict) else None
-        for key, size in _sizes(kwargs or {}):
-            if size > bound:
-                raise CheckpointError(
-                    f"{path}: the network option {key}={size} is larger than anything the "
-                    f"stored weights hold (largest dimension or count: {bound}); the file does "
-                    "not describe its own weights. Use a checkpoint written by the package.")
-
-
-def _sizes(obj, key=""):
-    """``(option, number)`` of the integers and sequence lengths in a network description."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _sizes(v, str(k))
-    elif isinstance(obj, list | tuple):
-        yield key, len(obj)
-        for v in obj:
-            yield from _sizes(v, key)
-    elif isinstance(obj, int | np.integer) and not isinstance(obj, bool):
-        yield key, int(obj)
-
-
-def _check_config(guide, body, path):
-    """The networks' options (a spline's bound, say) change training without changing any
-    shape: compare them where both guides describe them (a lambda is not described)."""
-    saved, here = json.loads(body["guide"]), json.loads(json.dumps(guide_config(guide)))
-    current_description(saved.get("flow"))
-    diff = {k: (saved[k], v) for k, v in here.items()
-            if k != "num_pilot_simulations"  # the standardization is restored, not re-estimated
-            and saved.get(k) is not None and v is not None and saved[k] != v}
-    if diff:
-        raise CheckpointError(
-            f"{path}: the checkpoint is of another guide (another architecture or options: "
-            f"{diff}, saved and now); build the guide as for that run."
-        )

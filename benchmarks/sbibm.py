@@ -17,9 +17,11 @@ recompute them; delete the file to try again.
     python benchmarks/sbibm.py                                  # the full run (hours on 2 cores)
     python benchmarks/sbibm.py --tasks two_moons slcp --budgets 10000
     python benchmarks/sbibm.py --quick                          # smoke run (the test suite's)
+    python benchmarks/sbibm.py --flow flow_matching             # the flow-matching density
 
 Results go to ``benchmarks/results/sbibm.json`` (merged with earlier rows) and the SBIBM section
-of ``docs/benchmarks.md``.
+of ``docs/benchmarks.md``; with ``--flow flow_matching`` to ``sbibm_flow_matching.json`` and the
+SBIBM_FLOW_MATCHING section.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from numpyro.infer import init_to_median
 from numpyro_amortized import AutoAmortizedFlow, c2st, fit, run_nuts
 from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.examples.sbibm import TASKS, parameter_vector
+from numpyro_amortized.networks import FlowMatching, flow_matching
 from numpyro_amortized.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,10 +244,12 @@ def _folded_rhat(draws, chains):
     return float(np.max(az.rhat(az.convert_to_dataset(by_chain))["x"].values))
 
 
-def train(name, budget, *, quick, online_seconds=60.0):
-    """Train with the package defaults; returns (guide, result, wall seconds)."""
+def train(name, budget, *, quick, online_seconds=60.0, flow=None):
+    """Train with the package defaults (or another ``flow``); returns (guide, result, wall
+    seconds)."""
     task = TASKS[name]
-    guide = AutoAmortizedFlow(task.model, **(task.guide_kwargs or {}))
+    options = {**(task.guide_kwargs or {}), **({"flow": flow} if flow is not None else {})}
+    guide = AutoAmortizedFlow(task.model, **options)
     steps = 50 if quick else None
     t0 = time.perf_counter()
     if budget == "online":
@@ -253,7 +258,7 @@ def train(name, budget, *, quick, online_seconds=60.0):
         probe = fit(guide, jax.random.PRNGKey(0), num_steps=20 if quick else 200,
                     progress_bar=False, **task.data)
         rate = len(probe.losses) / probe.train_time
-        guide = AutoAmortizedFlow(task.model, **(task.guide_kwargs or {}))
+        guide = AutoAmortizedFlow(task.model, **options)
         steps = 20 if quick else int(rate * online_seconds)
         t0 = time.perf_counter()
         result = fit(guide, jax.random.PRNGKey(0), num_steps=steps, progress_bar=False,
@@ -277,12 +282,13 @@ def posterior_draws(guide, result, task, xs, num_draws):
 
 
 def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0,
-        c2st_jobs=None):
+        c2st_jobs=None, flow=None):
     task = TASKS[name]
     xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
     for budget in budgets:
-        guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds)
+        guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds,
+                                    flow=flow)
         theta, sampling = posterior_draws(guide, result, task, xs, num_draws)
         scores = []
         for i in range(len(xs)):
@@ -308,6 +314,8 @@ def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds
 
 def _flow_fields(guide, result):
     """Which flow the defaults built, and a flow ensemble's fitted mixture weights."""
+    if isinstance(guide.posterior(result.params).flow, FlowMatching):
+        return {"flow": "flow matching"}
     log_w = result.params[guide.param_name]["flow"].get("log_weights")
     if log_w is None:
         return {"flow": "spline"}
@@ -439,6 +447,9 @@ def main(argv=None):
                         "the same)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny everything, "
                         "results not stored")
+    parser.add_argument("--flow", choices=["default", "flow_matching"], default="default",
+                        help="the density: the defaults' or the flow-matching one (results "
+                        "stored apart)")
     args = parser.parse_args(argv)
     quick = args.quick
     num_obs = 2 if quick else args.num_observations
@@ -448,23 +459,24 @@ def main(argv=None):
     for name in args.tasks:
         new = run(name, args.budgets, num_obs=num_obs, num_draws=num_draws, quick=quick,
                   c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds,
-                  c2st_jobs=None if quick else args.c2st_jobs)
+                  c2st_jobs=None if quick else args.c2st_jobs,
+                  flow=flow_matching if args.flow == "flow_matching" else None)
         rows += new
         if not quick:
-            store(new)  # after each task, so a long run interrupted keeps what it measured
+            store(new, "" if args.flow == "default" else "_" + args.flow)  # after each task, so a long run interrupted keeps what it measured
     print(table(rows))
     return rows
 
 
-def store(rows):
-    """Merge ``rows`` into benchmarks/results/sbibm.json and rewrite the docs table."""
-    out = RESULTS / "sbibm.json"
+def store(rows, suffix=""):
+    """Merge ``rows`` into benchmarks/results/sbibm{suffix}.json and rewrite the docs table."""
+    out = RESULTS / f"sbibm{suffix}.json"
     with open(RESULTS / ".sbibm.lock", "w") as lock:  # two runs may finish at the same time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _store_locked(out, rows)
+        _store_locked(out, rows, suffix)
 
 
-def _store_locked(out, rows):
+def _store_locked(out, rows, suffix=""):
     stored = json.loads(out.read_text())["rows"] if out.exists() else []
     new = {(r["task"], r["budget"]) for r in rows}
     rows = [r for r in stored if (r["task"], r["budget"]) not in new] + rows
@@ -481,8 +493,8 @@ def _store_locked(out, rows):
             " against sbibm's published NPE at the same budget and, at 10^5, the best "
             f"published method (\"miss\": above the published NPE{legend(rows)}):\n\n"
             + summary(rows)
-            + "\n\nEvery row:\n\n" + table(rows))
-    write_markdown("SBIBM", text)
+            + ("\n\nEvery row:\n\n" + table(rows) if not suffix else ""))
+    write_markdown("SBIBM" + suffix.upper(), text)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ class _FlowPosterior(dist.Distribution):
         super().__init__(batch_shape=(), event_shape=(dim,))
 
     def sample(self, key, sample_shape=()):
-        u, _ = self._posterior.sample_and_log_prob(key, self._data, tuple(sample_shape))
-        return u[..., 0, :]
+        return self._posterior.sample(key, self._data, tuple(sample_shape))[..., 0, :]
 
     rsample = sample
 

@@ -322,7 +322,7 @@ class AmortizedGuideBase:
 
         def draw(key, data, num_obs):
             encoded = self._encode(data, num_obs)
-            u, _ = posterior.sample_and_log_prob(key, encoded, sample_shape)
+            u = posterior.sample(key, encoded, sample_shape)
             # (datasets, *sample_shape, D), and the summaries for the out-of-range check
             return jnp.moveaxis(u, len(sample_shape), 0), posterior.embed(encoded)
 
@@ -358,11 +358,13 @@ class AmortizedGuideBase:
         """``log q(theta_i | x_i)`` for each simulation."""
         return self.posterior(params).log_prob(sims.u, sims.data) - sims.log_det
 
-    def training_log_prob_simulations(self, params, sims: Simulations):
+    def training_log_prob_simulations(self, params, sims: Simulations, rng_key=None):
         """What the NPE loss maximizes for each simulation: ``log q(theta_i | x_i)``, or with a
         :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
-        member is trained as if alone; the posterior is their mixture)."""
-        return self.posterior(params).training_log_prob(sims.u, sims.data) - sims.log_det
+        member is trained as if alone; the posterior is their mixture); a flow-matching
+        density's objective draws from ``rng_key``."""
+        return (self.posterior(params).training_log_prob(sims.u, sims.data, rng_key)
+                - sims.log_det)
 
     def member_log_prob_simulations(self, params, sims: Simulations):
         """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or

@@ -87,7 +87,7 @@ class NPE(AmortizedLoss):
     """
 
     def simulation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
-        return -guide.training_log_prob_simulations(params, sims)
+        return -guide.training_log_prob_simulations(params, sims, rng_key)
 
     def validation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
         """``-log q(theta | x)`` of the posterior itself (a flow ensemble's mixture, not the

@@ -11,8 +11,11 @@ from numpyro_amortized.checkpoint.format import CheckpointError
 from numpyro_amortized.networks import describe_factory, factory_from_description
 from numpyro_amortized.networks.factories import current_description
 
-__all__ = ["check_config", "check_sizes", "design_arrays", "design_kind", "guide_config",
-           "resolve_factory", "stored_design"]
+# integer network options that are not sizes of stored arrays (a solver's step count)
+NOT_SIZES = ("num_steps",)
+
+__all__ = ["NOT_SIZES", "check_config", "check_sizes", "design_arrays", "design_kind",
+           "guide_config", "resolve_factory", "stored_design"]
 
 
 def guide_config(guide) -> dict:
@@ -89,6 +92,8 @@ def check_sizes(body, path):
     for desc in descs:
         kwargs = desc.get("kwargs") if isinstance(desc, dict) else None
         for key, size in _sizes(kwargs or {}):
+            if key in NOT_SIZES:
+                continue
             if size > bound:
                 raise CheckpointError(
                     f"{path}: the network option {key}={size} is larger than anything the "

@@ -10,9 +10,11 @@ from numpyro_amortized.networks.factories import (
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
     FlowEnsemble,
+    FlowMatching,
     affine_flow,
     coupling_flow,
     ensemble_flow,
+    flow_matching,
     spline_flow,
 )
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
@@ -29,6 +31,7 @@ __all__ = [
     "ConditionalFlow",
     "DeepSet",
     "FlowEnsemble",
+    "FlowMatching",
     "Identity",
     "LinearSummary",
     "MLPSummary",
@@ -42,5 +45,6 @@ __all__ = [
     "describe_factory",
     "ensemble_flow",
     "factory_from_description",
+    "flow_matching",
     "spline_flow",
 ]

@@ -10,6 +10,7 @@ from numpyro_amortized.networks.flows import (
     affine_flow,
     coupling_flow,
     ensemble_flow,
+    flow_matching,
     spline_flow,
 )
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
@@ -20,7 +21,7 @@ __all__ = ["REGISTRY", "current_description", "default_flow", "describe_factory"
 
 REGISTRY = {
     f.__name__: f
-    for f in (affine_flow, coupling_flow, ensemble_flow, spline_flow, DeepSet, Identity,
+    for f in (affine_flow, coupling_flow, ensemble_flow, flow_matching, spline_flow, DeepSet, Identity,
               LinearSummary, MLPSummary, SetTransformer, TimeSeriesNet)
 }
 

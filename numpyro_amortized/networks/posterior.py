@@ -30,8 +30,8 @@ class AmortizedPosterior(nnx.Module):
 
     :param summary_net: a summary network (``__call__(DataBatch) -> (B, summary_dim)``).
     :param flow: a conditional density over ``u``: ``log_prob(u, c)``,
-        ``sample_and_log_prob(key, c, sample_shape)``, ``training_log_prob(u, c)`` (what NPE
-        maximizes) and ``member_log_probs(u, c)`` (``(K, ...)`` for a mixture whose weights are
+        ``sample_and_log_prob(key, c, sample_shape)``, ``sample(key, c, sample_shape)``,
+        ``training_log_prob(u, c, rng_key)`` (what NPE maximizes) and ``member_log_probs(u, c)`` (``(K, ...)`` for a mixture whose weights are
         fitted on held-out data, ``None`` otherwise), as
         :class:`~numpyro_amortized.networks.flows.ConditionalFlow` and
         :class:`~numpyro_amortized.networks.flows.FlowEnsemble` have.
@@ -69,10 +69,11 @@ class AmortizedPosterior(nnx.Module):
         """``log q(u | x)`` for ``u`` of shape ``(B, ..., D)`` (dataset axis first)."""
         return self.flow.log_prob(u, self._condition(u, data))
 
-    def training_log_prob(self, u, data: DataBatch):
-        """What NPE maximizes: ``log q(u | x)``, or for a flow ensemble the mean of its members'
-        (each member is fitted on its own)."""
-        return self.flow.training_log_prob(u, self._condition(u, data))
+    def training_log_prob(self, u, data: DataBatch, rng_key=None):
+        """What NPE maximizes: ``log q(u | x)``, for a flow ensemble the mean of its members'
+        (each member is fitted on its own), for a flow-matching density minus its
+        flow-matching loss (drawn from ``rng_key``)."""
+        return self.flow.training_log_prob(u, self._condition(u, data), rng_key)
 
     def member_log_probs(self, u, data: DataBatch):
         """``(K, B, ...)`` log densities of a flow ensemble's K members (``None`` for one flow)."""
@@ -81,3 +82,7 @@ class AmortizedPosterior(nnx.Module):
     def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):
         """Samples ``(*sample_shape, B, D)`` and their ``log q``."""
         return self.flow.sample_and_log_prob(rng_key, self.embed(data), sample_shape)
+
+    def sample(self, rng_key, data: DataBatch, sample_shape=()):
+        """Samples ``(*sample_shape, B, D)`` only."""
+        return self.flow.sample(rng_key, self.embed(data), sample_shape)

@@ -15,6 +15,7 @@ from numpyro_amortized.networks.flows.flow import (
     coupling_flow,
     spline_flow,
 )
+from numpyro_amortized.networks.flows.flow_matching import FlowMatching, flow_matching
 from numpyro_amortized.networks.flows.permutation import Permutation
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
@@ -25,6 +26,7 @@ __all__ = [
     "ConditionalAffine",
     "ConditionalFlow",
     "FlowEnsemble",
+    "FlowMatching",
     "Permutation",
     "SplineCoupling",
     "StackedFlows",
@@ -32,6 +34,7 @@ __all__ = [
     "affine_flow",
     "coupling_flow",
     "ensemble_flow",
+    "flow_matching",
     "mixture_log_weights",
     "spline_flow",
 ]

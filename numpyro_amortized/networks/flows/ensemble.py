@@ -145,8 +145,9 @@ class FlowEnsemble(nnx.Module):
         lps = self.member_log_probs(u, condition)
         return jax.nn.logsumexp(jnp.reshape(lw, (-1,) + (1,) * (lps.ndim - 1)) + lps, axis=0)
 
-    def training_log_prob(self, u, condition):
-        """The mean of the members' ``log q_k``: what NPE maximizes, each member on its own."""
+    def training_log_prob(self, u, condition, rng_key=None):
+        """The mean of the members' ``log q_k``: what NPE maximizes, each member on its own
+        (``rng_key`` is not used)."""
         return jnp.mean(self.member_log_probs(u, condition), axis=0)
 
     def sample_and_log_prob(self, rng_key, condition, sample_shape=()):

@@ -90,8 +90,9 @@ class ConditionalFlow(nnx.Module):
         """Samples only (see :meth:`sample_and_log_prob`)."""
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
-    def training_log_prob(self, u, condition):
-        """What NPE maximizes: for one flow, its ``log q(u | condition)``."""
+    def training_log_prob(self, u, condition, rng_key=None):
+        """What NPE maximizes: for one flow, its ``log q(u | condition)`` (``rng_key`` is not
+        used; a density trained by a stochastic objective draws from it)."""
         return self.log_prob(u, condition)
 
     def member_log_probs(self, u, condition):

@@ -22,17 +22,24 @@ from numpyro_amortized.networks.flows.permutation import Permutation
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
 
-__all__ = ["ConditionalFlow", "affine_flow", "coupling_flow", "spline_flow"]
+__all__ = ["ConditionalFlow", "affine_flow", "coupling_flow", "flatten_batch", "spline_flow",
+           "standard_normal_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _flatten(x, condition):
-    """Broadcast leading dims of ``x (..., D)`` and ``condition (..., C)`` and flatten them."""
+def flatten_batch(x, condition):
+    """Broadcast leading dims of ``x (..., D)`` and ``condition (..., C)`` and flatten them:
+    ``(x (N, D), condition (N, C), the broadcast batch shape)``."""
     batch = jnp.broadcast_shapes(x.shape[:-1], condition.shape[:-1])
     x = jnp.broadcast_to(x, batch + x.shape[-1:]).reshape(-1, x.shape[-1])
     c = jnp.broadcast_to(condition, batch + condition.shape[-1:]).reshape(-1, condition.shape[-1])
     return x, c, batch
+
+
+def standard_normal_log_prob(z):
+    """``log N(z; 0, I)`` over the last axis."""
+    return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * _LOG_2PI
 
 
 class ConditionalFlow(nnx.Module):
@@ -67,23 +74,19 @@ class ConditionalFlow(nnx.Module):
             total = total + ld
         return x, total
 
-    @staticmethod
-    def _base_log_prob(z):
-        return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * _LOG_2PI
-
     def log_prob(self, u, condition):
         """``log q(u | condition)``; leading dims of ``u`` and ``condition`` broadcast."""
-        x, c, batch = _flatten(u, condition)
+        x, c, batch = flatten_batch(u, condition)
         z, ld = self._inverse(x, c)
-        return jnp.reshape(self._base_log_prob(z) + ld, batch)
+        return jnp.reshape(standard_normal_log_prob(z) + ld, batch)
 
     def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
         """Draw ``sample_shape`` samples per condition row: shape ``sample_shape + cond_batch + (dim,)``."""
         batch = tuple(sample_shape) + condition.shape[:-1]
         z = jax.random.normal(rng_key, batch + (self.dim,))
-        zf, c, _ = _flatten(z, condition)
+        zf, c, _ = flatten_batch(z, condition)
         u, ld = self._forward(zf, c)
-        log_q = self._base_log_prob(zf) - ld
+        log_q = standard_normal_log_prob(zf) - ld
         return jnp.reshape(u, batch + (self.dim,)), jnp.reshape(log_q, batch)
 
     def sample(self, rng_key, condition, sample_shape=()):

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from numpyro_amortized.networks.flows.flow import flatten_batch, standard_normal_log_prob
 from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value
 
 __all__ = ["FlowMatching", "flow_matching"]
 
-_LOG_2PI = math.log(2 * math.pi)
 _FREQUENCIES = 4  # sin/cos features of t at frequencies 1..4
 _SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
             "ralston": diffrax.Ralston}
@@ -39,13 +39,6 @@ def _time_features(t):
     k = jnp.arange(1, _FREQUENCIES + 1, dtype=t.dtype)
     angle = 2 * math.pi * t[..., None] * k
     return jnp.concatenate([t[..., None], jnp.sin(angle), jnp.cos(angle)], axis=-1)
-
-
-def _flatten(x, condition):
-    batch = jnp.broadcast_shapes(x.shape[:-1], condition.shape[:-1])
-    x = jnp.broadcast_to(x, batch + x.shape[-1:]).reshape(-1, x.shape[-1])
-    c = jnp.broadcast_to(condition, batch + condition.shape[-1:]).reshape(-1, condition.shape[-1])
-    return x, c, batch
 
 
 class FlowMatching(nnx.Module):
@@ -106,37 +99,33 @@ class FlowMatching(nnx.Module):
         zt, integral = sol.ys
         return zt[0], integral[0]
 
-    @staticmethod
-    def _base_log_prob(z):
-        return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * _LOG_2PI
-
     def _standardize(self):
         return buffer_value(self.loc), buffer_value(self.scale)
 
     def log_prob(self, u, condition):
         """``log q(u | condition)``: the ODE solved backwards from ``u`` with the divergence."""
-        x, c, batch = _flatten(u, condition)
+        x, c, batch = flatten_batch(u, condition)
         loc, scale = self._standardize()
         z0, integral = self._solve((x - loc) / scale, c, 1.0, 0.0, True)
         # integral = int_1^0 div dt = -int_0^1 div dt
-        log_q = self._base_log_prob(z0) + integral - jnp.sum(jnp.log(scale))
+        log_q = standard_normal_log_prob(z0) + integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(log_q, batch)
 
     def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
         """``sample_shape + cond_batch + (dim,)`` draws and their ``log q``."""
         batch = tuple(sample_shape) + condition.shape[:-1]
         z0 = jax.random.normal(rng_key, batch + (self.dim,))
-        zf, c, _ = _flatten(z0, condition)
+        zf, c, _ = flatten_batch(z0, condition)
         z1, integral = self._solve(zf, c, 0.0, 1.0, True)
         loc, scale = self._standardize()
-        log_q = self._base_log_prob(zf) - integral - jnp.sum(jnp.log(scale))
+        log_q = standard_normal_log_prob(zf) - integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(loc + scale * z1, batch + (self.dim,)), jnp.reshape(log_q, batch)
 
     def sample(self, rng_key, condition, sample_shape=()):
         """Draws only: the ODE without the divergence (``dim`` times cheaper per step)."""
         batch = tuple(sample_shape) + condition.shape[:-1]
         z0 = jax.random.normal(rng_key, batch + (self.dim,))
-        zf, c, _ = _flatten(z0, condition)
+        zf, c, _ = flatten_batch(z0, condition)
         z1, _ = self._solve(zf, c, 0.0, 1.0, False)
         loc, scale = self._standardize()
         return jnp.reshape(loc + scale * z1, batch + (self.dim,))
@@ -147,7 +136,7 @@ class FlowMatching(nnx.Module):
         if rng_key is None:
             raise ValueError("FlowMatching is trained by flow matching, which draws a time and "
                              "base noise per simulation: pass rng_key (NPE does).")
-        x, c, batch = _flatten(u, condition)
+        x, c, batch = flatten_batch(u, condition)
         loc, scale = self._standardize()
         z1 = (x - loc) / scale
         k_t, k_z = jax.random.split(rng_key)

@@ -244,13 +244,13 @@ def _folded_rhat(draws, chains):
     return float(np.max(az.rhat(az.convert_to_dataset(by_chain))["x"].values))
 
 
-def train(name, budget, *, quick, online_seconds=60.0, flow=None):
+def train(name, budget, *, quick, online_seconds=60.0, flow=None, num_steps=None):
     """Train with the package defaults (or another ``flow``); returns (guide, result, wall
     seconds)."""
     task = TASKS[name]
     options = {**(task.guide_kwargs or {}), **({"flow": flow} if flow is not None else {})}
     guide = AutoAmortizedFlow(task.model, **options)
-    steps = 50 if quick else None
+    steps = 50 if quick else num_steps
     t0 = time.perf_counter()
     if budget == "online":
         # the wall-clock budget: measure steps per second on a short run, then train for as
@@ -282,13 +282,13 @@ def posterior_draws(guide, result, task, xs, num_draws):
 
 
 def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0,
-        c2st_jobs=None, flow=None):
+        c2st_jobs=None, flow=None, num_steps=None):
     task = TASKS[name]
     xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
     for budget in budgets:
         guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds,
-                                    flow=flow)
+                                    flow=flow, num_steps=num_steps)
         theta, sampling = posterior_draws(guide, result, task, xs, num_draws)
         scores = []
         for i in range(len(xs)):
@@ -371,12 +371,13 @@ def _steps(row):
     return f"{row['steps']:,}{kept}"
 
 
-def summary(rows):
-    """One line per task: our mean C2ST per budget against the published NPE (and, at 10^5,
-    the best published method), with the verdict the issue's targets ask for."""
+def summary(rows, only_run=False):
+    """One line per task (``only_run``: per task with rows): our mean C2ST per budget against
+    the published NPE (and, at 10^5, the best published method), with the verdict the issue's
+    targets ask for."""
     lines = ["| task | 10^3 (NPE) | 10^4 (NPE) | 10^5 (NPE / best) | online (simulations) |",
              "| --- | --- | --- | --- | --- |"]
-    for name in TASKS:
+    for name in [t for t in TASKS if not only_run or any(r["task"] == t for r in rows)]:
         by = {r["budget"]: r for r in rows if r["task"] == name}
         cells = []
         for i, budget in enumerate(["1000", "10000", "100000"]):
@@ -450,6 +451,8 @@ def main(argv=None):
     parser.add_argument("--flow", choices=["default", "flow_matching"], default="default",
                         help="the density: the defaults' or the flow-matching one (results "
                         "stored apart)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="training steps on a fixed budget (default: fit's)")
     args = parser.parse_args(argv)
     quick = args.quick
     num_obs = 2 if quick else args.num_observations
@@ -460,7 +463,8 @@ def main(argv=None):
         new = run(name, args.budgets, num_obs=num_obs, num_draws=num_draws, quick=quick,
                   c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds,
                   c2st_jobs=None if quick else args.c2st_jobs,
-                  flow=flow_matching if args.flow == "flow_matching" else None)
+                  flow=flow_matching if args.flow == "flow_matching" else None,
+                  num_steps=args.num_steps)
         rows += new
         if not quick:
             store(new, "" if args.flow == "default" else "_" + args.flow)  # after each task, so a long run interrupted keeps what it measured
@@ -492,7 +496,7 @@ def _store_locked(out, rows, suffix=""):
             "benchmarks/results/sbibm.json. Mean C2ST over the observations (10 unless said),"
             " against sbibm's published NPE at the same budget and, at 10^5, the best "
             f"published method (\"miss\": above the published NPE{legend(rows)}):\n\n"
-            + summary(rows)
+            + summary(rows, only_run=bool(suffix))
             + ("\n\nEvery row:\n\n" + table(rows) if not suffix else ""))
     write_markdown("SBIBM" + suffix.upper(), text)
 

@@ -69,6 +69,21 @@ def test_density_of_a_random_field_integrates_to_one_in_2d():
     assert float(jnp.exp(log_q).sum() * (g[1] - g[0]) ** 2) == pytest.approx(1.0, abs=2e-3)
 
 
+class SeesTime(FlowMatching):
+    def velocity(self, z, t, c):
+        self.seen = t  # eager calls only
+        return jnp.zeros_like(z)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 4.0])
+def test_training_times_have_density_proportional_to_t_to_the_exponent(exponent):
+    d = SeesTime(2, 3, time_exponent=exponent, rngs=nnx.Rngs(0))
+    d.training_log_prob(jnp.zeros((20000, 2)), jnp.zeros((20000, 3)), jax.random.PRNGKey(0))
+    t = np.asarray(d.seen)
+    assert t.min() >= 0 and t.max() <= 1
+    assert t.mean() == pytest.approx((1 + exponent) / (2 + exponent), abs=0.01)
+
+
 def test_options_are_checked_and_the_objective_needs_a_key():
     with pytest.raises(ValueError, match="solver must be one of"):
         FlowMatching(2, 3, solver="rk4", rngs=nnx.Rngs(0))

@@ -371,13 +371,12 @@ def _steps(row):
     return f"{row['steps']:,}{kept}"
 
 
-def summary(rows, only_run=False):
-    """One line per task (``only_run``: per task with rows): our mean C2ST per budget against
-    the published NPE (and, at 10^5, the best published method), with the verdict the issue's
-    targets ask for."""
+def summary(rows):
+    """One line per task: our mean C2ST per budget against the published NPE (and, at 10^5,
+    the best published method), with the verdict the issue's targets ask for."""
     lines = ["| task | 10^3 (NPE) | 10^4 (NPE) | 10^5 (NPE / best) | online (simulations) |",
              "| --- | --- | --- | --- | --- |"]
-    for name in [t for t in TASKS if not only_run or any(r["task"] == t for r in rows)]:
+    for name in TASKS:
         by = {r["budget"]: r for r in rows if r["task"] == name}
         cells = []
         for i, budget in enumerate(["1000", "10000", "100000"]):
@@ -493,11 +492,10 @@ def _store_locked(out, rows, suffix=""):
 
     text = (f"Measured on {len(jax.devices())} {jax.devices()[0].platform} device(s) "
             f"(`python benchmarks/sbibm.py`); C2ST recipe per row in "
-            "benchmarks/results/sbibm.json. Mean C2ST over the observations (10 unless said),"
+            f"benchmarks/results/{out.name}. Mean C2ST over the observations (10 unless said),"
             " against sbibm's published NPE at the same budget and, at 10^5, the best "
             f"published method (\"miss\": above the published NPE{legend(rows)}):\n\n"
-            + summary(rows, only_run=bool(suffix))
-            + ("\n\nEvery row:\n\n" + table(rows) if not suffix else ""))
+            + (table(rows) if suffix else summary(rows) + "\n\nEvery row:\n\n" + table(rows)))
     write_markdown("SBIBM" + suffix.upper(), text)
 
 

@@ -112,8 +112,8 @@ def find_hierarchy(model, *args, group_index=None, rng_key=None, **kwargs) -> Hi
         if len(s["cond_indep_stack"]) > 1:
             raise ValueError(
                 f"Latent site '{s['name']}' is inside nested plates "
-                f"{[f.name for f in reversed(s['cond_indep_stack'])]}: a hierarchy of more than two "
-                "levels. The amortized guide supports global latents and local latents in one "
+                f"{[f.name for f in reversed(s['cond_indep_stack'])]}: a hierarchy of more "
+                "than two levels. The amortized guide supports global latents and local latents in one "
                 "group plate; marginalize or flatten the inner level.")
     plates = {s["cond_indep_stack"][0].name: s["cond_indep_stack"][0]
               for s in latents if s["cond_indep_stack"]}

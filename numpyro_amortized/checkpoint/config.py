@@ -76,7 +76,6 @@ def resolve_factory(desc, role, path):
         ) from None
 
 
-
 def check_sizes(body, path):
     """Refuse, before anything is built, network descriptions bigger than the stored weights:
     every width of a network is a dimension of some stored parameter array, and every count
@@ -125,11 +124,9 @@ def check_config(guide, body, path):
     if saved.get("design") != here["design"]:  # covariates drawn anew or not: other training
         diff["design"] = (saved.get("design"), here["design"])
     elif here["design"] == "arrays":
-        mine = design_arrays(guide)
-        stored = {k: np.asarray(v) for k, v in body["design"].items()}
-        if sorted(mine) != sorted(stored) or not all(
-                np.shape(mine[k]) == np.shape(stored[k]) and np.array_equal(mine[k], stored[k])
-                for k in mine):
+        mine, stored = design_arrays(guide), stored_design(body, path)
+        if sorted(mine) != sorted(stored) or not all(np.array_equal(mine[k], stored[k])
+                                                     for k in mine):
             diff["design"] = ("the stored design arrays", "other arrays")
     if diff:
         raise CheckpointError(

@@ -63,7 +63,8 @@ class FlowMatching(nnx.Module):
     """
 
     def __init__(self, dim, context_dim, *, hidden=(128, 128, 128, 128), num_steps=32,
-                 solver="heun", sigma_min=1e-3, time_exponent=0.0, loc=None, scale=None, rngs: nnx.Rngs):
+                 solver="heun", sigma_min=1e-3, time_exponent=0.0, loc=None, scale=None,
+                 rngs: nnx.Rngs):
         self.net = MLP(dim + 1 + 2 * _FREQUENCIES + context_dim, hidden, dim, rngs=rngs)
         self.loc = Buffer(jnp.zeros(dim) if loc is None else jnp.asarray(loc))
         self.scale = Buffer(jnp.ones(dim) if scale is None else jnp.asarray(scale))
@@ -97,8 +98,8 @@ class FlowMatching(nnx.Module):
 
         y0 = (z, jnp.zeros(z.shape[0], z.dtype))
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), _SOLVERS[self.solver](), t0=t0, t1=t1, dt0=(t1 - t0) / self.num_steps,
-            y0=y0, stepsize_controller=diffrax.ConstantStepSize(),
+            diffrax.ODETerm(field), _SOLVERS[self.solver](), t0=t0, t1=t1,
+            dt0=(t1 - t0) / self.num_steps, y0=y0, stepsize_controller=diffrax.ConstantStepSize(),
             saveat=diffrax.SaveAt(t1=True), max_steps=self.num_steps + 1)
         zt, integral = sol.ys
         return zt[0], integral[0]
@@ -115,24 +116,23 @@ class FlowMatching(nnx.Module):
         log_q = standard_normal_log_prob(z0) + integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(log_q, batch)
 
-    def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
-        """``sample_shape + cond_batch + (dim,)`` draws and their ``log q``."""
+    def _forward(self, rng_key, condition, sample_shape, with_divergence):
+        """Base draws carried from time 0 to 1: the draws and, when asked, their ``log q``."""
         batch = tuple(sample_shape) + condition.shape[:-1]
         z0 = jax.random.normal(rng_key, batch + (self.dim,))
         zf, c, _ = flatten_batch(z0, condition)
-        z1, integral = self._solve(zf, c, 0.0, 1.0, True)
+        z1, integral = self._solve(zf, c, 0.0, 1.0, with_divergence)
         loc, scale = self._standardize()
         log_q = standard_normal_log_prob(zf) - integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(loc + scale * z1, batch + (self.dim,)), jnp.reshape(log_q, batch)
 
+    def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
+        """``sample_shape + cond_batch + (dim,)`` draws and their ``log q``."""
+        return self._forward(rng_key, condition, sample_shape, True)
+
     def sample(self, rng_key, condition, sample_shape=()):
         """Draws only: the ODE without the divergence (``dim`` times cheaper per step)."""
-        batch = tuple(sample_shape) + condition.shape[:-1]
-        z0 = jax.random.normal(rng_key, batch + (self.dim,))
-        zf, c, _ = flatten_batch(z0, condition)
-        z1, _ = self._solve(zf, c, 0.0, 1.0, False)
-        loc, scale = self._standardize()
-        return jnp.reshape(loc + scale * z1, batch + (self.dim,))
+        return self._forward(rng_key, condition, sample_shape, False)[0]
 
     def training_log_prob(self, u, condition, rng_key=None):
         """What NPE maximizes: minus the conditional flow-matching loss of each ``u`` (one time

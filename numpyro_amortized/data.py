@@ -33,11 +33,17 @@ class DataBatch(NamedTuple):
     :param set: ``(B, N, F)`` set-valued data (zeros where masked), or ``None``.
     :param mask: ``(B, N)`` booleans, ``True`` for real observations, or ``None``.
     :param flat: ``(B, G)`` fixed-size data, or ``None``.
+    :param group_rows: ``(B, R, F)`` rows of a hierarchical model's groups, each tagged by
+        ``group_index`` ``(B, R)`` and masked by ``group_mask`` ``(B, R)``
+        (:class:`~numpyro_amortized.group_data.GroupLayout`), or ``None``.
     """
 
     set: jax.Array | None
     mask: jax.Array | None
     flat: jax.Array | None
+    group_rows: jax.Array | None = None
+    group_index: jax.Array | None = None
+    group_mask: jax.Array | None = None
 
     @property
     def num_datasets(self) -> int:
@@ -199,23 +205,30 @@ def pilot_statistics(pilot: Simulations):
             "Check the model's priors and likelihood for values outside their domain."
         )
 
-    def moments(x, mask=None):
-        x = np.asarray(x, dtype=np.float64)
-        w = valid.astype(float)
-        if mask is not None:  # set data: rows (B, N, F) weighted by mask
-            w = (np.asarray(mask) * w[:, None]).reshape(-1)
-        x = x.reshape(-1, x.shape[-1])  # (rows, features)
-        w = w / w.sum()
-        q25, median, q75 = _weighted_quantiles(x, w, (0.25, 0.5, 0.75))
-        sd = np.sqrt(np.einsum("i,i...->...", w, (x - np.einsum("i,i...->...", w, x)) ** 2))
-        scale = np.where((q75 - q25) / 1.349 > 1e-8, (q75 - q25) / 1.349, sd)
-        scale = np.where(scale > 1e-8, scale, 1.0)
-        return median.astype(np.float32), scale.astype(np.float32)
-
+    moments = lambda x, mask=None: _feature_moments(x, valid, mask)
     u_loc, u_scale = moments(pilot.u)
     set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
     flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
-    return {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}
+    stats = {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}
+    if pilot.data.group_rows is not None:
+        stats["group"] = moments(pilot.data.group_rows, pilot.data.group_mask)
+    return stats
+
+
+def _feature_moments(x, valid, mask=None):
+    """Robust location and scale of each feature (last axis) over valid simulations (and
+    unmasked rows of set data, ``x`` ``(B, N, F)`` with ``mask`` ``(B, N)``)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = valid.astype(float)
+    if mask is not None:
+        w = (np.asarray(mask) * w[:, None]).reshape(-1)
+    x = x.reshape(-1, x.shape[-1])  # (rows, features)
+    w = w / w.sum()
+    q25, median, q75 = _weighted_quantiles(x, w, (0.25, 0.5, 0.75))
+    sd = np.sqrt(np.einsum("i,i...->...", w, (x - np.einsum("i,i...->...", w, x)) ** 2))
+    scale = np.where((q75 - q25) / 1.349 > 1e-8, (q75 - q25) / 1.349, sd)
+    scale = np.where(scale > 1e-8, scale, 1.0)
+    return median.astype(np.float32), scale.astype(np.float32)
 
 
 def _weighted_quantiles(x, w, qs):

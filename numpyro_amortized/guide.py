@@ -99,6 +99,13 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         simulation (other values at sampling time warn). Checkpoints store a dict of arrays;
         a function is code, so :func:`~numpyro_amortized.load` then needs the guide built
         with it (``guide=``).
+    :param hierarchical: factorize the posterior over the groups of a hierarchical model
+        (latents inside a ``numpyro.plate``, as read by
+        :func:`~numpyro_amortized.hierarchy.find_hierarchy`):
+        ``q(globals | x) prod_j q(local_j | globals, x_j, x)`` with one local flow shared by
+        all groups (:class:`~numpyro_amortized.networks.HierarchicalPosterior`). ``"auto"``
+        (default) does so wherever it can and warns where a model has a group plate it cannot
+        read; ``True`` raises there; ``False`` keeps one joint flow over all latents.
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 
@@ -123,8 +130,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
     """
 
     def __init__(self, model, *, summary_net=None, flow=None, observed=None, data_plate="auto",
-                 set_sizes=None, time_series=False, design=None, num_pilot_simulations=4096,
-                 prefix="auto"):
+                 set_sizes=None, time_series=False, design=None, hierarchical="auto",
+                 num_pilot_simulations=4096, prefix="auto"):
         super().__init__(model, prefix=prefix)
         self.design = design
         self.summary_net = summary_net
@@ -133,8 +140,10 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         self.data_plate = data_plate
         self.set_sizes = None if set_sizes is None else (int(set_sizes[0]), int(set_sizes[1]))
         self.time_series = bool(time_series)
+        self.hierarchical = hierarchical
         self.num_pilot_simulations = int(num_pilot_simulations)
         self.structure = None
+        self.groups = None
         self.init_params = None
         self.programs = Programs()
         self.summary_range = None

@@ -24,12 +24,14 @@ from numpyro_amortized.design import (
     warn_other_design,
     warn_unpaired_rows,
 )
+from numpyro_amortized.group_data import group_setup
 from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
     factory_from_description,
 )
 from numpyro_amortized.networks.flows import mixture_log_weights
+from numpyro_amortized.networks.hierarchical import hierarchical_posterior
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.param_check import check_params
@@ -146,6 +148,9 @@ class AmortizedGuideBase:
                 )
         self.latent_layout = LatentLayout(structure.latents)
         self.data_layout = DataLayout(structure.observed + structure.covariates, plate_size)
+        self.groups = group_setup(self.model, args, kwargs, structure, self.latent_layout,
+                                  option=self.hierarchical, rng_key=rng_key,
+                                  set_sizes=self.set_sizes)
         self.structure = structure
         try:
             return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
@@ -174,9 +179,12 @@ class AmortizedGuideBase:
         summary = summary_cls(self.data_layout.spec, rngs=rngs)
         self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))
         self._flow_factory = flow_factory
-        flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
-                            loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
-        posterior = AmortizedPosterior(summary, flow, stats["data"])
+        if self.groups is None:
+            flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
+                                loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
+            posterior = AmortizedPosterior(summary, flow, stats["data"])
+        else:
+            posterior = hierarchical_posterior(summary, flow_factory, self.groups, stats, rngs)
         self._graphdef, params, self._buffers = nnx.split(posterior, nnx.Param, ...)
         if buffers is not None:
             nnx.replace_by_pure_dict(self._buffers, buffers)
@@ -245,6 +253,8 @@ class AmortizedGuideBase:
         sims = simulate_designs(self.model, k_sim, num_simulations, args, kwargs, drawn)
         latents = {s.name: sims[s.name] for s in self.latent_layout.sites}
         observed = {s.name: sims[s.name] for s in self.structure.observed}
+        if self.groups is not None:
+            given = {**self.groups[0].argument_values(self.model, args, kwargs), **given}
         design = {name: drawn[name] if name in drawn else
                   jnp.broadcast_to(v, (num_simulations,) + v.shape) for name, v in given.items()}
         num_obs = None
@@ -254,10 +264,10 @@ class AmortizedGuideBase:
                 num_obs = jax.random.randint(k_size, (num_simulations,), lo, hi + 1)
             else:
                 num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
-        data = self.data_layout.encode({**observed, **design}, num_obs)
+        data = self._encode({**observed, **design}, num_obs)
         u = self.latent_layout.unconstrain(latents)
         finite = [jnp.all(jnp.isfinite(u), axis=-1)]
-        for x in (data.set, data.flat):
+        for x in (data.set, data.flat, data.group_rows):
             if x is not None:
                 finite.append(jnp.all(jnp.isfinite(x.reshape(num_simulations, -1)), axis=-1))
         valid = functools.reduce(jnp.logical_and, finite)
@@ -285,6 +295,8 @@ class AmortizedGuideBase:
         values = {**observed_values_compiled(self.programs, self.model, args, kwargs),
                   **self._covariates(args, kwargs)}
         data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
+        if self.groups is not None:
+            data.update(self.groups[0].argument_values(self.model, args, kwargs))
         self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
         self._warn_size(self.data_layout.set_size(data))
         warn_other_design(self._design, data, batch_ndim=0, stacklevel=5)
@@ -311,7 +323,14 @@ class AmortizedGuideBase:
     def _encode(self, data, num_obs=None):
         n = self.data_layout.set_size(data, batch_ndim=1)
         pad = max(n, self.data_layout.max_set_size) if n is not None else None
-        return self.data_layout.encode(data, num_obs, pad_to=pad)
+        batch = self.data_layout.encode(data, num_obs, pad_to=pad)
+        if self.groups is None:
+            return batch
+        layout = self.groups[0]
+        rows = data[layout.index].shape[1] if layout.index is not None else None
+        mask = batch.mask if batch.mask is not None and rows == n else None
+        return batch._replace(**dict(zip(("group_rows", "group_index", "group_mask"),
+                                         layout.encode(data, mask), strict=True)))
 
     # ------------------------------------------------------------------ core (jittable)
     def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):

@@ -84,6 +84,7 @@ def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
             "u_loc": stats["u_loc"], "u_scale": stats["u_scale"],
             "data": {str(i): {"kind": "none"} if x is None else {"kind": "array", "value": x}
                      for i, x in enumerate(stats["data"])},
+            **({"group": dict(zip(("loc", "scale"), stats["group"]))} if "group" in stats else {}),
         },
         "setup_key": state["setup_key"],
         "probe": _probe(guide, params, probe or probe_simulations(guide)),
@@ -108,7 +109,7 @@ def _probe(guide, params, probe):
     sims, log_prob = probe
     log_q = log_prob(params, sims)
     data = {name: {"kind": "none"} if x is None else {"kind": "array", "value": np.asarray(x)}
-            for name, x in zip(("set", "mask", "flat"), sims.data, strict=True)}
+            for name, x in zip(DataBatch._fields, sims.data, strict=True)}
     return {"u": np.asarray(sims.u), "log_det": np.asarray(sims.log_det), "data": data,
             "valid": np.asarray(sims.valid), "log_q": np.asarray(log_q)}
 
@@ -121,7 +122,8 @@ def _version_of(path):
 
 
 def _check_probe(guide, params, probe, path):
-    data = DataBatch(*(decode_value(probe["data"][k]) for k in ("set", "mask", "flat")))
+    data = DataBatch(*(decode_value(probe["data"][k]) if k in probe["data"] else None
+                       for k in DataBatch._fields))
     sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
                        data, None, jax.numpy.asarray(probe["valid"]))
     got = np.asarray(guide.log_prob_simulations(params, sims))
@@ -255,6 +257,8 @@ def _state_of(body):
             "u_loc": np.asarray(body["stats"]["u_loc"]),
             "u_scale": np.asarray(body["stats"]["u_scale"]),
             "data": tuple(decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
+            **({"group": tuple(np.asarray(body["stats"]["group"][k]) for k in ("loc", "scale"))}
+               if "group" in body["stats"] else {}),
         },
         "flow": current_description(json.loads(body["flow"])),
     }

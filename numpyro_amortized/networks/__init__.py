@@ -17,6 +17,7 @@ from numpyro_amortized.networks.flows import (
     flow_matching,
     spline_flow,
 )
+from numpyro_amortized.networks.hierarchical import GroupEncoder, HierarchicalPosterior
 from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
 from numpyro_amortized.networks.summary import (
     DeepSet,
@@ -32,6 +33,8 @@ __all__ = [
     "DeepSet",
     "FlowEnsemble",
     "FlowMatching",
+    "GroupEncoder",
+    "HierarchicalPosterior",
     "Identity",
     "LinearSummary",
     "MLPSummary",

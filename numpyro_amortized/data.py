@@ -78,14 +78,18 @@ class DataLayout:
             raise ValueError(f"Observed sites disagree on the size of the data plate: {sizes}.")
         return next(iter(sizes.values()), None)
 
-    def check(self, data: dict, batch_ndim: int = 0, allow_other_sizes: bool = True):
-        """Raise a clear error for missing sites, wrong shapes, or non-finite values."""
+    def check(self, data: dict, batch_ndim: int = 0, allow_other_sizes: bool = True,
+              any_shape=()):
+        """Raise a clear error for missing sites, wrong shapes (but for sites in
+        ``any_shape``), or non-finite values."""
         for s in self.sites:
             if s.name not in data or data[s.name] is None:
                 raise ValueError(
                     f"No value for observed site '{s.name}'. The guide reads the data from the "
                     f"model's arguments: pass '{s.name}' as you would to the model."
                 )
+            if s.name in any_shape:
+                continue
             shape = tuple(np.shape(data[s.name]))[batch_ndim:]
             expected = list(s.shape)
             if s.plate_axis is not None and allow_other_sizes and len(shape) == len(expected):

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -29,7 +31,10 @@ from numpyro_amortized.data import _read
 from numpyro_amortized.design import covariate_values
 from numpyro_amortized.hierarchy import find_hierarchy
 
-__all__ = ["GroupLayout", "group_setup", "local_indices"]
+__all__ = ["GROUP_COUNT", "GroupLayout", "Groups", "encode_groups", "group_count", "group_setup",
+           "local_indices", "pad_groups"]
+
+GROUP_COUNT = "<groups>"  # the data-dict entry of each dataset's number of groups
 
 
 class GroupLayout:
@@ -54,6 +59,7 @@ class GroupLayout:
                 "all by one argument. Or pass hierarchical=False.")
         self.index = links.pop()
         self.sites, self.axes = [], []
+        self.row_plate, self.row_plate_size = group.name, group.size  # the plate rows are in
         for name in group.observed:
             site, value = trace[name], np.asarray(trace[name]["value"])
             batch_ndim = value.ndim - site["fn"].event_dim
@@ -68,6 +74,8 @@ class GroupLayout:
                     "hierarchical=False.")
             else:
                 axis = 0
+                self.row_plate = site["cond_indep_stack"][0].name
+                self.row_plate_size = value.shape[0]
             self.sites.append(sites[name])
             self.axes.append(axis)
         observed = {s.name for s in structure.observed}
@@ -91,10 +99,15 @@ class GroupLayout:
         values = covariate_values(model, args, kwargs)
         return {k: jnp.asarray(values[k]) for k in self.arguments}
 
-    def encode(self, values: dict, mask=None):
+    def encode(self, values: dict, mask=None, num_groups=None):
         """``(rows (B, R, F), group (B, R) int32, row mask (B, R))`` from observed values and
-        :attr:`arguments`, each with a leading dataset axis ``B``; ``mask`` ``(B, R)`` masks
-        rows of an index-linked plate (the data plate's mask, padded)."""
+        :attr:`arguments`, each with a leading dataset axis ``B``.
+
+        :param mask: ``(B, R)`` masks rows of an index-linked plate (the data plate's mask,
+            padded); rows of groups inside the plate are padded to the trained group count.
+        :param num_groups: ``(B,)`` groups per dataset (default: all the data's groups);
+            the rows of groups beyond are masked: those groups have no data.
+        """
         feats = []
         for site, axis in zip(self.sites, self.axes, strict=True):
             v = jnp.moveaxis(_read(site, values[site.name]), 1 + axis, 1)
@@ -107,22 +120,56 @@ class GroupLayout:
         else:
             group = jnp.asarray(values[self.index], jnp.int32)
             feats += [as_rows(k, r) for k in self.row_arguments]
-            feats += [jnp.take_along_axis(as_rows(k, self.num_groups), group[..., None], axis=1)
-                      for k in self.group_arguments]
+            feats += [jnp.take_along_axis(as_rows(k, values[k].shape[1]), group[..., None],
+                                          axis=1) for k in self.group_arguments]
         rows = jnp.concatenate(feats, axis=-1).astype(jnp.result_type(float))
         if mask is None:
-            mask = jnp.ones((b, r), bool)
+            size = max(r, self.num_groups) if self.index is None else r
+            mask = jnp.broadcast_to(jnp.arange(size) < r, (b, size))
         size = mask.shape[1]
         pad = lambda x: jnp.pad(x, [(0, 0), (0, size - r)] + [(0, 0)] * (x.ndim - 2))
         rows, group = pad(rows), pad(group)
+        if num_groups is None:
+            num_groups = jnp.full((b,), r if self.index is None else self.num_groups)
+        present = jnp.arange(self.num_groups) < jnp.asarray(num_groups)[:, None]
+        mask = mask & jnp.take_along_axis(present, group, axis=1)
         return jnp.where(mask[..., None], rows, 0.0), group, mask
+
+    def check_groups(self, values: dict, batch_ndim: int = 0):
+        """Raise a clear error for data with more groups than the guide was built for."""
+        if self.index is None:
+            site, axis = self.sites[0], self.axes[0]
+            n = np.shape(values[site.name])[batch_ndim + axis]
+        else:
+            index = values[self.index]
+            if isinstance(index, jax.core.Tracer) or np.size(index) == 0:
+                return
+            n = int(np.max(np.asarray(index))) + 1
+        if n > self.num_groups:
+            raise ValueError(
+                f"The data have {n} groups in plate '{self.plate}' but the guide was built for "
+                f"at most {self.num_groups}: set the guide up with the largest number of groups "
+                "(and num_groups=(min, max) to train on fewer).")
+
+
+class Groups(NamedTuple):
+    """A hierarchical guide's groups: the :class:`GroupLayout`, the positions of the global
+    ``(Dg,)`` and local ``(J, Dl)`` latents in the flat vector, each local site's group axis,
+    and whether other observations (not in any group) feed the summary network too."""
+
+    layout: GroupLayout
+    global_idx: np.ndarray
+    local_idx: np.ndarray
+    local_axes: dict
+    other_data: bool
 
 
 def local_indices(latent_layout, hierarchy, trace):
-    """``(global (Dg,), local (J, Dl))``: the positions of the global latents and of each
-    group's local latents in the guide's flat unconstrained vector."""
+    """``(global (Dg,), local (J, Dl), axes)``: the positions of the global latents and of each
+    group's local latents in the guide's flat unconstrained vector, and each local site's group
+    axis."""
     group, start = hierarchy.group, 0
-    glob, local = [], []
+    glob, local, axes = [], [], {}
     for site, size in zip(latent_layout.sites, latent_layout.sizes, strict=True):
         idx = np.arange(start, start + size).reshape(site.unconstrained_shape)
         start += size
@@ -131,21 +178,24 @@ def local_indices(latent_layout, hierarchy, trace):
             continue
         tr = trace[site.name]
         axis = np.ndim(tr["value"]) - tr["fn"].event_dim + group.dim
+        axes[site.name] = axis
         local.append(np.moveaxis(idx, axis, 0).reshape(group.size, -1))
     return (np.concatenate(glob) if glob else np.zeros(0, int),
-            np.concatenate(local, axis=1))
+            np.concatenate(local, axis=1), axes)
 
 
 def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto", rng_key=None,
-                set_sizes=None):
-    """``(GroupLayout, global positions, local positions)`` for a hierarchical guide of
-    ``model``, or ``None`` when the guide is not factorized over groups.
+                set_sizes=None, num_groups=None):
+    """The :class:`Groups` of a hierarchical guide of ``model``, or ``None`` when the guide is
+    not factorized over groups.
 
     :param option: ``"auto"`` factorizes a two-level hierarchy (:func:`find_hierarchy`) and
         warns, keeping one joint flow, where the model has a group plate the factorized guide
         cannot read; ``True`` raises there instead; ``False`` never factorizes.
     """
     if option is False:
+        if num_groups is not None:
+            raise ValueError("num_groups was given with hierarchical=False.")
         return None
     with block(), numpyro.validation_enabled(False):
         tr = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
@@ -155,7 +205,7 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
     try:
         hierarchy = find_hierarchy(conditioned, *args, rng_key=rng_key, **kwargs)
         if not hierarchy.hierarchical:
-            if option is True:
+            if option is True or num_groups is not None:
                 raise ValueError("hierarchical=True, but no latent site of the model is inside "
                                  "a plate: there are no groups to factorize over.")
             return None
@@ -170,7 +220,7 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
                 f"set_sizes varies the size of plate '{structure.data_plate}', inside the groups "
                 f"of plate '{hierarchy.group.name}': the factorized guide reads fixed-size groups.")
     except ValueError as err:
-        if option is True:
+        if option is True or num_groups is not None:
             raise
         warnings.warn(
             f"The model has latents inside a plate, but the guide cannot factorize over its "
@@ -178,5 +228,46 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
             "groups are added. Pass hierarchical=False to silence this.",
             UserWarning, stacklevel=5)
         return None
-    global_idx, local_idx = local_indices(latent_layout, hierarchy, tr)
-    return layout, global_idx, local_idx
+    lo, hi = num_groups or (layout.num_groups,) * 2
+    if not 1 <= lo <= hi or hi != layout.num_groups:
+        raise ValueError(
+            f"num_groups={num_groups}: need 1 <= min <= max, and max equal to the size of plate "
+            f"'{layout.plate}' in the arguments ({layout.num_groups}). Set the guide up with the "
+            "largest number of groups.")
+    other = ({s.name for s in structure.observed} - set(hierarchy.group.observed)) | (
+        {c.name for c in structure.covariates} - set(layout.arguments))
+    return Groups(layout, *local_indices(latent_layout, hierarchy, tr), bool(other))
+
+
+def encode_groups(layout, batch, data, n):
+    """``batch`` with the group rows of ``data`` (leading dataset axis) added; ``n`` is the
+    data plate's size in ``data``, whose mask index-linked rows share."""
+    rows = data[layout.index].shape[1] if layout.index is not None else None
+    mask = batch.mask if batch.mask is not None and rows == n else None
+    encoded = layout.encode(data, mask, data.get(GROUP_COUNT))
+    return batch._replace(**dict(zip(
+        ("group_rows", "group_index", "group_mask"), encoded, strict=True)))
+
+
+def pad_groups(layout, data):
+    """``data`` with the sites inside the group plate padded (zeros) to the trained number of
+    groups along it, so the flat encoding keeps its size; the padding is never read (the
+    summary of a hierarchical guide comes from the group rows)."""
+    if layout.index is not None:
+        return data
+    out = dict(data)
+    for site, axis in zip(layout.sites, layout.axes, strict=True):
+        v = jnp.asarray(data[site.name])
+        missing = layout.num_groups - v.shape[1 + axis]
+        if missing > 0:
+            out[site.name] = jnp.pad(v, [(0, missing) if i == 1 + axis else (0, 0)
+                                         for i in range(v.ndim)])
+    return out
+
+
+def group_count(model, args, kwargs, plate):
+    """The size of ``plate`` when ``model`` runs with ``args``/``kwargs`` (one trace)."""
+    with block(), numpyro.validation_enabled(False):
+        tr = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    return next(int(s["args"][0]) for s in tr.values()
+                if s["type"] == "plate" and s["name"] == plate)

@@ -22,6 +22,7 @@ from numpyro.infer.autoguide import AutoGuide
 
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.design import warn_other_design
+from numpyro_amortized.group_data import GROUP_COUNT
 from numpyro_amortized.guide_base import AmortizedGuideBase
 from numpyro_amortized.predictive import posterior_predictive
 from numpyro_amortized.programs import Programs, log_joint_program, merge_static, split_static
@@ -106,6 +107,11 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         all groups (:class:`~numpyro_amortized.networks.HierarchicalPosterior`). ``"auto"``
         (default) does so wherever it can and warns where a model has a group plate it cannot
         read; ``True`` raises there; ``False`` keeps one joint flow over all latents.
+    :param num_groups: ``(min, max)`` numbers of groups to train a hierarchical guide on;
+        ``max`` must be the group plate's size in the set-up arguments. Each simulation keeps
+        its first ``n`` groups, ``n`` uniform in ``[min, max]`` (the others have no data and
+        are left out of the loss), so one guide answers for any number of groups in the range.
+        Default: the set-up number only.
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
 
@@ -131,7 +137,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
 
     def __init__(self, model, *, summary_net=None, flow=None, observed=None, data_plate="auto",
                  set_sizes=None, time_series=False, design=None, hierarchical="auto",
-                 num_pilot_simulations=4096, prefix="auto"):
+                 num_groups=None, num_pilot_simulations=4096, prefix="auto"):
         super().__init__(model, prefix=prefix)
         self.design = design
         self.summary_net = summary_net
@@ -141,6 +147,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         self.set_sizes = None if set_sizes is None else (int(set_sizes[0]), int(set_sizes[1]))
         self.time_series = bool(time_series)
         self.hierarchical = hierarchical
+        self.num_groups = None if num_groups is None else (int(num_groups[0]),
+                                                           int(num_groups[1]))
         self.num_pilot_simulations = int(num_pilot_simulations)
         self.structure = None
         self.groups = None
@@ -243,14 +251,21 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         if not isinstance(data, dict):
             raise TypeError(f"data must be a dict from observed site name to values with a "
                             f"leading dataset axis; got {type(data).__name__}.")
-        names = [site.name for site in self.data_layout.sites]
+        fixed = self._fixed_arguments()
+        names = [site.name for site in self.data_layout.sites] + sorted(set(fixed) - {
+            site.name for site in self.data_layout.sites})
         extra = sorted(set(data) - set(names))
         if extra:
             raise ValueError(f"data has entries {extra} that are not observed sites or "
                              f"covariates of the model; the guide reads {names}.")
         data = {k: jnp.asarray(v) for k, v in data.items()}
-        self.data_layout.check(data, batch_ndim=1, allow_other_sizes=self._accepts_variable_size)
-        warn_other_design(self._design, data, batch_ndim=1, stacklevel=5)
+        missing = sorted(set(fixed) - set(data))
+        if missing:
+            raise ValueError(f"No value for the covariates {missing}: a batch gives every "
+                             "dataset's covariates by argument name, next to its observations "
+                             "(guide.simulation_data(sims) does for simulations).")
+        self._check_data(data, 1)
+        warn_other_design(self._design_for(data, 1), data, batch_ndim=1, stacklevel=5)
         sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
         if sizes == {0} or None in sizes:
             raise ValueError("data holds no datasets: give each site a leading dataset axis of "
@@ -271,12 +286,18 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
             self._warn_size(n, stacklevel=4)
         return data, num_obs
 
-    def sample_posterior_batch(self, rng_key, params, data, *, sample_shape=(), num_obs=None):
+    def sample_posterior_batch(self, rng_key, params, data, *, sample_shape=(), num_obs=None,
+                               num_groups=None):
         """Posterior draws for a batch of datasets in one vectorized call.
 
         :param data: dict from observed site name to values with a leading dataset axis
-            (``(num_datasets, *site_shape)``); all datasets padded to one set size.
+            (``(num_datasets, *site_shape)``); all datasets padded to one set size. Covariates
+            may be given too, by argument name; those not given take their set-up values.
         :param num_obs: optional ``(num_datasets,)`` sizes; observations beyond are padding.
+        :param num_groups: for a hierarchical guide trained with ``num_groups``, optional
+            ``(num_datasets,)`` numbers of groups of datasets whose observations are linked to
+            groups by an index (default: the maximum); the draws have the locals of the
+            largest, those beyond a dataset's count are not fitted to anything.
         :return: dict from latent site name to ``(num_datasets, *sample_shape, *site_shape)``.
 
         **Example**::
@@ -284,6 +305,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
             draws = guide.sample_posterior_batch(key, params, {"y": Y}, sample_shape=(1000,))
         """
         data, num_obs = self._batch_inputs(data, num_obs)
+        if num_groups is not None:
+            data[GROUP_COUNT] = jnp.asarray(num_groups, jnp.int32)
         return self._draw(rng_key, params, data, num_obs, sample_shape)
 
     def _draw(self, rng_key, params, data, num_obs, sample_shape):
@@ -306,7 +329,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                 UserWarning, stacklevel=3)
         if self.summary_range is not None:
             self.summary_range.warn_outside(summaries, stacklevel=4)
-        return draws
+        return self._present_groups(draws, data, 1 + len(sample_shape))
 
     def log_prob(self, params, latents, *args, **kwargs):
         """``log q(theta | x)``: the density of constrained latent values given the data in
@@ -314,6 +337,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         data = self.observed_data(*args, **kwargs)
         latents = {k: jnp.asarray(v)[None] for k, v in latents.items()}
         data = {k: jnp.asarray(v)[None] for k, v in data.items()}
+        self._check_all_groups(latents)
         return self._log_prob_batch_jit(self.network_params(params), latents, data, None)[0]
 
     def log_joint(self, latents, *args, **kwargs):
@@ -331,6 +355,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         ``(num_datasets, *sample_shape, *site_shape)``."""
         data, num_obs = self._batch_inputs(data, num_obs)
         latents = {k: jnp.asarray(v) for k, v in latents.items()}
+        self._check_all_groups(latents)
         return self._log_prob_batch_jit(self.network_params(params), latents, data, num_obs)
 
     def summary_statistics_batch(self, params, data, num_obs=None):

@@ -24,7 +24,8 @@ from numpyro_amortized.design import (
     warn_other_design,
     warn_unpaired_rows,
 )
-from numpyro_amortized.group_data import group_setup
+from numpyro_amortized.group_data import GROUP_COUNT, encode_groups, group_setup, pad_groups
+from numpyro_amortized.guide_groups import GroupsMixin
 from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
@@ -45,7 +46,7 @@ __all__ = ["AmortizedGuideBase"]
 _MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
 
 
-class AmortizedGuideBase:
+class AmortizedGuideBase(GroupsMixin):
     """Set-up, state, simulation and the batch cores of an amortized guide (see
     :class:`~numpyro_amortized.AutoAmortizedFlow`, which is the class to use)."""
 
@@ -150,7 +151,7 @@ class AmortizedGuideBase:
         self.data_layout = DataLayout(structure.observed + structure.covariates, plate_size)
         self.groups = group_setup(self.model, args, kwargs, structure, self.latent_layout,
                                   option=self.hierarchical, rng_key=rng_key,
-                                  set_sizes=self.set_sizes)
+                                  set_sizes=self.set_sizes, num_groups=self.num_groups)
         self.structure = structure
         try:
             return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
@@ -254,9 +255,13 @@ class AmortizedGuideBase:
         latents = {s.name: sims[s.name] for s in self.latent_layout.sites}
         observed = {s.name: sims[s.name] for s in self.structure.observed}
         if self.groups is not None:
-            given = {**self.groups[0].argument_values(self.model, args, kwargs), **given}
+            given = {**self.groups.layout.argument_values(self.model, args, kwargs), **given}
         design = {name: drawn[name] if name in drawn else
                   jnp.broadcast_to(v, (num_simulations,) + v.shape) for name, v in given.items()}
+        if self.groups is not None and self.num_groups is not None:  # groups beyond a random
+            design[GROUP_COUNT] = jax.random.randint(  # count per simulation are absent
+                jax.random.fold_in(k_size, 1), (num_simulations,), self.num_groups[0],
+                self.num_groups[1] + 1)
         num_obs = None
         if self.structure.data_plate is not None:
             if self.set_sizes is not None:
@@ -265,6 +270,7 @@ class AmortizedGuideBase:
             else:
                 num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
         data = self._encode({**observed, **design}, num_obs)
+        design.pop(GROUP_COUNT, None)
         u = self.latent_layout.unconstrain(latents)
         finite = [jnp.all(jnp.isfinite(u), axis=-1)]
         for x in (data.set, data.flat, data.group_rows):
@@ -280,12 +286,15 @@ class AmortizedGuideBase:
         return Simulations(jax.tree.map(clean, latents), u, log_det,
                            jax.tree.map(clean, observed), data, num_obs, valid, drawn)
 
-    def model_log_density(self, latents, observed, num_obs, *args, **kwargs):
-        """``log p(theta, x)`` of the model for one dataset (masked beyond ``num_obs``)."""
+    def model_log_density(self, latents, observed, num_obs, *args, group_mask=None, **kwargs):
+        """``log p(theta, x)`` of the model for one dataset (masked beyond ``num_obs``, and
+        where a hierarchical guide's ``group_mask`` (the rows of its groups) is ``False``)."""
         model = condition(self.model, data=observed)
         if num_obs is not None:
             mask = jnp.arange(self.structure.data_plate_size) < num_obs
             model = MaskDataPlate(model, self.structure.data_plate, mask)
+        if group_mask is not None:
+            model = MaskDataPlate(model, self.groups.layout.row_plate, group_mask)
         return log_density(model, args, kwargs, latents)[0]
 
     # ------------------------------------------------------------------ data
@@ -296,10 +305,12 @@ class AmortizedGuideBase:
                   **self._covariates(args, kwargs)}
         data = {s.name: values[s.name] for s in self.data_layout.sites if s.name in values}
         if self.groups is not None:
-            data.update(self.groups[0].argument_values(self.model, args, kwargs))
-        self.data_layout.check(data, allow_other_sizes=self._accepts_variable_size)
+            data.update(self.groups.layout.argument_values(self.model, args, kwargs))
+            if self.num_groups is not None and self.groups.layout.index is not None:
+                data[GROUP_COUNT] = jnp.asarray(self._group_count(args, kwargs))
+        self._check_data(data, 0)
         self._warn_size(self.data_layout.set_size(data))
-        warn_other_design(self._design, data, batch_ndim=0, stacklevel=5)
+        warn_other_design(self._design_for(data, 0), data, batch_ndim=0, stacklevel=5)
         return data
 
     def _covariates(self, args, kwargs) -> dict:
@@ -309,7 +320,7 @@ class AmortizedGuideBase:
                 if c.name in values}
 
     def _warn_size(self, n, stacklevel=3):
-        if n is None or self.structure.data_plate is None:
+        if n is None or self.structure.data_plate is None or self._rows_follow_groups():
             return
         lo, hi = self.set_sizes or (self.structure.data_plate_size,) * 2
         if not lo <= n <= hi:
@@ -323,14 +334,10 @@ class AmortizedGuideBase:
     def _encode(self, data, num_obs=None):
         n = self.data_layout.set_size(data, batch_ndim=1)
         pad = max(n, self.data_layout.max_set_size) if n is not None else None
-        batch = self.data_layout.encode(data, num_obs, pad_to=pad)
         if self.groups is None:
-            return batch
-        layout = self.groups[0]
-        rows = data[layout.index].shape[1] if layout.index is not None else None
-        mask = batch.mask if batch.mask is not None and rows == n else None
-        return batch._replace(**dict(zip(("group_rows", "group_index", "group_mask"),
-                                         layout.encode(data, mask), strict=True)))
+            return self.data_layout.encode(data, num_obs, pad_to=pad)
+        batch = self.data_layout.encode(pad_groups(self.groups.layout, data), num_obs, pad_to=pad)
+        return encode_groups(self.groups.layout, batch, data, n)
 
     # ------------------------------------------------------------------ core (jittable)
     def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):

@@ -128,11 +128,16 @@ def importance_log_weights(guide, params, rng_key, sims, num_draws, args, kwargs
     u, log_q_u = posterior.sample_and_log_prob(rng_key, sims.data, (num_draws,))
     latents, log_det = guide.latent_layout.constrain(u)
 
-    def one_dataset(theta, observed, num_obs, design):  # design: per-simulation covariates
+    def one_dataset(theta, observed, num_obs, design, group_mask):  # design: per-simulation
         a, kw = with_arguments(guide.model, args, kwargs, design) if design else (args, kwargs)
-        return guide.model_log_density(theta, observed, num_obs, *a, **kw)
+        return guide.model_log_density(theta, observed, num_obs, *a, group_mask=group_mask, **kw)
 
-    per_draw = jax.vmap(one_dataset, in_axes=(0, 0, 0 if sims.num_obs is not None else None, 0))
-    log_p = jax.vmap(lambda th: per_draw(th, sims.observed, sims.num_obs, sims.design or {}))(
-        latents)
+    group_mask = sims.data.group_mask  # a hierarchical guide's groups without data
+    if group_mask is not None:
+        group_mask = group_mask[:, :guide.groups.layout.row_plate_size]
+    batched = lambda x: 0 if x is not None else None
+    per_draw = jax.vmap(one_dataset, in_axes=(0, 0, batched(sims.num_obs), 0,
+                                              batched(group_mask)))
+    log_p = jax.vmap(lambda th: per_draw(th, sims.observed, sims.num_obs, sims.design or {},
+                                         group_mask))(latents)
     return log_p - (log_q_u - log_det)

@@ -93,7 +93,7 @@ def test_another_design_warns_and_batches_need_the_covariates():
     with pytest.warns(UserWarning, match="Covariate 'X' differs from the values the guide was "
                                          "trained with"):
         guide.sample_posterior(jax.random.PRNGKey(1), params, X + 1.0, y=jnp.ones(N))
-    with pytest.raises(ValueError, match="No value for observed site 'X'"):
+    with pytest.raises(ValueError, match=r"No value for the covariates \['X'\]"):
         guide.sample_posterior_batch(jax.random.PRNGKey(1), params, {"y": jnp.ones((3, N))})
 
 

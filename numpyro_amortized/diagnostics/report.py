@@ -70,7 +70,8 @@ def calibration_draws(guide, params, rng_key, *args, num_simulations=1000,
     m, n = int(num_simulations), int(num_samples)
     sims = jax.jit(lambda k: guide.simulate(k, m, *args, **kwargs))(k_sim)
     valid = np.asarray(sims.valid)
-    post = guide.sample_posterior_batch(k_post, params, sims.observed, sample_shape=(n,),
+    post = guide.sample_posterior_batch(k_post, params, guide.simulation_data(sims),
+                                        sample_shape=(n,),
                                         num_obs=sims.num_obs)
     latents = dict(sims.latents)
     for name, fn in (test_quantities or {}).items():

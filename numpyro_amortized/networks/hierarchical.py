@@ -28,7 +28,8 @@ __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior"]
 
 
 class GroupEncoder(nnx.Module):
-    """Per-group embeddings ``(B, J, out)`` of rows tagged with their group.
+    """Per-group embeddings ``(B, J, out)`` of rows tagged with their group, and each group's
+    number of rows ``(B, J, 1)``.
 
     Each row (standardized) passes an MLP; a group's embedding is an MLP of the mean of its
     rows' outputs, their exact means and log-sds per feature, and ``log(1 + n_j)``.
@@ -49,7 +50,7 @@ class GroupEncoder(nnx.Module):
         var = jnp.maximum(pool(rows**2) - mean**2, 0.0)
         h = pool(jax.nn.silu(self.phi(rows)))
         return self.rho(jnp.concatenate(
-            [h, mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)], axis=-1))
+            [h, mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)], axis=-1)), count
 
 
 class HierarchicalPosterior(AmortizedPosterior):
@@ -70,10 +71,15 @@ class HierarchicalPosterior(AmortizedPosterior):
     """
 
     def __init__(self, summary_net, flow, local_flow, encoder, data_stats, group_stats,
-                 global_idx, local_idx, global_loc, global_scale):
+                 global_idx, local_idx, global_loc, global_scale, *, other_data=False, rngs):
         super().__init__(summary_net, flow, data_stats)
         self.local_flow = local_flow
         self.encoder = encoder
+        self.other_data = bool(other_data)
+        width, out = encoder.out_features, summary_net.summary_dim
+        self.group_pool = MLP(width, (width,), width, rngs=rngs)
+        self.global_head = MLP(width + 2 + (out if other_data else 0), (2 * width,), out,
+                               rngs=rngs)
         self.group_loc = Buffer(jnp.asarray(group_stats[0]))
         self.group_scale = Buffer(jnp.asarray(group_stats[1]))
         self.global_loc = Buffer(jnp.asarray(global_loc))
@@ -94,10 +100,35 @@ class HierarchicalPosterior(AmortizedPosterior):
 
     def group_embed(self, data: DataBatch):
         """Embeddings ``(B, J, E)`` of each dataset's groups."""
+        return self._encode_groups(data)[0]
+
+    def _encode_groups(self, data: DataBatch):
         rows = compress_tails((data.group_rows - buffer_value(self.group_loc))
                               / buffer_value(self.group_scale))
         rows = jnp.where(data.group_mask[..., None], rows, 0.0)
         return self.encoder(rows, data.group_index, data.group_mask)
+
+    def _embeddings(self, data: DataBatch):
+        """The summary ``(B, S)`` of all the data, and the group embeddings ``(B, J, E)``.
+
+        The summary pools the embeddings of the groups that have data (their mean, the log
+        number of such groups and of rows): the globals' likelihood is a product over groups,
+        and a group without data leaves it unchanged, so a set function of the groups with data
+        summarizes it, for any number of groups; observations outside every group add the
+        summary network's output."""
+        e, size = self._encode_groups(data)
+        present = (size > 0).astype(e.dtype)
+        count = present.sum(-2)
+        pooled = (jax.nn.silu(self.group_pool(e)) * present).sum(-2) / jnp.maximum(count, 1.0)
+        total = data.group_mask.sum(-1, keepdims=True).astype(e.dtype)
+        parts = [pooled, jnp.log1p(count), jnp.log1p(total)]
+        if self.other_data:
+            parts.append(super().embed(data))
+        return self.global_head(jnp.concatenate(parts, axis=-1)), e
+
+    def embed(self, data: DataBatch):
+        """Summary vectors ``(B, summary_dim)`` of a batch of datasets (see :meth:`_embeddings`)."""
+        return self._embeddings(data)[0]
 
     def _local_condition(self, ug, c, e):
         """``(*sample, B, J, C)`` conditions of the local flow from globals ``(*sample, B, Dg)``,
@@ -111,10 +142,9 @@ class HierarchicalPosterior(AmortizedPosterior):
         return jnp.concatenate(parts, axis=-1)
 
     def _conditions(self, u, data):
-        """Global condition ``(B, 1.., S)``, and the local one for ``u``'s globals."""
-        c = self.embed(data)
+        """Global condition ``(B, 1.., S)`` and the local one for ``u``'s globals."""
+        c, e = self._embeddings(data)
         ones = (1,) * (u.ndim - 2)
-        e = self.group_embed(data)
         ug, ul = self._split(u)
         cg = jnp.reshape(c, c.shape[:1] + ones + c.shape[1:])
         cl = self._local_condition(ug, cg, jnp.reshape(e, e.shape[:1] + ones + e.shape[1:]))
@@ -122,6 +152,7 @@ class HierarchicalPosterior(AmortizedPosterior):
 
     # ------------------------------------------------------------------ density protocol
     def log_prob(self, u, data: DataBatch):
+        """``log q(u | x)`` (a group without data: its locals' conditional prior is learned)."""
         ug, ul, cg, cl = self._conditions(u, data)
         return self.flow.log_prob(ug, cg) + self.local_flow.log_prob(ul, cl).sum(-1)
 
@@ -140,24 +171,24 @@ class HierarchicalPosterior(AmortizedPosterior):
 
     def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):
         kg, kl = jax.random.split(rng_key)
-        c, e = self.embed(data), self.group_embed(data)
+        c, e = self._embeddings(data)
         ug, lq = self.flow.sample_and_log_prob(kg, c, sample_shape)
         ul, lq_local = self.local_flow.sample_and_log_prob(kl, self._local_condition(ug, c, e))
         return self._join(ug, ul), lq + lq_local.sum(-1)
 
     def sample(self, rng_key, data: DataBatch, sample_shape=()):
         kg, kl = jax.random.split(rng_key)
-        c, e = self.embed(data), self.group_embed(data)
+        c, e = self._embeddings(data)
         ug = self.flow.sample(kg, c, sample_shape)
         return self._join(ug, self.local_flow.sample(kl, self._local_condition(ug, c, e)))
 
 
 def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
-    """A :class:`HierarchicalPosterior` for ``groups`` (``(GroupLayout, global positions,
-    local positions)``, :func:`~numpyro_amortized.group_data.group_setup`): the global flow
+    """A :class:`HierarchicalPosterior` for ``groups``
+    (:func:`~numpyro_amortized.group_data.group_setup`): the global flow
     from ``flow_factory``, the local flow from it too, except that a flow ensemble's local part
     is one spline flow (so that the ensemble's mixture over the globals stays one mixture)."""
-    layout, gidx, lidx = groups
+    layout, gidx, lidx = groups.layout, groups.global_idx, groups.local_idx
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim
     glob = flow_factory(len(gidx), s_dim, loc=u_loc[gidx], scale=u_scale[gidx], rngs=rngs)
@@ -168,4 +199,5 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     local = local_factory(lidx.shape[1], s_dim + encoder.out_features + len(gidx),
                           loc=u_loc[lidx].mean(0), scale=u_scale[lidx].mean(0), rngs=rngs)
     return HierarchicalPosterior(summary_net, glob, local, encoder, stats["data"],
-                                 stats["group"], gidx, lidx, u_loc[gidx], u_scale[gidx])
+                                 stats["group"], gidx, lidx, u_loc[gidx], u_scale[gidx],
+                                 other_data=groups.other_data, rngs=rngs)

@@ -170,13 +170,13 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
             _FlowPosterior(self.posterior(params), batch, self.latent_layout.dim),
             infer={"is_auxiliary": True},
         )
-        values, log_dets = self.latent_layout.constrain_sites(u)
+        values, log_dets = self.latent_layout.constrain_sites(u, per_element=True)
         result = {}
-        for site in self.latent_layout.sites:
+        for site in self.latent_layout.sites:  # event dims as the model's (plates: batch dims)
             result[site.name] = numpyro.sample(
                 site.name,
                 dist.Delta(values[site.name], log_density=-log_dets[site.name],
-                           event_dim=len(site.shape)),
+                           event_dim=site.support.event_dim),
             )
         return result
 

@@ -44,11 +44,13 @@ class LatentLayout:
             parts.append(jnp.reshape(t.inv(value), batch + (-1,)))
         return jnp.concatenate(parts, axis=-1)
 
-    def constrain_sites(self, u):
+    def constrain_sites(self, u, per_element=False):
         """Map ``u`` of shape ``(..., dim)`` to constrained values and per-site log-dets.
 
+        :param per_element: keep each site's batch dimensions (those of its plates) in its
+            log-det, as a NumPyro guide site inside plates needs.
         :return: ``(latents, log_dets)``, dicts by site name; each log-det has shape
-            ``u.shape[:-1]``.
+            ``u.shape[:-1]`` (with ``per_element``, followed by the site's batch shape).
         """
         batch = u.shape[:-1]
         values, log_dets, start = {}, {}, 0
@@ -56,7 +58,8 @@ class LatentLayout:
             x = jnp.reshape(u[..., start : start + size], batch + site.unconstrained_shape)
             y = t(x)
             ld = t.log_abs_det_jacobian(x, y)
-            log_dets[site.name] = sum_rightmost(ld, jnp.ndim(ld) - len(batch))
+            keep = len(site.shape) - site.support.event_dim if per_element else 0
+            log_dets[site.name] = sum_rightmost(ld, jnp.ndim(ld) - len(batch) - keep)
             values[site.name] = y
             start += size
         return values, log_dets

@@ -8,7 +8,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_amortized import AutoAmortizedFlow, fit, load, save
+from numpyro_amortized import AmortizedELBO, AutoAmortizedFlow, fit, load, save
 from numpyro_amortized.diagnostics import c2st, calibration_draws, sbc_ranks, sbc_test
 from numpyro_amortized.examples.hierarchical import (
     EIGHT_SCHOOLS_SIGMA,
@@ -155,6 +155,19 @@ def test_one_guide_serves_fewer_groups():
     with pytest.raises(ValueError, match="num_groups=.*max equal to the size of plate 'J'"):
         AutoAmortizedFlow(eight_schools, num_groups=(3, 9)).setup(KEY, EIGHT_SCHOOLS_SIGMA,
                                                                  y=EIGHT_SCHOOLS_Y)
+
+
+def test_elbo_and_svi_run_on_the_factorized_guide():
+    """The ELBO (the model's exact density, rows of groups without data masked) and NumPyro's
+    SVI run on a hierarchical guide with a range of group counts."""
+    guide = AutoAmortizedFlow(varying_intercepts, num_groups=(2, 6), num_pilot_simulations=256)
+    result = fit(guide, KEY, GROUP, 6, y=jnp.zeros(30), loss=AmortizedELBO(batch_size=32),
+                 num_steps=20, progress_bar=False, check=False)
+    assert np.all(np.isfinite(np.asarray(result.losses)))
+    svi = numpyro.infer.SVI(eight_schools, AutoAmortizedFlow(eight_schools),
+                            numpyro.optim.Adam(1e-3), numpyro.infer.Trace_ELBO())
+    state = svi.init(KEY, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)
+    assert np.isfinite(float(svi.evaluate(state, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)))
 
 
 def _sum_of_groups(y=None):

@@ -32,13 +32,17 @@ class GroupEncoder(nnx.Module):
     number of rows ``(B, J, 1)``.
 
     Each row (standardized) passes an MLP; a group's embedding is an MLP of the mean of its
-    rows' outputs, their exact means and log-sds per feature, and ``log(1 + n_j)``.
+    rows' outputs, their exact means and log-sds per feature, the means of the products of
+    features (for up to ``max_cross_features`` features: with the means, a linear regression's
+    sufficient statistics), and ``log(1 + n_j)``.
     """
 
-    def __init__(self, features, num_groups, *, width=64, out=32, rngs):
+    def __init__(self, features, num_groups, *, width=64, out=32, max_cross_features=16, rngs):
         self.num_groups = num_groups
+        self.cross = features if 1 < features <= max_cross_features else 0
+        num_cross = self.cross * (self.cross - 1) // 2
         self.phi = MLP(features, (width, width), width, rngs=rngs)
-        self.rho = MLP(width + 2 * features + 1, (width,), out, rngs=rngs)
+        self.rho = MLP(width + 2 * features + num_cross + 1, (width,), out, rngs=rngs)
         self.out_features = out
 
     def __call__(self, rows, group, mask):
@@ -49,8 +53,11 @@ class GroupEncoder(nnx.Module):
         mean = pool(rows)
         var = jnp.maximum(pool(rows**2) - mean**2, 0.0)
         h = pool(jax.nn.silu(self.phi(rows)))
-        return self.rho(jnp.concatenate(
-            [h, mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)], axis=-1)), count
+        parts = [h, mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)]
+        if self.cross:  # the rows' exact second moments: a group's least-squares fit
+            i, j = np.triu_indices(self.cross, k=1)
+            parts.append(pool(rows[..., i] * rows[..., j]))
+        return self.rho(jnp.concatenate(parts, axis=-1)), count
 
 
 class HierarchicalPosterior(AmortizedPosterior):

@@ -109,8 +109,9 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         read; ``True`` raises there; ``False`` keeps one joint flow over all latents.
     :param num_groups: ``(min, max)`` numbers of groups to train a hierarchical guide on;
         ``max`` must be the group plate's size in the set-up arguments. Each simulation keeps
-        its first ``n`` groups, ``n`` uniform in ``[min, max]`` (the others have no data and
-        are left out of the loss), so one guide answers for any number of groups in the range.
+        its first ``n`` groups, ``n`` uniform in ``[min, max]`` (the others have no data: their
+        locals learn the conditional prior), so one guide answers for any number of groups in
+        the range.
         Default: the set-up number only.
     :param num_pilot_simulations: simulations used once to standardize latents and data.
     :param prefix: prefix of the parameter site.
@@ -291,13 +292,13 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         """Posterior draws for a batch of datasets in one vectorized call.
 
         :param data: dict from observed site name to values with a leading dataset axis
-            (``(num_datasets, *site_shape)``); all datasets padded to one set size. Covariates
-            may be given too, by argument name; those not given take their set-up values.
+            (``(num_datasets, *site_shape)``); all datasets padded to one set size; covariates
+            (and a hierarchical guide's group arguments) by argument name.
         :param num_obs: optional ``(num_datasets,)`` sizes; observations beyond are padding.
         :param num_groups: for a hierarchical guide trained with ``num_groups``, optional
             ``(num_datasets,)`` numbers of groups of datasets whose observations are linked to
-            groups by an index (default: the maximum); the draws have the locals of the
-            largest, those beyond a dataset's count are not fitted to anything.
+            groups by an index (default: the maximum); the draws have the maximum's locals,
+            those beyond a dataset's count are its groups without data.
         :return: dict from latent site name to ``(num_datasets, *sample_shape, *site_shape)``.
 
         **Example**::

@@ -270,7 +270,6 @@ class AmortizedGuideBase(GroupsMixin):
             else:
                 num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
         data = self._encode({**observed, **design}, num_obs)
-        design.pop(GROUP_COUNT, None)
         u = self.latent_layout.unconstrain(latents)
         finite = [jnp.all(jnp.isfinite(u), axis=-1)]
         for x in (data.set, data.flat, data.group_rows):

@@ -1,11 +1,11 @@
 """A factorized amortized posterior for hierarchical models.
 
 ``q(globals, locals | x) = q(globals | s(x)) * prod_j q(local_j | globals, e_j(x), s(x))``:
-the global latents get a flow conditioned on the summary ``s(x)`` of all the data, as in
-:class:`~numpyro_amortized.networks.AmortizedPosterior`; every group's local latents get one
-**shared** flow, conditioned on the globals, on the summary of all the data and on an
+the global latents get a flow conditioned on a summary ``s(x)`` of all the data (a set
+function of the group embeddings, see :meth:`HierarchicalPosterior._embeddings`); every group's
+local latents get one **shared** flow, conditioned on the globals, on ``s(x)`` and on an
 embedding ``e_j`` of that group's own rows (a DeepSet over the rows of group ``j``, with their
-exact means, log-sds and ``log(1 + n_j)``). The local flow is amortized over groups as well as
+exact moments and ``log(1 + n_j)``). The local flow is amortized over groups as well as
 datasets: it is as large for 1,000 groups as for 8, and a group's locals see exactly that
 group's data, which a summary pooled over all groups cannot tell apart.
 """
@@ -63,7 +63,8 @@ class GroupEncoder(nnx.Module):
 class HierarchicalPosterior(AmortizedPosterior):
     """``q(u | x)`` factorized over the groups of a hierarchical model (module docstring).
 
-    :param summary_net: the summary network of all the data.
+    :param summary_net: the guide's summary network; it reads only observations outside every
+        group (``other_data``), and its ``summary_dim`` sizes ``s(x)``.
     :param flow: the density of the global latents given the summary (``flow`` as in
         :class:`AmortizedPosterior`; a flow ensemble's mixture weights are fitted as there).
     :param local_flow: one flow for the local latents of a group, conditioned on
@@ -192,9 +193,11 @@ class HierarchicalPosterior(AmortizedPosterior):
 
 def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     """A :class:`HierarchicalPosterior` for ``groups``
-    (:func:`~numpyro_amortized.group_data.group_setup`): the global flow
-    from ``flow_factory``, the local flow from it too, except that a flow ensemble's local part
-    is one spline flow (so that the ensemble's mixture over the globals stays one mixture)."""
+    (:func:`~numpyro_amortized.group_data.group_setup`): the global flow from ``flow_factory``;
+    the local flow from it too, except for the defaults (a spline flow or a flow ensemble),
+    whose local part is one spline flow ending in a conditional affine layer (the ensemble's
+    mixture over the globals stays one mixture; the affine end keeps rare draws out of the
+    splines' identity tails)."""
     layout, gidx, lidx = groups.layout, groups.global_idx, groups.local_idx
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim

@@ -24,11 +24,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-from numpyro.handlers import block, condition, seed, trace
+from numpyro.handlers import condition
 
 from numpyro_amortized.data import _read
 from numpyro_amortized.design import covariate_values
+from numpyro_amortized.hierarchy import _trace as model_trace
 from numpyro_amortized.hierarchy import find_hierarchy
 
 __all__ = ["GROUP_COUNT", "GroupLayout", "Groups", "encode_groups", "group_count", "group_setup",
@@ -197,8 +197,7 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
         if num_groups is not None:
             raise ValueError("num_groups was given with hierarchical=False.")
         return None
-    with block(), numpyro.validation_enabled(False):
-        tr = trace(seed(model, rng_key)).get_trace(*args, **kwargs)
+    tr = model_trace(model, rng_key, args, kwargs)
     values = {s.name: tr[s.name]["value"] for s in structure.observed}
     conditioned = functools.wraps(model)(
         lambda *a, **k: condition(model, data=values)(*a, **k))
@@ -267,7 +266,6 @@ def pad_groups(layout, data):
 
 def group_count(model, args, kwargs, plate):
     """The size of ``plate`` when ``model`` runs with ``args``/``kwargs`` (one trace)."""
-    with block(), numpyro.validation_enabled(False):
-        tr = trace(seed(model, jax.random.PRNGKey(0))).get_trace(*args, **kwargs)
+    tr = model_trace(model, jax.random.PRNGKey(0), args, kwargs)
     return next(int(s["args"][0]) for s in tr.values()
                 if s["type"] == "plate" and s["name"] == plate)

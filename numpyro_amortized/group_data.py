@@ -89,6 +89,12 @@ class GroupLayout:
                                     if k not in self.row_arguments]
         self.arguments = ([self.index] if self.index is not None else []) + sorted(
             set(self.group_arguments) | set(self.row_arguments))
+        # a row's leading features are its observations, then its own covariates (index-linked)
+        self.response_features = sum(int(np.size(trace[s.name]["value"]))
+                                     // np.shape(trace[s.name]["value"])[a]
+                                     for s, a in zip(self.sites, self.axes, strict=True))
+        self.covariate_features = sum(int(np.size(arrays[k])) // num_rows
+                                      for k in self.row_arguments)
         self.row_features = self.encode(
             {k: jnp.asarray(v)[None] for k, v in {
                 **{s.name: trace[s.name]["value"] for s in self.sites},

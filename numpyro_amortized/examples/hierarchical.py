@@ -5,6 +5,9 @@
   the classic data :data:`EIGHT_SCHOOLS_Y`, :data:`EIGHT_SCHOOLS_SIGMA`.
 - :func:`varying_intercepts`: group intercepts over a flat plate of observations linked by a
   group-index argument (``a[group]``), the usual way NumPyro users write a multilevel model.
+- :func:`varying_slopes`: a hierarchical regression, group intercepts and slopes of a covariate.
+- :func:`multilevel_binomial`: group log-odds around a shared mean, a count of successes per
+  group (Statistical Rethinking's multilevel tadpoles, written with a group plate).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpyro
 import numpyro.distributions as dist
 
 __all__ = ["EIGHT_SCHOOLS_SIGMA", "EIGHT_SCHOOLS_Y", "eight_schools", "eight_schools_posterior",
-           "varying_intercepts"]
+           "multilevel_binomial", "varying_intercepts", "varying_slopes"]
 
 EIGHT_SCHOOLS_Y = jnp.asarray([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 EIGHT_SCHOOLS_SIGMA = jnp.asarray([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
@@ -67,3 +70,28 @@ def varying_intercepts(group, num_groups, y=None):
     sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
     with numpyro.plate("N", group.shape[0]):
         numpyro.sample("y", dist.Normal(a[group], sigma), obs=y)
+
+
+def varying_slopes(group, x, num_groups, y=None):
+    """``a_j ~ N(mu_a, tau_a)``, ``b_j ~ N(mu_b, tau_b)`` for ``num_groups`` groups,
+    ``y_i ~ N(a[group_i] + b[group_i] x_i, sigma)``."""
+    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 2.0))
+    mu_b = numpyro.sample("mu_b", dist.Normal(0.0, 2.0))
+    tau_a = numpyro.sample("tau_a", dist.HalfNormal(1.0))
+    tau_b = numpyro.sample("tau_b", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu_a, tau_a))
+        b = numpyro.sample("b", dist.Normal(mu_b, tau_b))
+    with numpyro.plate("N", group.shape[0]):
+        numpyro.sample("y", dist.Normal(a[group] + b[group] * x, sigma), obs=y)
+
+
+def multilevel_binomial(trials, successes=None):
+    """``a_bar ~ N(0, 1.5)``, ``sigma ~ Exponential(1)``, ``a_j ~ N(a_bar, sigma)``,
+    ``successes_j ~ Binomial(trials_j, logit^-1(a_j))`` for each group ``j`` of ``trials``."""
+    a_bar = numpyro.sample("a_bar", dist.Normal(0.0, 1.5))
+    sigma = numpyro.sample("sigma", dist.Exponential(1.0))
+    with numpyro.plate("groups", trials.shape[0]):
+        a = numpyro.sample("a", dist.Normal(a_bar, sigma))
+        numpyro.sample("successes", dist.Binomial(trials, logits=a), obs=successes)

@@ -28,22 +28,48 @@ __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior"]
 
 
 class GroupEncoder(nnx.Module):
-    """Per-group embeddings ``(B, J, out)`` of rows tagged with their group, and each group's
-    number of rows ``(B, J, 1)``.
+    """Per-group embeddings ``(B, J, out)`` of rows tagged with their group, each group's
+    number of rows ``(B, J, 1)`` and its exact statistics ``(B, J, stats_dim)``.
 
-    Each row (standardized) passes an MLP; a group's embedding is an MLP of the mean of its
-    rows' outputs, their exact means and log-sds per feature, the means of the products of
-    features (for up to ``max_cross_features`` features: with the means, a linear regression's
-    sufficient statistics), and ``log(1 + n_j)``.
+    The statistics of a group's rows (standardized) are their means and log-sds per feature,
+    the means of the products of features (for up to ``max_cross_features`` features) and
+    ``log(1 + n_j)``; where rows hold ``responses`` observations followed by ``covariates`` of
+    their own, also each response's least-squares fit on ``[1, covariates]`` (coefficients, log
+    residual sd, log standard errors; a ridge of ``1e-3`` keeps groups with fewer rows than
+    coefficients finite). A neural network approximates a division poorly, and a group's
+    regression fit is what its local latents and the globals' spread depend on. The embedding
+    is an MLP of these statistics and of the mean of the rows' MLP outputs (a DeepSet).
     """
 
-    def __init__(self, features, num_groups, *, width=64, out=32, max_cross_features=16, rngs):
+    def __init__(self, features, num_groups, *, responses=0, covariates=0, width=64, out=32,
+                 max_cross_features=16, max_regressors=8, rngs):
         self.num_groups = num_groups
         self.cross = features if 1 < features <= max_cross_features else 0
-        num_cross = self.cross * (self.cross - 1) // 2
+        self.responses = responses if 0 < covariates <= max_regressors and responses else 0
+        self.covariates = covariates if self.responses else 0
+        k = self.covariates + 1
+        self.stats_dim = (2 * features + self.cross * (self.cross - 1) // 2 + 1
+                          + (self.responses * (k + 1) + k if self.responses else 0))
         self.phi = MLP(features, (width, width), width, rngs=rngs)
-        self.rho = MLP(width + 2 * features + num_cross + 1, (width,), out, rngs=rngs)
+        self.rho = MLP(width + self.stats_dim, (width,), out, rngs=rngs)
         self.out_features = out
+
+    def _regression(self, rows, onehot, n):
+        """Each group's least-squares fit of each response on ``[1, covariates]``."""
+        y = rows[..., :self.responses]
+        x = rows[..., self.responses:self.responses + self.covariates]
+        x = jnp.concatenate([jnp.ones_like(x[..., :1]), x], axis=-1)
+        n4 = n[..., None]
+        xtx = jnp.einsum("brj,bri,brk->bjik", onehot, x, x) / n4
+        xty = jnp.einsum("brj,bri,brk->bjik", onehot, x, y) / n4
+        yty = jnp.einsum("brj,brk->bjk", onehot, y**2) / n
+        a = xtx + 1e-3 * jnp.eye(x.shape[-1], dtype=x.dtype)
+        beta = jnp.linalg.solve(a, xty)  # (B, J, K, R)
+        rss = yty - 2 * (beta * xty).sum(-2) + jnp.einsum("bjir,bjik,bjkr->bjr", beta, xtx, beta)
+        inv_diag = jnp.diagonal(jnp.linalg.inv(a), axis1=-2, axis2=-1)
+        return [compress_tails(jnp.reshape(beta, beta.shape[:2] + (-1,))),
+                0.5 * jnp.log(jnp.maximum(rss, 0.0) + 1e-4),
+                0.5 * (jnp.log(inv_diag) - jnp.log(n))]
 
     def __call__(self, rows, group, mask):
         onehot = jax.nn.one_hot(group, self.num_groups, dtype=rows.dtype) * mask[..., None]
@@ -52,12 +78,15 @@ class GroupEncoder(nnx.Module):
         pool = lambda h: jnp.einsum("brj,brf->bjf", onehot, h) / n
         mean = pool(rows)
         var = jnp.maximum(pool(rows**2) - mean**2, 0.0)
-        h = pool(jax.nn.silu(self.phi(rows)))
-        parts = [h, mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)]
-        if self.cross:  # the rows' exact second moments: a group's least-squares fit
+        stats = [mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)]
+        if self.cross:  # the rows' exact second moments
             i, j = np.triu_indices(self.cross, k=1)
-            parts.append(pool(rows[..., i] * rows[..., j]))
-        return self.rho(jnp.concatenate(parts, axis=-1)), count
+            stats.append(pool(rows[..., i] * rows[..., j]))
+        if self.responses:
+            stats += self._regression(rows, onehot, n)
+        stats = jnp.concatenate(stats, axis=-1) * (count > 0)
+        h = pool(jax.nn.silu(self.phi(rows)))
+        return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats
 
 
 class HierarchicalPosterior(AmortizedPosterior):
@@ -86,8 +115,8 @@ class HierarchicalPosterior(AmortizedPosterior):
         self.other_data = bool(other_data)
         width, out = encoder.out_features, summary_net.summary_dim
         self.group_pool = MLP(width, (width,), width, rngs=rngs)
-        self.global_head = MLP(width + 2 + (out if other_data else 0), (2 * width,), out,
-                               rngs=rngs)
+        self.global_head = MLP(width + 2 * encoder.stats_dim + 2 + (out if other_data else 0),
+                               (2 * width,), out, rngs=rngs)
         self.group_loc = Buffer(jnp.asarray(group_stats[0]))
         self.group_scale = Buffer(jnp.asarray(group_stats[1]))
         self.global_loc = Buffer(jnp.asarray(global_loc))
@@ -107,8 +136,8 @@ class HierarchicalPosterior(AmortizedPosterior):
         return u.at[..., jnp.asarray(self.local_idx)].set(ul)
 
     def group_embed(self, data: DataBatch):
-        """Embeddings ``(B, J, E)`` of each dataset's groups."""
-        return self._encode_groups(data)[0]
+        """Embeddings ``(B, J, E)`` of each dataset's groups (learned, then exact statistics)."""
+        return self._embeddings(data)[1]
 
     def _encode_groups(self, data: DataBatch):
         rows = compress_tails((data.group_rows - buffer_value(self.group_loc))
@@ -119,20 +148,25 @@ class HierarchicalPosterior(AmortizedPosterior):
     def _embeddings(self, data: DataBatch):
         """The summary ``(B, S)`` of all the data, and the group embeddings ``(B, J, E)``.
 
-        The summary pools the embeddings of the groups that have data (their mean, the log
-        number of such groups and of rows): the globals' likelihood is a product over groups,
+        The summary pools the groups that have data (the mean of their embeddings, the mean
+        and spread of their exact statistics, the log number of such groups and of rows), and
+        each group's embedding carries its exact statistics: the globals' likelihood is a
+        product over groups,
         and a group without data leaves it unchanged, so a set function of the groups with data
         summarizes it, for any number of groups; observations outside every group add the
         summary network's output."""
-        e, size = self._encode_groups(data)
+        e, size, stats = self._encode_groups(data)
         present = (size > 0).astype(e.dtype)
         count = present.sum(-2)
-        pooled = (jax.nn.silu(self.group_pool(e)) * present).sum(-2) / jnp.maximum(count, 1.0)
+        average = lambda v: (v * present).sum(-2) / jnp.maximum(count, 1.0)
+        spread = average((stats - average(stats)[..., None, :]) ** 2)
         total = data.group_mask.sum(-1, keepdims=True).astype(e.dtype)
-        parts = [pooled, jnp.log1p(count), jnp.log1p(total)]
+        parts = [average(jax.nn.silu(self.group_pool(e))), average(stats),
+                 0.5 * jnp.log(spread + 1e-4), jnp.log1p(count), jnp.log1p(total)]
         if self.other_data:
             parts.append(super().embed(data))
-        return self.global_head(jnp.concatenate(parts, axis=-1)), e
+        c = self.global_head(jnp.concatenate(parts, axis=-1))
+        return c, jnp.concatenate([e, stats], axis=-1)
 
     def embed(self, data: DataBatch):
         """Summary vectors ``(B, summary_dim)`` of a batch of datasets (see :meth:`_embeddings`)."""
@@ -202,11 +236,14 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim
     glob = flow_factory(len(gidx), s_dim, loc=u_loc[gidx], scale=u_scale[gidx], rngs=rngs)
-    encoder = GroupEncoder(layout.row_features, layout.num_groups, rngs=rngs)
+    encoder = GroupEncoder(layout.row_features, layout.num_groups,
+                           responses=layout.response_features,
+                           covariates=layout.covariate_features, rngs=rngs)
     local_factory = flow_factory
     if flow_factory in (ensemble_flow, spline_flow):
         local_factory = functools.partial(spline_flow, conditional_affine=True)
-    local = local_factory(lidx.shape[1], s_dim + encoder.out_features + len(gidx),
+    cond = s_dim + encoder.out_features + encoder.stats_dim + len(gidx)
+    local = local_factory(lidx.shape[1], cond,
                           loc=u_loc[lidx].mean(0), scale=u_scale[lidx].mean(0), rngs=rngs)
     return HierarchicalPosterior(summary_net, glob, local, encoder, stats["data"],
                                  stats["group"], gidx, lidx, u_loc[gidx], u_scale[gidx],

@@ -54,15 +54,14 @@ class GroupEncoder(nnx.Module):
         self.rho = MLP(width + self.stats_dim, (width,), out, rngs=rngs)
         self.out_features = out
 
-    def _regression(self, rows, onehot, n):
+    def _regression(self, rows, total, n):
         """Each group's least-squares fit of each response on ``[1, covariates]``."""
         y = rows[..., :self.responses]
         x = rows[..., self.responses:self.responses + self.covariates]
         x = jnp.concatenate([jnp.ones_like(x[..., :1]), x], axis=-1)
-        n4 = n[..., None]
-        xtx = jnp.einsum("brj,bri,brk->bjik", onehot, x, x) / n4
-        xty = jnp.einsum("brj,bri,brk->bjik", onehot, x, y) / n4
-        yty = jnp.einsum("brj,brk->bjk", onehot, y**2) / n
+        xtx = total(x[..., :, None] * x[..., None, :]) / n[..., None]
+        xty = total(x[..., :, None] * y[..., None, :]) / n[..., None]
+        yty = total(y**2) / n
         a = xtx + 1e-3 * jnp.eye(x.shape[-1], dtype=x.dtype)
         beta = jnp.linalg.solve(a, xty)  # (B, J, K, R)
         rss = yty - 2 * (beta * xty).sum(-2) + jnp.einsum("bjir,bjik,bjkr->bjr", beta, xtx, beta)
@@ -72,10 +71,19 @@ class GroupEncoder(nnx.Module):
                 0.5 * (jnp.log(inv_diag) - jnp.log(n))]
 
     def __call__(self, rows, group, mask):
-        onehot = jax.nn.one_hot(group, self.num_groups, dtype=rows.dtype) * mask[..., None]
-        count = onehot.sum(-2)[..., None]  # (B, J, 1)
+        b, r = group.shape
+        ids = jnp.reshape(group + self.num_groups * jnp.arange(b)[:, None], -1)
+        weight = mask.astype(rows.dtype)
+
+        def total(h):  # (B, R, ...) summed over each group's rows: (B, J, ...)
+            h = h * jnp.reshape(weight, weight.shape + (1,) * (h.ndim - 2))
+            out = jax.ops.segment_sum(jnp.reshape(h, (b * r,) + h.shape[2:]), ids,
+                                      num_segments=b * self.num_groups)
+            return jnp.reshape(out, (b, self.num_groups) + h.shape[2:])
+
+        count = total(jnp.ones((b, r, 1), rows.dtype))  # (B, J, 1)
         n = jnp.maximum(count, 1.0)
-        pool = lambda h: jnp.einsum("brj,brf->bjf", onehot, h) / n
+        pool = lambda h: total(h) / n
         mean = pool(rows)
         var = jnp.maximum(pool(rows**2) - mean**2, 0.0)
         stats = [mean, 0.5 * jnp.log(var + 1e-4), jnp.log1p(count)]
@@ -83,7 +91,7 @@ class GroupEncoder(nnx.Module):
             i, j = np.triu_indices(self.cross, k=1)
             stats.append(pool(rows[..., i] * rows[..., j]))
         if self.responses:
-            stats += self._regression(rows, onehot, n)
+            stats += self._regression(rows, total, n)
         stats = jnp.concatenate(stats, axis=-1) * (count > 0)
         h = pool(jax.nn.silu(self.phi(rows)))
         return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats

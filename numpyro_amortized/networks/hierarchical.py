@@ -27,6 +27,19 @@ from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_ta
 __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior"]
 
 
+def _spd_solve(a, b):
+    """``(a^-1 b, diag(a^-1))`` for small symmetric positive definite matrices ``a (..., K, K)``
+    by Gauss-Jordan elimination unrolled over ``K`` (no pivoting needed), in elementwise array
+    operations: jaxlib's batched LAPACK solvers wait on XLA's CPU thread pool from inside it,
+    which deadlocks a training step on large batches of groups."""
+    k, r = a.shape[-1], b.shape[-1]
+    m = jnp.concatenate([a, b, jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), a.shape)], axis=-1)
+    for i in range(k):
+        row = m[..., i, :] / m[..., i, i:i + 1]
+        m = (m - m[..., :, i:i + 1] * row[..., None, :]).at[..., i, :].set(row)
+    return m[..., k:k + r], jnp.diagonal(m[..., k + r:], axis1=-2, axis2=-1)
+
+
 class GroupEncoder(nnx.Module):
     """Per-group embeddings ``(B, J, out)`` of rows tagged with their group, each group's
     number of rows ``(B, J, 1)`` and its exact statistics ``(B, J, stats_dim)``.
@@ -63,9 +76,8 @@ class GroupEncoder(nnx.Module):
         xty = total(x[..., :, None] * y[..., None, :]) / n[..., None]
         yty = total(y**2) / n
         a = xtx + 1e-3 * jnp.eye(x.shape[-1], dtype=x.dtype)
-        beta = jnp.linalg.solve(a, xty)  # (B, J, K, R)
+        beta, inv_diag = _spd_solve(a, xty)  # (B, J, K, R), (B, J, K)
         rss = yty - 2 * (beta * xty).sum(-2) + jnp.einsum("bjir,bjik,bjkr->bjr", beta, xtx, beta)
-        inv_diag = jnp.diagonal(jnp.linalg.inv(a), axis1=-2, axis2=-1)
         return [compress_tails(jnp.reshape(beta, beta.shape[:2] + (-1,))),
                 0.5 * jnp.log(jnp.maximum(rss, 0.0) + 1e-4),
                 0.5 * (jnp.log(inv_diag) - jnp.log(n))]

@@ -171,10 +171,9 @@ class HierarchicalPosterior(AmortizedPosterior):
         The summary pools the groups that have data (the mean of their embeddings, the mean
         and spread of their exact statistics, the log number of such groups and of rows), and
         each group's embedding carries its exact statistics: the globals' likelihood is a
-        product over groups,
-        and a group without data leaves it unchanged, so a set function of the groups with data
-        summarizes it, for any number of groups; observations outside every group add the
-        summary network's output."""
+        product over groups, and a group without data leaves it unchanged, so a set function of
+        the groups with data summarizes it, for any number of groups; observations outside
+        every group add the summary network's output."""
         e, size, stats = self._encode_groups(data)
         present = (size > 0).astype(e.dtype)
         count = present.sum(-2)

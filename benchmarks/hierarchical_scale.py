@@ -9,7 +9,7 @@ first call apart), and NUTS (non-centered, 1 chain, 500 warm-up and 500 draws) r
 dataset. Writes benchmarks/results/hierarchical_scale.json and the table in docs/scaling.md
 (between the HIERARCHICAL markers).
 
-    python benchmarks/hierarchical_scale.py            # J = 10, 100, 1000 (~30 minutes, 2 cores)
+    python benchmarks/hierarchical_scale.py            # J = 10, 100, 1000 (~11 minutes, 2 cores)
     python benchmarks/hierarchical_scale.py --quick    # J = 10, 30: a smoke run
 """
 

@@ -72,8 +72,8 @@ def test_group_embeddings_are_equivariant():
 
 def test_group_statistics_are_each_groups_least_squares_fit():
     """Rows of a response and two covariates: a group's exact statistics hold its least-squares
-    coefficients (with the ridge of 1e-3) and log residual sd, as numpy computes them; absent
-    groups' are zero."""
+    coefficients (with the ridge of 1e-3), log residual sd and log standard errors, as numpy
+    computes them; absent groups' are zero."""
     rng = np.random.default_rng(1)
     encoder = GroupEncoder(3, 4, responses=1, covariates=2, rngs=nnx.Rngs(0))
     group = rng.integers(0, 3, size=(2, 40))
@@ -95,6 +95,8 @@ def test_group_statistics_are_each_groups_least_squares_fit():
             np.testing.assert_allclose(stats[b, j, start:start + 3], beta, atol=2e-2)
             np.testing.assert_allclose(stats[b, j, start + 3], 0.5 * np.log(rss[0] / keep.sum()),
                                        atol=1e-2)
+            se = 0.5 * np.log(np.diag(np.linalg.inv(x.T @ x / n + 1e-3 * np.eye(3))) / n)
+            np.testing.assert_allclose(stats[b, j, start + 4:start + 7], se, atol=1e-3)
             assert float(count[b, j, 0]) == keep.sum()
     assert np.all(stats[:, 3] == 0) and np.all(np.asarray(count)[:, 3] == 0)
 

@@ -338,8 +338,9 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         data = self.observed_data(*args, **kwargs)
         latents = {k: jnp.asarray(v)[None] for k, v in latents.items()}
         data = {k: jnp.asarray(v)[None] for k, v in data.items()}
-        self._check_all_groups(latents)
-        return self._log_prob_batch_jit(self.network_params(params), latents, data, None)[0]
+        latents, present = self._pad_groups(latents)
+        return self._log_prob_batch_jit(self.network_params(params), latents, data, None,
+                                        present)[0]
 
     def log_joint(self, latents, *args, **kwargs):
         """``log p(theta, x)``: the model's exact joint density of constrained latent values
@@ -351,13 +352,17 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                                     lambda: log_joint_program(self.model, spec))
         return program({k: jnp.asarray(v) for k, v in latents.items()}, dynamic)
 
-    def log_prob_batch(self, params, latents, data, num_obs=None):
+    def log_prob_batch(self, params, latents, data, num_obs=None, num_groups=None):
         """``log q(theta | x)`` for a batch of datasets; ``latents`` shaped
-        ``(num_datasets, *sample_shape, *site_shape)``."""
+        ``(num_datasets, *sample_shape, *site_shape)``; ``num_groups`` as in
+        :meth:`sample_posterior_batch` (locals of fewer groups: their marginal density)."""
         data, num_obs = self._batch_inputs(data, num_obs)
+        if num_groups is not None:
+            data[GROUP_COUNT] = jnp.asarray(num_groups, jnp.int32)
         latents = {k: jnp.asarray(v) for k, v in latents.items()}
-        self._check_all_groups(latents)
-        return self._log_prob_batch_jit(self.network_params(params), latents, data, num_obs)
+        latents, present = self._pad_groups(latents)
+        return self._log_prob_batch_jit(self.network_params(params), latents, data, num_obs,
+                                        present)
 
     def summary_statistics_batch(self, params, data, num_obs=None):
         """The summary network's output ``(num_datasets, summary_dim)`` for a batch of datasets

@@ -372,7 +372,9 @@ class AmortizedGuideBase(GroupsMixin):
         embed = lambda p, d: self.posterior(self.network_params(p)).embed(d)
         self.summary_range = SummaryRange.of_simulations(embed, params, sims, out_sharding)
 
-    def _log_prob_batch(self, params, latents, data, num_obs):
+    def _log_prob_batch(self, params, latents, data, num_obs, present=None):
+        if present is not None:  # fewer groups than the maximum
+            return self._log_prob_present(params, latents, data, num_obs, present)
         u, log_det = self.latent_layout.unconstrain_with_log_det(latents)
         return self.posterior(params).log_prob(u, self._encode(data, num_obs)) - log_det
 

@@ -65,30 +65,77 @@ class GroupsMixin:
                  for k, v in self._fixed_arguments().items()}
         return {**fixed, **(sims.design or {}), **sims.observed}
 
-    def _present_groups(self, draws, data, lead):
-        """``draws`` (``lead`` leading axes) without the locals of groups the data do not have
-        (fewer than the trained maximum, with ``num_groups``)."""
+    def _groups_given(self, data):
+        """How many groups ``data`` (dict of one or more datasets) have, when fewer than the
+        trained maximum (a guide trained with ``num_groups``), else ``None``."""
         if self.groups is None or self.num_groups is None:
-            return draws
+            return None
         layout = self.groups.layout
         if layout.index is None:
-            n = data[layout.sites[0].name].shape[1 + layout.axes[0]]
+            site = data[layout.sites[0].name]
+            n = np.shape(site)[np.ndim(site) - len(layout.sites[0].shape) + layout.axes[0]]
         else:
             counts = np.unique(np.asarray(data.get(GROUP_COUNT, layout.num_groups)))
             n = int(counts[0]) if counts.size == 1 else layout.num_groups
+        return n if n < layout.num_groups else None
+
+    def _present_groups(self, draws, data, lead):
+        """``draws`` (``lead`` leading axes) without the locals of groups the data do not have
+        (fewer than the trained maximum, with ``num_groups``)."""
+        return self._first_groups(draws, self._groups_given(data), lead)
+
+    def _first_groups(self, draws, n, lead):
+        """``draws`` with the locals of the first ``n`` groups only (all when ``None``)."""
+        if n is None:
+            return draws
         take = lambda v, axis: jax.lax.slice_in_dim(v, 0, n, axis=lead + axis)
         return {k: take(v, self.groups.local_axes[k]) if k in self.groups.local_axes else v
                 for k, v in draws.items()}
 
-    def _check_all_groups(self, latents):
-        """Raise a clear error for latents of fewer groups than the guide's density covers."""
+    def _pad_groups(self, latents):
+        """``(latents, present)``: the locals of fewer groups than the guide's maximum padded to
+        it (each group axis repeats its last group, a valid value of the support) and the
+        ``(num_groups,)`` mask of the groups given; ``present`` is ``None`` when all are."""
         if self.groups is None:
-            return
+            return latents, None
+        full = self.groups.layout.num_groups
+        counts = {}
         for name, axis in self.groups.local_axes.items():
             site = next(s for s in self.latent_layout.sites if s.name == name)
             shape = np.shape(latents[name])
-            if shape[len(shape) - len(site.shape) + axis] != self.groups.layout.num_groups:
-                raise ValueError(
-                    f"log_prob of '{name}' for {shape[len(shape) - len(site.shape) + axis]} "
-                    f"groups: the guide's density is for all {self.groups.layout.num_groups} "
-                    "groups it was built for (fewer are not supported yet).")
+            counts[name] = (len(shape) - len(site.shape) + axis, shape[len(shape) - len(site.shape) + axis])
+        sizes = {n for _, n in counts.values()}
+        if len(sizes) > 1 or max(sizes) > full:
+            raise ValueError(
+                f"log_prob of the locals {sorted(counts)} with "
+                f"{', '.join(f'{k}: {n}' for k, (_, n) in counts.items())} groups: give every local "
+                f"site the same number of groups, at most the guide's {full}.")
+        n = sizes.pop()
+        if n == full:
+            return latents, None
+        pad = lambda v, axis: jnp.concatenate(
+            [v, jnp.repeat(jax.lax.slice_in_dim(v, n - 1, n, axis=axis), full - n, axis)], axis)
+        latents = {k: pad(jnp.asarray(v), counts[k][0]) if k in counts else v
+                   for k, v in latents.items()}
+        return latents, jnp.arange(full) < n
+
+    def _group_log_det(self, u, present):
+        """``log|det d theta/d u|`` of the globals and of the ``present`` groups' locals."""
+        _, lds = self.latent_layout.constrain_sites(u, per_element=True)
+        lead, total = u.ndim - 1, jnp.zeros(u.shape[:-1])
+        for name, ld in lds.items():
+            if name in self.groups.local_axes:
+                axis = lead + self.groups.local_axes[name]
+                mask = present.reshape((1,) * axis + (-1,) + (1,) * (ld.ndim - axis - 1))
+                ld = jnp.where(mask, ld, 0.0)
+            total = total + ld.reshape(u.shape[:-1] + (-1,)).sum(-1)
+        return total
+
+    def _log_prob_present(self, params, latents, data, num_obs, present):
+        """``log q`` of the globals and the ``present`` groups' locals: the locals of each group
+        are conditionally independent given the globals, so the marginal leaves the absent
+        groups' factors out."""
+        u = self.latent_layout.unconstrain(latents)
+        encoded = self._encode(data, num_obs)
+        return (self.posterior(params).log_prob(u, encoded, present=present)
+                - self._group_log_det(u, present))

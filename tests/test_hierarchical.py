@@ -9,7 +9,16 @@ import numpyro.distributions as dist
 import pytest
 from flax import nnx
 
-from numpyro_amortized import AmortizedELBO, AutoAmortizedFlow, fit, load, save
+from numpyro_amortized import (
+    AmortizedELBO,
+    AutoAmortizedFlow,
+    fit,
+    importance_resample,
+    load,
+    posterior,
+    save,
+)
+from numpyro_amortized.compare import posterior_batch
 from numpyro_amortized.diagnostics import c2st, calibration_draws, sbc_ranks, sbc_test
 from numpyro_amortized.examples.hierarchical import (
     EIGHT_SCHOOLS_SIGMA,
@@ -150,6 +159,7 @@ def test_batches_take_the_group_arguments():
     assert not np.allclose(np.asarray(draw(1.0)), np.asarray(draw(3.0)))
 
 
+@pytest.mark.filterwarnings("ignore:Pareto k-hat")  # an untrained guide fails the checks
 def test_one_guide_serves_fewer_groups():
     """With num_groups=(min, max), simulations have between min and max groups (the others'
     rows masked, absent), and the guide answers for any count in the range with that many
@@ -176,20 +186,69 @@ def test_one_guide_serves_fewer_groups():
     draws = guide.sample_posterior(KEY, params, GROUP[keep], 3, y=jnp.ones(int(keep.sum())),
                                    sample_shape=(4,))
     assert draws["a"].shape == (4, 3) and draws["sigma"].shape == (4,)
-    with pytest.raises(ValueError, match="fewer are not supported"):
-        guide.log_prob(params, draws, GROUP[keep], 3, y=jnp.ones(int(keep.sum())))
+    lq = guide.log_prob(params, jax.tree.map(lambda v: v[0], draws), GROUP[keep], 3,
+                        y=jnp.ones(int(keep.sum())))
+    assert np.isfinite(float(lq))
 
+    intercepts, intercepts_params = guide, params
     guide = AutoAmortizedFlow(eight_schools, num_groups=(3, 8), num_pilot_simulations=256)
     params = guide.setup(KEY, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)
     draws = guide.sample_posterior(KEY, params, EIGHT_SCHOOLS_SIGMA[:5], y=EIGHT_SCHOOLS_Y[:5],
                                    sample_shape=(4,))
     assert draws["theta"].shape == (4, 5)
+    # the corrections of a dataset of fewer groups: PSIS (for index-linked rows too),
+    # refinement on that dataset's ELBO, and the batch path
+    five = {"sigma": EIGHT_SCHOOLS_SIGMA[:5], "y": EIGHT_SCHOOLS_Y[:5]}
+    res = posterior(guide, params, KEY, num_samples=50, refine_steps=20, nuts=False, **five)
+    assert res.draws["theta"].shape == (50, 5) and np.isfinite(res.pareto_k)
+    assert [s["step"] for s in res.steps][:2] == ["amortized", "refine"]
+    batch = posterior_batch(guide, params, KEY, [five, five], num_samples=50, nuts=False)
+    assert all(r.draws["theta"].shape == (50, 5) for r in batch)
+    res = importance_resample(intercepts, intercepts_params, KEY, GROUP[keep], 3,
+                              y=jnp.ones(int(keep.sum())), num_samples=20, warn=False)
+    assert res.draws["a"].shape == (20, 3) and np.isfinite(res.pareto_k)
     nine = jnp.concatenate([EIGHT_SCHOOLS_SIGMA, EIGHT_SCHOOLS_SIGMA[:1]])
     with pytest.raises(ValueError, match="9 groups in plate 'J' but the guide was built for"):
         guide.sample_posterior(KEY, params, nine, y=nine, sample_shape=(4,))
     with pytest.raises(ValueError, match="num_groups=.*max equal to the size of plate 'J'"):
         AutoAmortizedFlow(eight_schools, num_groups=(3, 9)).setup(KEY, EIGHT_SCHOOLS_SIGMA,
                                                                  y=EIGHT_SCHOOLS_Y)
+
+
+def _group_scales(group, num_groups, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("groups", num_groups):
+        s = numpyro.sample("s", dist.LogNormal(mu, 0.5))
+    with numpyro.plate("N", group.shape[0]):
+        numpyro.sample("y", dist.Normal(0.0, s[group]), obs=y)
+
+
+def test_log_prob_of_fewer_groups_is_the_marginal():
+    """For data of fewer groups than the maximum, log_prob is the density of the globals and the
+    given groups' locals: the full density over one more group's (positive) local, divided by
+    it, integrates to 1 over that local."""
+    group = jnp.repeat(jnp.arange(4), 5)
+    guide = AutoAmortizedFlow(_group_scales, num_groups=(2, 4), num_pilot_simulations=256)
+    params = guide.setup(KEY, group, 4, y=jnp.ones(20))
+    leaves, tree = jax.tree.flatten(params)  # away from the initialization, which ignores data
+    keys = jax.random.split(KEY, len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                       for x, k in zip(leaves, keys, strict=True)])
+    data = (group[:15], 3)
+    y = jnp.asarray(np.random.default_rng(1).normal(size=15) * np.repeat([1.0, 3.0, 0.3], 5))
+    draws = guide.sample_posterior(KEY, params, *data, y=y, sample_shape=(3,))
+    assert draws["s"].shape == (3, 3)
+    lq = guide.log_prob(params, draws, *data, y=y)
+    grid = jnp.linspace(-8.0, 8.0, 4001)  # log s of the fourth group
+    for i in range(3):
+        full = {"mu": jnp.full(grid.shape, draws["mu"][i]),
+                "s": jnp.concatenate([jnp.broadcast_to(draws["s"][i], (grid.size, 3)),
+                                      jnp.exp(grid)[:, None]], axis=1)}
+        lq_full = guide.log_prob(params, full, *data, y=y)
+        mass = np.trapezoid(np.exp(np.asarray(lq_full - lq[i], np.float64)) * np.exp(grid), grid)
+        assert mass == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="same number of groups, at most the guide's 4"):
+        guide.log_prob(params, {"mu": draws["mu"], "s": jnp.ones((3, 5))}, *data, y=y)
 
 
 def test_a_declared_design_varies_group_sizes():

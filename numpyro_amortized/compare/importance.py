@@ -19,6 +19,7 @@ from scipy.special import logsumexp
 
 from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.compare.draws import log_joint
+from numpyro_amortized.group_data import GROUP_COUNT
 from numpyro_amortized.guide_base import AmortizedGuideBase
 
 __all__ = ["ImportanceResult", "importance_resample", "psis_weights", "weigh", "which_draws"]
@@ -112,9 +113,10 @@ def weigh(guide, proposal_params, rng_key, args, kwargs, num_samples, num_propos
     ours = isinstance(guide, AmortizedGuideBase)
     if ours:  # the latents only: deterministic sites are computed for the kept draws
         data = {k: jnp.asarray(v)[None] for k, v in guide.observed_data(*args, **kwargs).items()}
+        count = data.pop(GROUP_COUNT, None)  # groups of index-linked rows, if fewer than trained
         parts = [jax.tree.map(lambda v: v[0], guide.sample_posterior_batch(
-            k, p, data, sample_shape=(m,))) for k, p in zip(keys[:-1], proposal_params,
-                                                           strict=True)]
+            k, p, data, sample_shape=(m,), num_groups=count))
+                 for k, p in zip(keys[:-1], proposal_params, strict=True)]
     else:
         parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
                  for k, p in zip(keys[:-1], proposal_params, strict=True)]

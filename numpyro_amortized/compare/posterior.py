@@ -36,6 +36,7 @@ from numpyro_amortized.compare.importance import (
     which_draws,
 )
 from numpyro_amortized.compare.nuts import warm_start_nuts
+from numpyro_amortized.group_data import GROUP_COUNT
 from numpyro_amortized.programs import abstract_key, merge_static, split_static
 
 __all__ = ["PosteriorResult", "posterior", "posterior_batch", "refine_guide"]
@@ -197,7 +198,8 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
     data = guide.observed_data(*args, **kwargs)
     batch = guide._encode({k: jnp.asarray(v)[None] for k, v in data.items()})
     dynamic, spec = split_static((args, kwargs))
-    settings = (int(num_steps), int(num_particles), float(learning_rate))
+    settings = (int(num_steps), int(num_particles), float(learning_rate),
+                guide._groups_given(data))
     run = guide.programs.get(("refine", spec, settings),
                              lambda: _refine_program(guide, spec, *settings))
     refined = run(guide.network_params(params), rng_key, batch, dynamic)
@@ -205,15 +207,24 @@ def refine_guide(guide, params, rng_key, *args, num_steps=300, num_particles=32,
     return {**params, guide.param_name: refined} if outer else refined
 
 
-def _refine_program(guide, spec, num_steps, num_particles, learning_rate):
-    """The jitted refinement: ``num_steps`` Adam steps on the negative ELBO of one dataset."""
+def _refine_program(guide, spec, num_steps, num_particles, learning_rate, num_groups=None):
+    """The jitted refinement: ``num_steps`` Adam steps on the negative ELBO of one dataset
+    (of ``num_groups`` groups, fewer than the guide's maximum: the ELBO of their marginal)."""
     optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(learning_rate))
 
     def negative_elbo(p, key, batch, dynamic):
         a, kw = merge_static(dynamic, spec)
-        u, log_q_u = guide.posterior(p).sample_and_log_prob(key, batch, (num_particles,))
-        u, log_q_u = u[:, 0], log_q_u[:, 0]
-        latents, log_det = guide.latent_layout.constrain(u)
+        if num_groups is None:
+            u, log_q_u = guide.posterior(p).sample_and_log_prob(key, batch, (num_particles,))
+            u, log_q_u = u[:, 0], log_q_u[:, 0]
+            latents, log_det = guide.latent_layout.constrain(u)
+        else:
+            present = jnp.arange(guide.groups.layout.num_groups) < num_groups
+            u = jnp.moveaxis(guide.posterior(p).sample(key, batch, (num_particles,)), 0, 1)
+            log_q_u = guide.posterior(p).log_prob(u, batch, present=present)[0]
+            log_det = guide._group_log_det(u, present)[0]
+            latents = guide._first_groups(guide.latent_layout.constrain(u[0])[0],
+                                          num_groups, 1)
         log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
         return -jnp.mean(log_p - (log_q_u - log_det))
 
@@ -273,9 +284,11 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
         t = time.perf_counter()
         data = [guide.observed_data(*items[i][0], **items[i][1]) for i in idx]
         batch = {k: jnp.stack([jnp.asarray(d[k]) for d in data]) for k in data[0]}
+        count = batch.pop(GROUP_COUNT, None)  # groups of index-linked rows, if fewer
         proposals = guide.sample_posterior_batch(jax.random.fold_in(k_first, idx[0]), params,
-                                                 batch, sample_shape=(m,))
-        log_q = np.asarray(guide.log_prob_batch(params, proposals, batch), np.float64)
+                                                 batch, sample_shape=(m,), num_groups=count)
+        log_q = np.asarray(guide.log_prob_batch(params, proposals, batch, num_groups=count),
+                           np.float64)
         dynamic = [jnp.stack(x) for x in zip(*(split_static(items[i])[0] for i in idx),
                                              strict=True)]
         log_joint = guide.programs.get(("log_joint_batch", spec),

@@ -212,10 +212,14 @@ class HierarchicalPosterior(AmortizedPosterior):
         return ug, ul, cg, cl
 
     # ------------------------------------------------------------------ density protocol
-    def log_prob(self, u, data: DataBatch):
-        """``log q(u | x)`` (a group without data: its locals' conditional prior is learned)."""
+    def log_prob(self, u, data: DataBatch, present=None):
+        """``log q(u | x)`` (a group without data: its locals' conditional prior is learned);
+        with a ``(J,)`` mask ``present``, of the globals and the present groups' locals only
+        (the marginal, as the locals are independent given the globals)."""
         ug, ul, cg, cl = self._conditions(u, data)
-        return self.flow.log_prob(ug, cg) + self.local_flow.log_prob(ul, cl).sum(-1)
+        local = self.local_flow.log_prob(ul, cl)
+        return self.flow.log_prob(ug, cg) + (local if present is None
+                                             else jnp.where(present, local, 0.0)).sum(-1)
 
     def training_log_prob(self, u, data: DataBatch, rng_key=None):
         ug, ul, cg, cl = self._conditions(u, data)

@@ -126,6 +126,24 @@ def test_nuts_reference_matches_exact_posterior_and_compiles_once(datasets):
         assert np.all(idata.sample_stats["tree_depth"] >= 1)
 
 
+def test_nuts_runs_the_model_it_is_given(datasets):
+    """nuts_model: a reparametrization of the same posterior agrees with the guide (its
+    deterministic site gives the latent); a different model's posterior is flagged."""
+    from numpyro.handlers import reparam
+    from numpyro.infer.reparam import LocScaleReparam
+
+    def other_prior(A, y=None):
+        theta = numpyro.sample("theta", dist.Normal(jnp.full(A.shape[1], 3.0), 1.0).to_event(1))
+        numpyro.sample("y", dist.Normal(A @ theta, NOISE).to_event(1), obs=y)
+
+    same = reparam(linear_gaussian, config={"theta": LocScaleReparam(0)})
+    run = lambda model: compare_with_nuts(GaussianGuide(), GOOD, jax.random.PRNGKey(0),
+                                          datasets[0], nuts_model=model, nuts_kwargs=NUTS_FAST,
+                                          c2st_samples=None, correct=False, progress_bar=False)
+    assert run(same).flagged().empty
+    assert len(run(other_prior).flagged()) >= 1
+
+
 def test_nuts_diagnostics_flag_an_unconverged_run():
     d = dataset(0, d=5, collinear=0.05)
     with pytest.warns(UserWarning, match="unreliable"):

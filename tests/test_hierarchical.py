@@ -8,6 +8,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from flax import nnx
+from numpyro.handlers import reparam
+from numpyro.infer.reparam import LocScaleReparam
 
 from numpyro_amortized import (
     AmortizedELBO,
@@ -18,7 +20,7 @@ from numpyro_amortized import (
     posterior,
     save,
 )
-from numpyro_amortized.compare import posterior_batch
+from numpyro_amortized.compare import compare_with_nuts, posterior_batch
 from numpyro_amortized.diagnostics import c2st, calibration_draws, sbc_ranks, sbc_test
 from numpyro_amortized.examples.hierarchical import (
     EIGHT_SCHOOLS_SIGMA,
@@ -365,9 +367,7 @@ def test_eight_schools_matches_the_exact_posterior():
 
 def _nuts(model, key, *args, **kwargs):
     """Non-centered NUTS draws of ``model`` (its plate's locals reparameterized)."""
-    from numpyro.handlers import reparam
     from numpyro.infer import MCMC, NUTS
-    from numpyro.infer.reparam import LocScaleReparam
 
     noncentered = reparam(model, config={"a": LocScaleReparam(0)})
     mcmc = MCMC(NUTS(noncentered), num_warmup=1000, num_samples=2000, progress_bar=False)
@@ -381,18 +381,20 @@ def test_multilevel_binomial_matches_nuts():
     prior-predictive datasets of 5, 12 and 20 groups: C2ST <= 0.6 on (a_bar, log sigma); of the
     groups' log-odds (pooled), >= 90% with mean within 0.2 NUTS sds (all within 0.3) and >= 90%
     with sd within 0.3 NUTS sds (all within 0.5; a group with no successes, whose posterior has
-    a long left tail, is the hardest). SBC inside
-    the 95% bands for the globals and the groups pooled. A guide whose groups read their
+    a long left tail, is the hardest). SBC inside the 95% bands for the globals and the groups
+    pooled. compare_with_nuts on 12 groups: one row per group, all within 0.3 NUTS sds, k-hat
+    <= 0.7 and C2ST <= 0.6 on all latents. A guide whose groups read their
     neighbours' data fails on groups with different rates."""
     trials = jnp.asarray(np.tile([10, 25, 35], 7)[:20], jnp.int32)
     guide = AutoAmortizedFlow(multilevel_binomial, num_groups=(5, 20))
     result = fit(guide, KEY, trials, successes=jnp.zeros(20, jnp.int32), num_steps=3000,
                  progress_bar=False)
     glob = lambda d: np.column_stack([d["a_bar"], np.log(d["sigma"])])[:2000]
-    mean_err, sd_err, scores = [], [], []
+    mean_err, sd_err, scores, datasets = [], [], [], []
     for i, j in enumerate([5, 12, 20]):
         data = numpyro.infer.Predictive(multilevel_binomial, num_samples=1)(
             jax.random.PRNGKey(10 + i), trials[:j])["successes"][0]
+        datasets.append(((trials[:j],), {"successes": data}))
         ref = _nuts(multilevel_binomial, jax.random.PRNGKey(2), trials[:j], successes=data)
         draws = guide.sample_posterior(jax.random.PRNGKey(i), result.params, trials[:j],
                                        successes=data, sample_shape=(4000,))
@@ -411,6 +413,16 @@ def test_multilevel_binomial_matches_nuts():
     ranks = sbc_ranks(draws, truths)  # columns a_bar, sigma, a[0..19]
     pooled = np.column_stack([ranks[:, :2], ranks[np.arange(300), 2 + np.arange(300) % 20]])
     assert sbc_test(pooled, 200).in_bands.all(), sbc_test(pooled, 200).p_values
+    # compare_with_nuts: a row per group's log-odds, the PSIS check on fewer groups than trained
+    report = compare_with_nuts(guide, result.params, KEY, [datasets[1]], num_samples=2000,
+                               nuts_model=reparam(multilevel_binomial,
+                                                  config={"a": LocScaleReparam(0)}),
+                               nuts_kwargs={"num_samples": 1000, "target_accept_prob": 0.95},
+                               c2st_kwargs={"early_stopping": True}, progress_bar=False)
+    rows = report.latents[report.latents.method == "amortized"]
+    assert list(rows.latent) == [f"a[{j}]" for j in range(12)] + ["a_bar", "sigma"]
+    assert rows.d_mean.abs().max() < 0.3, rows
+    assert report.datasets.pareto_k[0] < 0.7 and report.datasets.c2st_amortized[0] < 0.6
     post = guide.posterior(result.params)
     encoder = post.encoder
 

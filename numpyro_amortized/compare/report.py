@@ -106,7 +106,7 @@ class Comparison(NamedTuple):
 def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, correct=True,
                       refine=True, num_proposals=None, nuts_kwargs=None, c2st_kwargs=None,
                       c2st_samples=1000, tolerance=0.25, train_time=None,
-                      progress_bar=True) -> Comparison:
+                      progress_bar=True, nuts_model=None) -> Comparison:
     """Compare the amortized posterior with NUTS on one dataset or many.
 
     :param guide: a trained :class:`~numpyro_amortized.AutoAmortizedFlow` (or anything with
@@ -129,6 +129,10 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
     :param tolerance: flag a latent when a standardized difference exceeds this many NUTS sds.
     :param train_time: the guide's training time, counted once in the batch totals.
     :param progress_bar: a progress bar over datasets.
+    :param nuts_model: the model NUTS runs (default: the guide's): the same posterior written
+        for NUTS's geometry, e.g. a hierarchical model with its group effects non-centered,
+        ``numpyro.handlers.reparam(model, config={"a": LocScaleReparam(0)})`` (its
+        deterministic sites give the guide's latents).
     :return: a :class:`Comparison`; ``print(comparison)`` shows the tables.
 
     **Example**::
@@ -152,7 +156,7 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
     nuts_kwargs = dict(nuts_kwargs or {})
     run_keys = ("init_params", "inverse_mass_matrix", "posterior_predictive", "predictive_sites")
     run_kwargs = {k: nuts_kwargs.pop(k) for k in run_keys if k in nuts_kwargs}
-    nuts_runner = NUTSRunner(guide.model, **nuts_kwargs)
+    nuts_runner = NUTSRunner(guide.model if nuts_model is None else nuts_model, **nuts_kwargs)
     keys = jax.random.split(rng_key, len(items))
     lat_rows, ds_rows, all_draws, nuts_runs = [], [], [], []
     amortized_compile = nuts_compile = 0.0
@@ -190,7 +194,8 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
                 f"The NUTS reference of dataset {i} is itself unreliable ("
                 + "; ".join(diag["problems"])
                 + "): its comparison says little. Run NUTS longer (nuts_kwargs num_warmup, "
-                "num_samples) or reparametrize the model.",
+                "num_samples) or give a reparametrized model as nuts_model (e.g. group "
+                "effects non-centered with numpyro.infer.reparam.LocScaleReparam).",
                 UserWarning, stacklevel=2,
             )
 

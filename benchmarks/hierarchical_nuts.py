@@ -1,0 +1,211 @@
+"""One hierarchical guide for every number of groups, against NUTS.
+
+The hierarchical regression (:func:`numpyro_amortized.examples.hierarchical.varying_slopes`:
+group intercepts and slopes, five globals) with groups of 5 to 30 rows (sizes drawn once; a
+dataset of J groups has the first J groups' rows and covariates). One guide is set up with the
+largest number of groups, ``num_groups=(5, max)``, and trained with ``fit``'s defaults (online,
+length following the validation loss). Then, for prior-predictive datasets of J groups spread
+over the range, NUTS (non-centered, 4 chains x 1,000 draws after 1,000 warm-up steps) is the
+reference: the C2ST of the globals (mu_a, mu_b, log tau_a, log tau_b, log sigma; exact sbibm
+recipe, 1,000 draws a side) and, for every group's intercept and slope, the mean and sd errors
+in NUTS sds. Writes benchmarks/results/hierarchical_nuts.json and the table in
+docs/scaling.md (between the HIERARCHICAL_NUTS markers).
+
+With ``--eight-schools``: eight schools written centered (as users write it) and non-centered,
+one guide each with ``fit``'s defaults, against the exact posterior
+(:func:`~numpyro_amortized.examples.hierarchical.eight_schools_posterior`) on the classic data
+and 5 prior-predictive datasets: C2ST of (mu, log tau) and of each school's theta, and the
+largest theta mean and sd errors in exact posterior sds (EIGHT_SCHOOLS markers).
+
+    python benchmarks/hierarchical_nuts.py                  # 5 to 50 groups
+    python benchmarks/hierarchical_nuts.py --max-groups 20  # a shorter run
+    python benchmarks/hierarchical_nuts.py --eight-schools
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.handlers import reparam
+from numpyro.infer import Predictive
+from numpyro.infer.reparam import LocScaleReparam
+from run import machine, write_markdown
+
+from numpyro_amortized import AutoAmortizedFlow, fit
+from numpyro_amortized.compare import NUTSRunner
+from numpyro_amortized.diagnostics import c2st
+from numpyro_amortized.examples.hierarchical import (
+    EIGHT_SCHOOLS_SIGMA,
+    EIGHT_SCHOOLS_Y,
+    eight_schools,
+    eight_schools_posterior,
+    varying_slopes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBALS = ("mu_a", "mu_b", "tau_a", "tau_b", "sigma")
+
+
+def design(max_groups, seed=0):
+    """Group index and covariate of every row: group j has 5 to 30 rows."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(5, 31, max_groups)
+    group = np.repeat(np.arange(max_groups), sizes)
+    return jnp.asarray(group, jnp.int32), jnp.asarray(rng.normal(size=group.size), jnp.float32)
+
+
+def _globals(draws, n=1000):
+    cols = [np.asarray(draws[k]) if k.startswith("mu") else np.log(np.asarray(draws[k]))
+            for k in GLOBALS]
+    return np.column_stack(cols)[:n]
+
+
+def run(max_groups, num_steps, counts):
+    group, x = design(max_groups)
+    guide = AutoAmortizedFlow(varying_slopes, num_groups=(5, max_groups))
+    t0 = time.perf_counter()
+    result = fit(guide, jax.random.PRNGKey(0), group, x, max_groups,
+                 y=jnp.zeros(group.shape[0]), num_steps=num_steps, progress_bar=False)
+    train = time.perf_counter() - t0
+    check = result.check
+    print(f"trained in {train:.0f} s, {len(result.losses)} steps; held-out check failed "
+          f"share {check.failed_share if check is not None else None}", flush=True)
+    noncentered = reparam(varying_slopes, config={"a": LocScaleReparam(0),
+                                                  "b": LocScaleReparam(0)})
+    runner = NUTSRunner(noncentered)
+    rows = []
+    for i, j in enumerate(counts):
+        keep = np.asarray(group) < j
+        g, xj = group[keep], x[keep]
+        y = Predictive(varying_slopes, num_samples=1)(jax.random.PRNGKey(10 + i), g, xj,
+                                                      j)["y"][0]
+        ref = runner.run(jax.random.PRNGKey(20 + i), g, xj, j, y=y)
+        draws = guide.sample_posterior(jax.random.PRNGKey(30 + i), result.params, g, xj, j,
+                                       y=y, sample_shape=(4000,))
+        ref_s = {k: np.asarray(v) for k, v in ref.samples.items()}
+        mean_err = np.concatenate([np.abs(np.asarray(draws[k]).mean(0) - ref_s[k].mean(0))
+                                   / ref_s[k].std(0) for k in ("a", "b")])
+        sd_ratio = np.concatenate([np.asarray(draws[k]).std(0) / ref_s[k].std(0)
+                                   for k in ("a", "b")])
+        perm = np.random.default_rng(i).permutation(len(ref_s["mu_a"]))
+        row = {"groups": j, "rows": int(keep.sum()),
+               "c2st_globals": float(c2st(_globals({k: v[perm] for k, v in ref_s.items()}),
+                                          _globals(draws))),
+               "within_02": float(np.mean(mean_err <= 0.2)), "max_mean_err": float(
+                   mean_err.max()), "sd_ratio_min": float(sd_ratio.min()),
+               "sd_ratio_max": float(sd_ratio.max()),
+               "nuts_reliable": bool(ref.diagnostics["reliable"]),
+               "nuts_s": ref.run_time}
+        print(row, flush=True)
+        rows.append(row)
+    return {"max_groups": max_groups, "train_s": train, "num_steps": len(result.losses),
+            "check_failed_share": None if check is None else float(check.failed_share),
+            "datasets": rows}
+
+
+def markdown(res, info):
+    lines = [(f"One guide for 5 to {res['max_groups']} groups of 5 to 30 rows, trained with "
+              f"`fit`'s defaults ({res['num_steps']:,} steps, {res['train_s'] / 60:.0f} min on "
+              f"{info['cpu_count']} cores, {', '.join(info['devices'])}, JAX {info['jax']}), "
+              "against non-centered NUTS on a prior-predictive dataset per row "
+              "(`python benchmarks/hierarchical_nuts.py`)."), "",
+             ("| groups | rows | globals C2ST | groups' means within 0.2 NUTS sds (largest) | "
+              "groups' sd ratio | NUTS s |"), "| --- | --- | --- | --- | --- | --- |"]
+    for r in res["datasets"]:
+        lines.append(f"| {r['groups']} | {r['rows']} | {r['c2st_globals']:.3f} | "
+                     f"{100 * r['within_02']:.0f}% ({r['max_mean_err']:.2f}) | "
+                     f"{r['sd_ratio_min']:.2f}-{r['sd_ratio_max']:.2f} | {r['nuts_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def eight_schools_noncentered(sigma, y=None):
+    """Eight schools with theta_j = mu + tau * eta_j (the same posterior)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("J", sigma.shape[0]):
+        eta = numpyro.sample("eta", dist.Normal(0.0, 1.0))
+        theta = numpyro.deterministic("theta", mu + tau * eta)
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def run_eight_schools():
+    sims = Predictive(eight_schools, num_samples=5)(jax.random.PRNGKey(5), EIGHT_SCHOOLS_SIGMA)
+    data = [EIGHT_SCHOOLS_Y] + [sims["y"][i] for i in range(5)]
+    rng = np.random.default_rng(0)
+    exact = [eight_schools_posterior(EIGHT_SCHOOLS_SIGMA, y, 4000, rng) for y in data]
+    glob = lambda d: np.column_stack([np.asarray(d["mu"]), np.log(np.asarray(d["tau"]))])
+    out = {}
+    for name, model in (("centered", eight_schools),
+                        ("non-centered", eight_schools_noncentered)):
+        guide = AutoAmortizedFlow(model)
+        t0 = time.perf_counter()
+        result = fit(guide, jax.random.PRNGKey(0), EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y,
+                     progress_bar=False)
+        rows = []
+        for i, (y, ex) in enumerate(zip(data, exact, strict=True)):
+            d = guide.sample_posterior(jax.random.PRNGKey(i), result.params, EIGHT_SCHOOLS_SIGMA,
+                                       y=y, sample_shape=(1000,))
+            th, ref = np.asarray(d["theta"]), ex["theta"]
+            rows.append({
+                "dataset": "classic" if i == 0 else f"prior predictive {i}",
+                "c2st_globals": float(c2st(glob(ex)[:1000], glob(d))),
+                "c2st_theta_max": max(float(c2st(ref[:1000, j:j + 1], th[:, j:j + 1]))
+                                      for j in range(8)),
+                "theta_mean_err": float(np.max(np.abs(th.mean(0) - ref.mean(0)) / ref.std(0))),
+                "theta_sd_err": float(np.max(np.abs(th.std(0) - ref.std(0)) / ref.std(0)))})
+            print(name, rows[-1], flush=True)
+        out[name] = {"train_s": time.perf_counter() - t0, "num_steps": len(result.losses),
+                     "datasets": rows}
+    return out
+
+
+def markdown_eight_schools(res, info):
+    lines = [(f"Eight schools, one guide per way of writing it, `fit`'s defaults, against the "
+              f"exact posterior ({info['cpu_count']} cores, JAX {info['jax']}; "
+              "`python benchmarks/hierarchical_nuts.py --eight-schools`). C2ST of each "
+              "school's theta: the largest of the eight; errors: the largest over schools, in "
+              "exact posterior sds."), "",
+             ("| model | steps | train s | dataset | (mu, log tau) C2ST | theta C2ST | "
+             "theta mean error | theta sd error |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in res.items():
+        for x in r["datasets"]:
+            lines.append(f"| {name} | {r['num_steps']:,} | {r['train_s']:.0f} | {x['dataset']} "
+                         f"| {x['c2st_globals']:.3f} | {x['c2st_theta_max']:.3f} | "
+                         f"{x['theta_mean_err']:.2f} | {x['theta_sd_err']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-groups", type=int, default=50)
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="training steps (default: fit's default)")
+    parser.add_argument("--eight-schools", action="store_true")
+    opts = parser.parse_args()
+    if opts.eight_schools:
+        res, info = run_eight_schools(), machine()
+        out = ROOT / "benchmarks" / "results" / "eight_schools.json"
+        out.write_text(json.dumps({"machine": info, "results": res}, indent=1))
+        write_markdown("EIGHT_SCHOOLS", markdown_eight_schools(res, info), doc="scaling.md")
+        return
+    top = opts.max_groups
+    counts = sorted({5, round(5 + (top - 5) / 4), round(5 + (top - 5) / 2),
+                     round(5 + 3 * (top - 5) / 4), top})
+    res = run(top, opts.num_steps, counts)
+    info = machine()
+    out = ROOT / "benchmarks" / "results" / "hierarchical_nuts.json"
+    out.write_text(json.dumps({"machine": info, **res}, indent=1))
+    write_markdown("HIERARCHICAL_NUTS", markdown(res, info), doc="scaling.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,6 +112,26 @@ def test_group_statistics_are_each_groups_least_squares_fit():
     assert np.all(stats[:, 3] == 0) and np.all(np.asarray(count)[:, 3] == 0)
 
 
+def test_group_statistics_of_degenerate_groups_are_finite():
+    """Real data have groups of one or two rows and groups whose binary covariate never varies
+    (radon's counties): their statistics stay finite, and a covariate constant in a group gets a
+    zero slope with a standard error far above an identified group's."""
+    encoder = GroupEncoder(2, 4, responses=1, covariates=1, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    group = np.array([0] + [1] * 5 + [2] * 2 + [3] * 10)
+    x = np.where(group == 1, 0.0, rng.integers(0, 2, group.size)).astype(float)
+    x[group == 2] = [0.0, 1.0]
+    rows = np.stack([1.0 + 0.5 * x + rng.normal(size=group.size), x], axis=-1)
+    _, count, stats = encoder(jnp.asarray(rows[None], jnp.float32),
+                              jnp.asarray(group[None], jnp.int32), jnp.ones((1, group.size), bool))
+    stats = np.asarray(stats)[0]
+    assert np.isfinite(stats).all() and np.asarray(count)[0, :, 0].tolist() == [1, 5, 2, 10]
+    start = 2 * 2 + 1 + 1  # means, log-sds, log(1 + n), the product of the 2 features
+    assert abs(stats[1, start + 1]) < 1e-3  # slope of a constant covariate
+    log_se_slope = stats[:, start + 4]
+    assert log_se_slope[1] > log_se_slope[3] + 2.0
+
+
 def test_density_matches_its_draws():
     """``log_prob`` of the guide's own draws equals the log density they were drawn with, and the
     draws come back with the plate dimension."""

@@ -127,21 +127,16 @@ def test_nuts_reference_matches_exact_posterior_and_compiles_once(datasets):
 
 
 def test_nuts_runs_the_model_it_is_given(datasets):
-    """nuts_model: a reparametrization of the same posterior agrees with the guide (its
-    deterministic site gives the latent); a different model's posterior is flagged."""
-    from numpyro.handlers import reparam
-    from numpyro.infer.reparam import LocScaleReparam
-
+    """nuts_model is what NUTS runs: a model of another posterior is flagged against the exact
+    guide. (A reparametrization of the same one agrees: the slow multilevel binomial test.)"""
     def other_prior(A, y=None):
         theta = numpyro.sample("theta", dist.Normal(jnp.full(A.shape[1], 3.0), 1.0).to_event(1))
         numpyro.sample("y", dist.Normal(A @ theta, NOISE).to_event(1), obs=y)
 
-    same = reparam(linear_gaussian, config={"theta": LocScaleReparam(0)})
-    run = lambda model: compare_with_nuts(GaussianGuide(), GOOD, jax.random.PRNGKey(0),
-                                          datasets[0], nuts_model=model, nuts_kwargs=NUTS_FAST,
-                                          c2st_samples=None, correct=False, progress_bar=False)
-    assert run(same).flagged().empty
-    assert len(run(other_prior).flagged()) >= 1
+    report = compare_with_nuts(GaussianGuide(), GOOD, jax.random.PRNGKey(0), datasets[0],
+                               nuts_model=other_prior, nuts_kwargs=NUTS_FAST,
+                               c2st_samples=None, correct=False, progress_bar=False)
+    assert len(report.flagged()) >= 1
 
 
 def test_nuts_diagnostics_flag_an_unconverged_run():

@@ -103,7 +103,8 @@ class GroupsMixin:
         for name, axis in self.groups.local_axes.items():
             site = next(s for s in self.latent_layout.sites if s.name == name)
             shape = np.shape(latents[name])
-            counts[name] = (len(shape) - len(site.shape) + axis, shape[len(shape) - len(site.shape) + axis])
+            at = len(shape) - len(site.shape) + axis  # the group axis, after leading dims
+            counts[name] = (at, shape[at])
         sizes = {n for _, n in counts.values()}
         if len(sizes) > 1 or max(sizes) > full:
             raise ValueError(

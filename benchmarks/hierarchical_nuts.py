@@ -32,8 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 from numpyro.handlers import reparam
 from numpyro.infer import Predictive
 from numpyro.infer.reparam import LocScaleReparam
@@ -46,6 +44,7 @@ from numpyro_amortized.examples.hierarchical import (
     EIGHT_SCHOOLS_SIGMA,
     EIGHT_SCHOOLS_Y,
     eight_schools,
+    eight_schools_noncentered,
     eight_schools_posterior,
     varying_slopes,
 )
@@ -132,16 +131,6 @@ def markdown(res, info):
                    f"> 0.7 on {100 * res['check_failed_share']:.0f}% of 32 held-out "
                    "simulations. NUTS's checks are R-hat, ESS and divergences.")]
     return "\n".join(lines)
-
-
-def eight_schools_noncentered(sigma, y=None):
-    """Eight schools with theta_j = mu + tau * eta_j (the same posterior)."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
-    with numpyro.plate("J", sigma.shape[0]):
-        eta = numpyro.sample("eta", dist.Normal(0.0, 1.0))
-        theta = numpyro.deterministic("theta", mu + tau * eta)
-        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
 
 def run_eight_schools():

@@ -38,6 +38,7 @@ from numpyro_amortized.compare import NUTSRunner
 from numpyro_amortized.compare.draws import flatten_draws
 from numpyro_amortized.compare.report import standardized_differences
 from numpyro_amortized.diagnostics import c2st
+from numpyro_amortized.examples.hierarchical import eight_schools_noncentered
 
 RESULTS = Path(__file__).parent / "results" / "zoo.json"
 
@@ -137,17 +138,6 @@ def bnn(X, y=None):
     mean = jnp.tanh(X @ w1 + b1) @ w2 + b2
     with numpyro.plate("N", X.shape[0]):
         numpyro.sample("y", dist.Normal(mean, sigma), obs=y)
-
-
-def eight_schools_noncentered(sigma, y=None):
-    """The same posterior, parametrized for NUTS: its reference for eight_schools (NUTS on the
-    centered model fails its own checks, the funnel)."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
-    with numpyro.plate("J", sigma.shape[0]):
-        eta = numpyro.sample("eta", dist.Normal(0.0, 1.0))
-        theta = numpyro.deterministic("theta", mu + tau * eta)
-        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
 
 # NUTS's reference for a centered hierarchical model: the same posterior, non-centered (the

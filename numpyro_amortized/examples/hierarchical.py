@@ -1,7 +1,7 @@
 """Hierarchical example models with known answers.
 
 - :func:`eight_schools`: the eight schools model (Rubin 1981; BDA3 section 5.5), centered as
-  NumPyro users write it, with an exact posterior sampler :func:`eight_schools_posterior` and
+  NumPyro users write it (:func:`eight_schools_noncentered`: the same posterior for NUTS), with an exact posterior sampler :func:`eight_schools_posterior` and
   the classic data :data:`EIGHT_SCHOOLS_Y`, :data:`EIGHT_SCHOOLS_SIGMA`.
 - :func:`varying_intercepts`: group intercepts over a flat plate of observations linked by a
   group-index argument (``a[group]``), the usual way NumPyro users write a multilevel model.
@@ -17,8 +17,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-__all__ = ["EIGHT_SCHOOLS_SIGMA", "EIGHT_SCHOOLS_Y", "eight_schools", "eight_schools_posterior",
-           "multilevel_binomial", "varying_intercepts", "varying_slopes"]
+__all__ = ["EIGHT_SCHOOLS_SIGMA", "EIGHT_SCHOOLS_Y", "eight_schools", "eight_schools_noncentered",
+           "eight_schools_posterior", "multilevel_binomial", "varying_intercepts",
+           "varying_slopes"]
 
 EIGHT_SCHOOLS_Y = jnp.asarray([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 EIGHT_SCHOOLS_SIGMA = jnp.asarray([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
@@ -32,6 +33,17 @@ def eight_schools(sigma, y=None):
     tau = numpyro.sample("tau", dist.HalfCauchy(_TAU_SCALE))
     with numpyro.plate("J", sigma.shape[0]):
         theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def eight_schools_noncentered(sigma, y=None):
+    """:func:`eight_schools` with ``theta_j = mu + tau * eta_j``, ``eta_j ~ N(0, 1)``: the same
+    posterior (``theta`` a deterministic site), the geometry NUTS needs."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, _MU_SD))
+    tau = numpyro.sample("tau", dist.HalfCauchy(_TAU_SCALE))
+    with numpyro.plate("J", sigma.shape[0]):
+        eta = numpyro.sample("eta", dist.Normal(0.0, 1.0))
+        theta = numpyro.deterministic("theta", mu + tau * eta)
         numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
 

@@ -84,6 +84,20 @@ TASKS = {
 }
 
 
+COMPILES = []  # (program name, seconds) of every XLA compilation, from jax.monitoring
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: COMPILES.append((kw.get("fun_name", "?"), seconds))
+    if event.endswith("backend_compile_duration") else None)
+
+
+def compile_breakdown(compiles):
+    """Seconds of XLA compilation in one fit: the training chunk, the simulation program, and
+    everything else (eager operations while the networks are built, small programs)."""
+    chunk = sum(s for name, s in compiles if name == "jit(run_chunk)")
+    sim = sum(s for name, s in compiles if name == "jit(block)")
+    return {"chunk": chunk, "simulation": sim, "other": sum(s for _, s in compiles) - chunk - sim}
+
+
 def bench_task(name, task, *, num_steps, train_repeats, num_nuts, quick):
     model, template = task["model"], task["template"]
     print(f"\n== {name} ==", flush=True)
@@ -91,17 +105,21 @@ def bench_task(name, task, *, num_steps, train_repeats, num_nuts, quick):
     fits = []
     for r in range(train_repeats):
         guide = AutoAmortizedFlow(model, **task["guide_kwargs"])
+        jax.clear_caches()  # every repeat compiles, as a new process would
+        COMPILES.clear()
         t0 = time.perf_counter()
         result = fit(guide, jax.random.PRNGKey(r), num_steps=num_steps, progress_bar=False,
                      **template)
         total = time.perf_counter() - t0
+        programs = compile_breakdown(COMPILES)
         fits.append((result.train_time, result.compile_time, total - result.train_time
-                     - result.compile_time))
+                     - result.compile_time, programs))
         print(f"  fit {r}: train {result.train_time:.1f} s, compile {result.compile_time:.1f} s",
               flush=True)
     train_time = float(np.median([f[0] for f in fits]))
     compile_time = float(np.median([f[1] for f in fits]))
     setup_time = float(np.median([f[2] for f in fits]))
+    programs = {k: float(np.median([f[3][k] for f in fits])) for k in fits[0][3]}
     batch_size = 256
     params = result.params
 
@@ -155,6 +173,8 @@ def bench_task(name, task, *, num_steps, train_repeats, num_nuts, quick):
     out = {
         "num_steps": num_steps, "batch_size": batch_size,
         "train_time_s": train_time, "compile_time_s": compile_time, "setup_time_s": setup_time,
+        "compile_chunk_s": programs["chunk"], "compile_simulation_s": programs["simulation"],
+        "compile_other_s": programs["other"], "fixed_cost_s": compile_time + setup_time,
         "simulations_per_s": num_steps * batch_size / train_time,
         "steps_per_s": num_steps / train_time,
         "latency_1x1000_s": latency_1, "latency_1x1000_end_to_end_s": latency_end_to_end,
@@ -183,8 +203,11 @@ def markdown(results, info):
     rows = [
         ("training steps (batch 256)", "num_steps", "{:.0f}"),
         ("training time, s (median)", "train_time_s", "{:.1f}"),
-        ("compilation, s", "compile_time_s", "{:.1f}"),
+        ("compilation of the training chunk (tracing included), s", "compile_time_s", "{:.1f}"),
+        ("XLA compilation: training chunk / simulation program / the rest, s", "compile",
+         None),
         ("set-up (pilot simulations, networks), s", "setup_time_s", "{:.1f}"),
+        ("`fit`'s fixed costs (set-up + compilation), s", "fixed_cost_s", "{:.1f}"),
         ("simulations / s", "simulations_per_s", "{:,.0f}"),
         ("steps / s", "steps_per_s", "{:.0f}"),
         ("latency, 1 dataset x 1000 draws (jitted core), ms", "latency_1x1000_s", "{:.2f}",
@@ -211,6 +234,9 @@ def markdown(results, info):
         if key is None:
             cells = [f"{r['c2st_vs_nuts_median']:.3f} / {r['c2st_vs_nuts_max']:.3f}"
                      for r in results.values()]
+        elif key == "compile":
+            cells = [f"{r['compile_chunk_s']:.1f} / {r['compile_simulation_s']:.1f} / "
+                     f"{r['compile_other_s']:.1f}" for r in results.values()]
         else:
             cells = [fmt.format(r[key] * scale) for r in results.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

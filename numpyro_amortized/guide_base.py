@@ -36,7 +36,7 @@ from numpyro_amortized.networks.hierarchical import hierarchical_posterior
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.param_check import check_params
-from numpyro_amortized.programs import Programs, observed_values_compiled
+from numpyro_amortized.programs import Programs, observed_values_compiled, simulate_in_blocks
 from numpyro_amortized.simulation import MaskDataPlate, inspect_model, simulate_designs
 from numpyro_amortized.summary_range import SummaryRange
 from numpyro_amortized.transforms import LatentLayout
@@ -166,9 +166,10 @@ class AmortizedGuideBase(GroupsMixin):
         self._design = {k: np.asarray(v, np.float64) for k, v in given.items() if k not in drawn}
         self._setup_key = np.asarray(rng_key)
         k_pilot, k_net = jax.random.split(rng_key)
+        self.programs = Programs()  # compiled programs on this guide (simulation, checks)
         if stats is None:
-            n = self.num_pilot_simulations
-            pilot = jax.jit(lambda k: self.simulate(k, n, *args, **kwargs))(k_pilot)
+            pilot = simulate_in_blocks(self.programs, self.simulate, k_pilot,
+                                       self.num_pilot_simulations, args, kwargs)
             stats = pilot_statistics(pilot)
             if self.summary_net is None and not self.time_series and not given:
                 warn_unpaired_rows(pilot, self.data_layout.spec.set_features,  # pooled rows
@@ -196,7 +197,6 @@ class AmortizedGuideBase(GroupsMixin):
                                          static_argnames=("sample_shape", "chunk"))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
         self._embed_batch_jit = jax.jit(self._embed_batch)
-        self.programs = Programs()  # compiled checks on this guide (log density, refinement)
         self.summary_range = None  # set after training (set_summary_range)
         return self.init_params
 

@@ -18,13 +18,17 @@ from numpyro.infer.util import log_density
 from numpyro_amortized.simulation import observed_values
 
 __all__ = [
+    "SIMULATION_BLOCK",
     "Programs",
     "abstract_key",
     "log_joint_program",
     "merge_static",
     "observed_values_compiled",
+    "simulate_in_blocks",
     "split_static",
 ]
+
+SIMULATION_BLOCK = 1024  # simulations per call of the one compiled simulation program
 
 
 class Programs:
@@ -120,3 +124,38 @@ def observed_values_compiled(programs, model, args, kwargs) -> dict:
         except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
             programs.put(("observed_values", spec), None)
     return observed_values(model, *args, **kwargs)
+
+
+def simulate_in_blocks(programs, simulate, rng_key, num_simulations, args, kwargs):
+    """``simulate(key, SIMULATION_BLOCK, *args, **kwargs)`` called ``ceil(n / block)`` times,
+    joined and cut to ``num_simulations``: one program, compiled once per kind of data and kept
+    in ``programs``, draws the pilot, the validation set and a simulation bank of any size
+    (compiling the model's simulation costs about as much as a training step's). Block ``i``
+    uses ``fold_in(rng_key, i)``; the result is on the default device."""
+    dynamic, spec = split_static((args, kwargs))
+
+    def block(key, dyn):
+        a, kw = merge_static(dyn, spec)
+        return simulate(key, SIMULATION_BLOCK, *a, **kw)
+
+    def constants(key, _):  # a model that reads its arguments with numpy: they stay constants
+        return simulate(key, SIMULATION_BLOCK, *args, **kwargs)
+
+    try:
+        program = programs.get(("simulate_block", spec), lambda: jax.jit(block))
+    except TypeError:  # an argument that cannot be a cache key: compile for this call only
+        program = jax.jit(block)
+    if program is None:
+        program = jax.jit(constants)
+    keys = [jax.random.fold_in(rng_key, i)
+            for i in range(-(-int(num_simulations) // SIMULATION_BLOCK))]
+    try:
+        blocks = [program(keys[0], dynamic)]
+    except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
+        programs.put(("simulate_block", spec), None)
+        program = jax.jit(constants)
+        blocks = [program(keys[0], dynamic)]
+    blocks += [program(k, dynamic) for k in keys[1:]]
+    if len(blocks) == 1:
+        return jax.tree.map(lambda x: x[:num_simulations], blocks[0])
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:num_simulations], *blocks)

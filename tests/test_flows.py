@@ -55,14 +55,18 @@ def test_invertible_and_log_det_matches_jacobian(name, dim):
     c = jax.random.normal(jax.random.PRNGKey(2), (8, CONTEXT))
     y, ld = b.transform_and_log_det(x, c)
     x_back, ld_inv = b.inverse_and_log_det(y, c)
-    np.testing.assert_allclose(x_back, x, atol=2e-4)
-    np.testing.assert_allclose(ld + ld_inv, 0.0, atol=2e-4)
+    # tight on the data side; on the base side float32 loses digits where the map is flat
+    # (spline derivatives down to 1e-3), and the inverse's log-det is taken there, while a
+    # wrong inverse or log-det is off by O(0.1) or more
+    np.testing.assert_allclose(b.transform_and_log_det(x_back, c)[0], y, atol=2e-4)
+    np.testing.assert_allclose(x_back, x, atol=1e-2)
+    np.testing.assert_allclose(ld + ld_inv, 0.0, atol=2e-3)
     fwd = lambda v, ci: b.transform_and_log_det(v[None], ci[None])[0][0]
     inv = lambda v, ci: b.inverse_and_log_det(v[None], ci[None])[0][0]
     jac = jax.jit(jax.vmap(jax.jacobian(fwd)))(x, c)
     jac_inv = jax.jit(jax.vmap(jax.jacobian(inv)))(y, c)
-    np.testing.assert_allclose(ld, jnp.linalg.slogdet(jac)[1], atol=2e-3)
-    np.testing.assert_allclose(ld_inv, jnp.linalg.slogdet(jac_inv)[1], atol=2e-3)
+    np.testing.assert_allclose(ld, jnp.linalg.slogdet(jac)[1], atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(ld_inv, jnp.linalg.slogdet(jac_inv)[1], atol=2e-3, rtol=1e-3)
 
 
 def test_perturbed_bijections_are_not_identity():
@@ -81,9 +85,9 @@ def test_every_coordinate_is_transformed_every_other_layer(dim):
         flow = coupling_flow(dim, CONTEXT, num_layers=4, hidden=(4,), rngs=nnx.Rngs(seed))
         order = np.arange(dim)  # which original coordinate sits at each position
         transformed = []
-        for b in flow.bijections:
+        for b in flow.layers():
             if isinstance(b, Permutation):
-                order = order[np.array(b.perm)]
+                order = order[np.asarray(b.perm[...])]
             elif hasattr(b, "num_transformed"):
                 transformed.append(set(order[: b.num_transformed].tolist()))
         for first, second in itertools.pairwise(transformed):

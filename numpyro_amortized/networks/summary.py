@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, masked_moments
+from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
 
 __all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary"]
 
@@ -62,7 +62,7 @@ class LinearSummary(nnx.Module):
 
     def __init__(self, spec: DataSpec, *, summary_dim=16, rngs: nnx.Rngs):
         in_features = spec.set_features * spec.max_set_size + spec.flat_features
-        self.linear = nnx.Linear(in_features, summary_dim, rngs=rngs)
+        self.linear = nnx.Linear(in_features, summary_dim, kernel_init=host_lecun_normal(), rngs=rngs)
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
 from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
+from numpyro_amortized.programs import simulate_in_blocks
 from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
 from numpyro_amortized.train.check import FAILED_SHARE, GuideCheckWarning, held_out_check
@@ -28,7 +29,7 @@ from numpyro_amortized.train.optim import (
 )
 from numpyro_amortized.train.result import FitResult
 from numpyro_amortized.train.settings import resolve_settings
-from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value
+from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value, replicate
 from numpyro_amortized.train.step import trainer
 from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled
 
@@ -257,8 +258,8 @@ class _Program:
         """One simulation program draws the validation set (and the bank, on a budget)."""
         cfg, guide = self.cfg, self.guide
         n = cfg.num_simulations if cfg.num_simulations is not None else cfg.validation_size
-        simulate = jax.jit(lambda k: guide.simulate(k, n, *self.args, **self.kwargs),
-                           out_shardings=self.replicated)
+        simulate = lambda k: replicate(simulate_in_blocks(  # the pilot's compiled program
+            guide.programs, guide.simulate, k, n, self.args, self.kwargs), self.replicated)
         if cfg.num_simulations is None:
             self.bank, val = None, simulate(k_val)
         else:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-__all__ = ["data_mesh", "host_tree", "host_value", "key_data"]
+__all__ = ["data_mesh", "host_tree", "host_value", "key_data", "replicate"]
 
 
 def data_mesh(devices=None):
@@ -30,6 +30,16 @@ def host_value(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(x.addressable_shards[0].data)
     return np.asarray(x)
+
+
+def replicate(tree, sharding):
+    """Arrays holding the same values in every process, placed on all devices of
+    ``sharding`` (also when they span several processes)."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def host_tree(tree):

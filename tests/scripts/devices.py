@@ -37,7 +37,7 @@ for n in (1, 2, 4):
                  num_chunks=3, validation_size=64, progress_bar=False, devices=n)
     out["losses"][n] = result.losses.tolist()
     out.setdefault("sharding", {})[n] = str(result.state.params["flow"]["bijections"][0]
-                                            ["conditioner"]["hidden"][0]["bias"].sharding.spec)
+                                            ["stacked"]["bijections"][0]["conditioner"]["hidden"][0]["bias"].sharding.spec)
 
 # one update: sharded jit vs pmap, on the same global batch of simulations
 guide = small_guide()

@@ -17,17 +17,20 @@ from numpyro_amortized.networks.flows.flow import (
 )
 from numpyro_amortized.networks.flows.flow_matching import FlowMatching, flow_matching
 from numpyro_amortized.networks.flows.permutation import Permutation
+from numpyro_amortized.networks.flows.repeated import Chain, Repeated
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
 
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "Chain",
     "ConditionalAffine",
     "ConditionalFlow",
     "FlowEnsemble",
     "FlowMatching",
     "Permutation",
+    "Repeated",
     "SplineCoupling",
     "StackedFlows",
     "Standardize",

@@ -19,6 +19,12 @@ from numpyro_amortized.networks.flows.actnorm import ActNorm
 from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
 from numpyro_amortized.networks.flows.conditional_affine import ConditionalAffine
 from numpyro_amortized.networks.flows.permutation import Permutation
+from numpyro_amortized.networks.flows.repeated import (
+    Chain,
+    Repeated,
+    chain_inverse,
+    chain_transform,
+)
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
 from numpyro_amortized.networks.flows.standardize import Standardize
 
@@ -61,18 +67,19 @@ class ConditionalFlow(nnx.Module):
         self.dim = dim
 
     def _forward(self, z, c):
-        total = jnp.zeros(z.shape[:-1], z.dtype)
-        for b in self.bijections:
-            z, ld = b.transform_and_log_det(z, c)
-            total = total + ld
-        return z, total
+        return chain_transform(self.bijections, z, c)
 
     def _inverse(self, x, c):
-        total = jnp.zeros(x.shape[:-1], x.dtype)
-        for b in reversed(self.bijections):
-            x, ld = b.inverse_and_log_det(x, c)
-            total = total + ld
-        return x, total
+        return chain_inverse(self.bijections, x, c)
+
+    def layers(self):
+        """The bijections one by one, with :class:`Repeated` blocks unstacked (copies: for
+        inspection)."""
+        out = []
+        for b in self.bijections:
+            for block in (b.unstacked() if isinstance(b, Repeated) else [b]):
+                out += list(block.bijections) if isinstance(block, Chain) else [block]
+        return out
 
     def log_prob(self, u, condition):
         """``log q(u | condition)``; leading dims of ``u`` and ``condition`` broadcast."""
@@ -108,6 +115,10 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
                   rngs: nnx.Rngs):
     """Stack ``num_layers`` of [coupling, ActNorm, permutation], then a fixed standardization.
 
+    The layers are one :class:`~numpyro_amortized.networks.flows.Repeated` block (their
+    parameters stacked, applied by one ``lax.scan``), so a deep flow compiles as fast as one
+    layer; ``ConditionalFlow.layers()`` lists them one by one.
+
     :param dim: dimension of the latents.
     :param context_dim: length of the summary vector.
     :param transformer: ``"spline"`` (rational-quadratic, the default), ``"affine"``, or
@@ -137,10 +148,15 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
             f"transformer must be 'spline', 'affine' or 'mixed', got {transformer!r}."
         )
     num_layers = default_layers if num_layers is None else num_layers
-    layers = []
+    period = len(makers)  # blocks of one structure repeat with this period
+    blocks = [[] for _ in range(-(-num_layers // period))]
     for i in range(num_layers):
-        layers += [makers[i % len(makers)](), ActNorm(dim),
-                   Permutation(dim, num_transformed=dim - dim // 2, rngs=rngs)]
+        blocks[i // period] += [makers[i % period](), ActNorm(dim),
+                                Permutation(dim, num_transformed=dim - dim // 2, rngs=rngs)]
+    full = [Chain(b) for b in blocks if len(b) == 3 * period]
+    layers = [Repeated(full)] if full else []  # compiled once, applied num_layers times
+    for rest in blocks[len(full):]:  # an incomplete last period
+        layers += rest
     if conditional_affine:
         layers.append(ConditionalAffine(dim, context_dim, hidden=hidden, rngs=rngs))
     loc = jnp.zeros(dim) if loc is None else loc

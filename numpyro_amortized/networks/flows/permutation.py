@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from numpyro_amortized.networks.layers import Buffer
+
 __all__ = ["Permutation"]
 
 
@@ -36,11 +38,13 @@ class Permutation(nnx.Module):
             kept = num_transformed + np.asarray(jax.random.permutation(k1, dim - num_transformed))
             moved = np.asarray(jax.random.permutation(k2, num_transformed))
             perm = np.concatenate([kept, moved]).astype(int)
-        self.perm = tuple(int(i) for i in perm)
-        self.inverse_perm = tuple(int(i) for i in np.argsort(perm))
+        # arrays, not static tuples: flows that differ only in their permutations have one
+        # structure, and stack (Repeated, StackedFlows)
+        self.perm = Buffer(jnp.asarray(perm, jnp.int32))
+        self.inverse_perm = Buffer(jnp.asarray(np.argsort(perm), jnp.int32))
 
     def transform_and_log_det(self, x, condition=None):
-        return x[..., np.array(self.perm)], jnp.zeros(x.shape[:-1], x.dtype)
+        return jnp.take(x, self.perm[...], axis=-1), jnp.zeros(x.shape[:-1], x.dtype)
 
     def inverse_and_log_det(self, y, condition=None):
-        return y[..., np.array(self.inverse_perm)], jnp.zeros(y.shape[:-1], y.dtype)
+        return jnp.take(y, self.inverse_perm[...], axis=-1), jnp.zeros(y.shape[:-1], y.dtype)

@@ -196,10 +196,8 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
         dataset, NUTS) only when needed. After :func:`fit`, data whose summary statistics lie
         outside every held-out training simulation's (:attr:`summary_range`) give a warning.
         """
-        data = self.observed_data(*args, **kwargs)
-        out = self._draw(rng_key, params, {k: jnp.asarray(v)[None] for k, v in data.items()},
-                         None, sample_shape)
-        out = {k: v[0] for k, v in out.items()}
+        out = self._draw(rng_key, params, self.observed_data(*args, **kwargs), None,
+                         sample_shape, single=True)  # one dataset: no batch axis to add, cut
         if self.structure.deterministic:
             out.update(self._deterministic_sites(out, tuple(sample_shape), args, kwargs))
         return out
@@ -310,14 +308,14 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
             data[GROUP_COUNT] = jnp.asarray(num_groups, jnp.int32)
         return self._draw(rng_key, params, data, num_obs, sample_shape)
 
-    def _draw(self, rng_key, params, data, num_obs, sample_shape):
+    def _draw(self, rng_key, params, data, num_obs, sample_shape, single=False):
         # datasets per chunk: about 2^18 draws at a time bounds the flow's intermediates (a
         # few hundred MB) while keeping each chunk large enough to run at full speed
         per_dataset = max(1, math.prod(sample_shape))
         chunk = max(1, 2**18 // per_dataset)
         draws, params_ok, draws_ok, summaries = self._sample_batch_jit(
             rng_key, self.network_params(params), data, num_obs,
-            sample_shape=tuple(sample_shape), chunk=chunk)
+            sample_shape=tuple(sample_shape), chunk=chunk, single=single)
         if not params_ok:
             raise ValueError(
                 "The parameters contain NaN or infinity, so every draw would be NaN: training "
@@ -330,7 +328,7 @@ class AutoAmortizedFlow(AmortizedGuideBase, AutoGuide):
                 UserWarning, stacklevel=3)
         if self.summary_range is not None:
             self.summary_range.warn_outside(summaries, stacklevel=4)
-        return self._present_groups(draws, data, 1 + len(sample_shape))
+        return self._present_groups(draws, data, (not single) + len(sample_shape))
 
     def log_prob(self, params, latents, *args, **kwargs):
         """``log q(theta | x)``: the density of constrained latent values given the data in

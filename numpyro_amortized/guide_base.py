@@ -43,8 +43,6 @@ from numpyro_amortized.transforms import LatentLayout
 
 __all__ = ["AmortizedGuideBase"]
 
-_MIN_LOG_WEIGHT = -30.0  # a flow-ensemble member's weight never goes to exactly zero
-
 
 class AmortizedGuideBase(GroupsMixin):
     """Set-up, state, simulation and the batch cores of an amortized guide (see
@@ -194,7 +192,7 @@ class AmortizedGuideBase(GroupsMixin):
         self.init_params = nnx.to_pure_dict(params)
         self._param_structure = jax.tree.structure(self.init_params)
         self._sample_batch_jit = jax.jit(self._sample_batch,
-                                         static_argnames=("sample_shape", "chunk"))
+                                         static_argnames=("sample_shape", "chunk", "single"))
         self._log_prob_batch_jit = jax.jit(self._log_prob_batch)
         self._embed_batch_jit = jax.jit(self._embed_batch)
         self.summary_range = None  # set after training (set_summary_range)
@@ -202,10 +200,8 @@ class AmortizedGuideBase(GroupsMixin):
 
     def _check_setup(self):
         if self.structure is None:
-            raise RuntimeError(
-                "The guide has not been set up: train it with fit(guide, ...) or SVI first, "
-                "or call guide.setup(rng_key, *model_args)."
-            )
+            raise RuntimeError("The guide has not been set up: train it with fit(guide, ...) "
+                               "or SVI first, or call guide.setup(rng_key, *model_args).")
 
     def posterior(self, params) -> AmortizedPosterior:
         """The posterior network with ``params`` (a pure dict, or SVI's param dict)."""
@@ -233,7 +229,7 @@ class AmortizedGuideBase(GroupsMixin):
             return params
         outer = isinstance(params, dict) and self.param_name in params
         posterior = self.posterior(params)
-        log_w = np.maximum(mixture_log_weights(np.asarray(member_log_probs)), _MIN_LOG_WEIGHT)
+        log_w = np.maximum(mixture_log_weights(np.asarray(member_log_probs)), -30.0)  # never 0
         posterior.flow.log_weights.set_value(jnp.asarray(log_w, jnp.float32))
         new = nnx.to_pure_dict(nnx.state(posterior, nnx.Param))
         return {**params, self.param_name: new} if outer else new
@@ -339,10 +335,12 @@ class AmortizedGuideBase(GroupsMixin):
         return encode_groups(self.groups.layout, batch, data, n)
 
     # ------------------------------------------------------------------ core (jittable)
-    def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk):
+    def _sample_batch(self, rng_key, params, data, num_obs, sample_shape, chunk, single=False):
         """Draws for every dataset; over ``chunk`` datasets at a time (``lax.map``) when there
-        are more, so the flow's intermediates stay bounded however many datasets there are."""
+        are more, so the flow's intermediates stay bounded however many datasets there are.
+        ``single``: ``data`` is one dataset, and the draws have no dataset axis."""
         posterior = self.posterior(params)
+        data = {k: v[None] for k, v in data.items()} if single else data
         num = next(iter(data.values())).shape[0]
 
         def draw(key, data, num_obs):
@@ -362,7 +360,7 @@ class AmortizedGuideBase(GroupsMixin):
             u, emb = jax.lax.map(lambda a: draw(*a), xs)
             u = u.reshape((n_chunks * chunk,) + u.shape[2:])[:num]
             emb = emb.reshape((n_chunks * chunk,) + emb.shape[2:])[:num]
-        draws, _ = self.latent_layout.constrain(u)
+        draws, _ = self.latent_layout.constrain(u[0] if single else u)
         finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
         return draws, jnp.all(jnp.stack(finite)), jnp.all(jnp.isfinite(u)), emb
 

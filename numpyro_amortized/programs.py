@@ -127,32 +127,33 @@ def observed_values_compiled(programs, model, args, kwargs) -> dict:
 
 
 def simulate_in_blocks(programs, simulate, rng_key, num_simulations, args, kwargs):
-    """``simulate(key, SIMULATION_BLOCK, *args, **kwargs)`` called ``ceil(n / block)`` times,
-    joined and cut to ``num_simulations``: one program, compiled once per kind of data and kept
-    in ``programs``, draws the pilot, the validation set and a simulation bank of any size
-    (compiling the model's simulation costs about as much as a training step's). Block ``i``
-    uses ``fold_in(rng_key, i)``; the result is on the default device."""
+    """``simulate(key, block, *args, **kwargs)`` called ``ceil(n / block)`` times, joined and
+    cut to ``n = num_simulations``, where ``block`` is ``n`` rounded up to a power of two, at
+    most :data:`SIMULATION_BLOCK`: one program, compiled once per kind of data and kept in
+    ``programs``, draws the pilot, the validation set and a simulation bank of any size of 1024
+    or more (compiling the model's simulation costs about as much as a training step's).
+    Block ``i`` uses ``fold_in(rng_key, i)``; the result is on the default device."""
     dynamic, spec = split_static((args, kwargs))
+    size = min(SIMULATION_BLOCK, 1 << max(int(num_simulations) - 1, 0).bit_length())
 
     def block(key, dyn):
         a, kw = merge_static(dyn, spec)
-        return simulate(key, SIMULATION_BLOCK, *a, **kw)
+        return simulate(key, size, *a, **kw)
 
     def constants(key, _):  # a model that reads its arguments with numpy: they stay constants
-        return simulate(key, SIMULATION_BLOCK, *args, **kwargs)
+        return simulate(key, size, *args, **kwargs)
 
     try:
-        program = programs.get(("simulate_block", spec), lambda: jax.jit(block))
+        program = programs.get(("simulate_block", size, spec), lambda: jax.jit(block))
     except TypeError:  # an argument that cannot be a cache key: compile for this call only
         program = jax.jit(block)
     if program is None:
         program = jax.jit(constants)
-    keys = [jax.random.fold_in(rng_key, i)
-            for i in range(-(-int(num_simulations) // SIMULATION_BLOCK))]
+    keys = [jax.random.fold_in(rng_key, i) for i in range(-(-int(num_simulations) // size))]
     try:
         blocks = [program(keys[0], dynamic)]
     except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
-        programs.put(("simulate_block", spec), None)
+        programs.put(("simulate_block", size, spec), None)
         program = jax.jit(constants)
         blocks = [program(keys[0], dynamic)]
     blocks += [program(k, dynamic) for k in keys[1:]]

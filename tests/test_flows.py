@@ -202,3 +202,22 @@ def test_members_of_one_structure_stack_into_one_vectorized_flow_in_member_order
     np.testing.assert_allclose(log_q, flow.log_prob(draws, c), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one structure"):
         StackedFlows([member("spline", 1), member("affine", 2)])
+
+
+def test_repeated_layers_are_the_unrolled_chain():
+    """The scanned stack of coupling layers computes what the layers one by one do."""
+    from numpyro_amortized.networks.flows import ConditionalFlow, Repeated
+
+    flow = perturb(coupling_flow(3, CONTEXT, num_layers=4, hidden=(8,), rngs=nnx.Rngs(1)),
+                   scale=0.3)
+    assert isinstance(flow.bijections[0], Repeated) and flow.bijections[0].length == 4
+    unrolled = ConditionalFlow(flow.layers(), 3)
+    assert len(unrolled.bijections) == 4 * 3 + 1  # [coupling, ActNorm, permutation] x 4, scale
+    u = jax.random.normal(jax.random.PRNGKey(3), (7, 3))
+    c = jax.random.normal(jax.random.PRNGKey(4), (7, CONTEXT))
+    np.testing.assert_allclose(flow.log_prob(u, c), unrolled.log_prob(u, c), rtol=1e-5,
+                               atol=1e-5)
+    draws = flow.sample(jax.random.PRNGKey(5), c)
+    np.testing.assert_allclose(draws, unrolled.sample(jax.random.PRNGKey(5), c), atol=1e-5)
+    with pytest.raises(ValueError, match="one structure"):
+        Repeated(flow.layers()[:2])  # a coupling and an ActNorm

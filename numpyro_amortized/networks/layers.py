@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["MLP", "Buffer", "host_lecun_normal", "masked_moments", "stack_on_host"]
+__all__ = ["MLP", "Buffer", "host_lecun_normal", "masked_moments", "stack_modules",
+           "stack_on_host"]
 
 
 def host_lecun_normal():
@@ -38,6 +39,22 @@ def stack_on_host(states):
     """Stack a list of equally shaped pytrees on a new leading axis, through numpy (eager
     ``jnp.stack`` compiles a program per shape and count)."""
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *states)
+
+
+def stack_modules(modules, owner):
+    """One module whose variables are those of ``modules`` (of one structure: same classes,
+    sizes and variables) stacked on a leading axis; ``owner`` names the caller in errors."""
+    graphdef, states = None, []
+    for m in modules:
+        g, state = nnx.split(m)
+        if graphdef is not None and g != graphdef:
+            raise ValueError(f"{owner} needs modules of one structure (same classes, sizes and "
+                             "variables).")
+        graphdef = g
+        states.append(state)
+    if graphdef is None:
+        raise ValueError(f"{owner} needs at least one module.")
+    return nnx.merge(graphdef, stack_on_host(states))
 
 
 class Buffer(nnx.Variable):

@@ -28,7 +28,7 @@ from flax import nnx
 from numpyro_amortized.networks.flows.affine_coupling import AffineCoupling
 from numpyro_amortized.networks.flows.flow import ConditionalFlow, coupling_flow
 from numpyro_amortized.networks.flows.spline_coupling import SplineCoupling
-from numpyro_amortized.networks.layers import stack_on_host
+from numpyro_amortized.networks.layers import stack_modules
 
 __all__ = ["FlowEnsemble", "StackedFlows", "ensemble_flow", "mixture_log_weights"]
 
@@ -37,22 +37,14 @@ class StackedFlows(nnx.Module):
     """K flows of one structure as one flow whose parameters carry a leading axis of size K.
 
     :param members: :class:`~numpyro_amortized.networks.flows.ConditionalFlow` objects with the
-        same graph (layers, sizes, permutations).
+        same structure (layers and sizes; permutations may differ).
 
     Every method evaluates all K members at once (``jax.vmap`` over the stacked parameters) and
     returns their results stacked on a leading axis.
     """
 
     def __init__(self, members):
-        graphdef, states = None, []
-        for m in members:
-            g, state = nnx.split(m)
-            if graphdef is not None and g != graphdef:
-                raise ValueError("StackedFlows needs members of one structure (same layers and "
-                                 "sizes).")
-            graphdef = g
-            states.append(state)
-        self.flow = nnx.merge(graphdef, stack_on_host(states))
+        self.flow = stack_modules(members, "StackedFlows")
         self.size = len(members)
 
     def _vmap(self, fn, *args):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from numpyro_amortized.networks.layers import stack_on_host
+from numpyro_amortized.networks.layers import stack_modules
 
 __all__ = ["Chain", "Repeated"]
 
@@ -69,18 +69,8 @@ class Repeated(nnx.Module):
     """
 
     def __init__(self, bijections):
-        graphdef, states = None, []
-        for b in bijections:
-            g, state = nnx.split(b)
-            if graphdef is not None and g != graphdef:
-                raise ValueError("Repeated needs bijections of one structure (same classes, "
-                                 "sizes and variables).")
-            graphdef = g
-            states.append(state)
-        if graphdef is None:
-            raise ValueError("Repeated needs at least one bijection.")
-        self.stacked = nnx.merge(graphdef, stack_on_host(states))
-        self.length = len(states)
+        self.stacked = stack_modules(bijections, "Repeated")
+        self.length = len(bijections)
 
     def unstacked(self):
         """The bijections, one module each (copies: for inspection)."""

@@ -9,6 +9,7 @@ user waits for: set-up, compilation, simulation and training.
 
     python benchmarks/sbibm_bar.py                       # 10 observations per task
     python benchmarks/sbibm_bar.py --num-observations 3  # shorter
+    python benchmarks/sbibm_bar.py --peers flowjax sbi   # and the peers, side by side
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peers  # benchmarks/peers.py, next to this script
 from run import write_markdown  # benchmarks/run.py, next to this script
 
 from numpyro_amortized import AutoAmortizedFlow, c2st, fit
@@ -44,6 +46,7 @@ def reference(task, x, num, rng):
     return SBIBM[task].reference(x, num, rng)
 
 
+PEER_NAMES = {"flowjax": "flowjax NPE", "sbi": "sbi"}  # as BAR names them
 TASKS = {name: (SBIBM[name].model, SBIBM[name].data) for name in ("two_moons", "gaussian_linear")}
 
 
@@ -62,18 +65,37 @@ def run(task, mode, num_obs, num_draws, steps, batch_size):
     xs = observations(model, template, num_obs, seed=2026)
     draws = guide.sample_posterior_batch(jax.random.PRNGKey(1), result.params,
                                          {"x": jnp.asarray(xs)}, sample_shape=(num_draws,))
-    scores = []
-    for i, x in enumerate(xs):
-        ref = reference(task, x, num_draws, np.random.default_rng(i))
-        t = time.perf_counter()
-        scores.append(c2st(ref, np.asarray(draws["theta"][i])))
-        print(f"  {task} {mode} obs {i}: C2ST {scores[-1]:.3f} ({time.perf_counter() - t:.0f} s)",
-              flush=True)
+    scores = score(task, mode, xs, np.asarray(draws["theta"]), num_draws)
     return {"task": task, "mode": mode, "wall_time_s": wall, "train_time_s": result.train_time,
             "compile_time_s": result.compile_time, "num_simulations": result.num_simulations,
             "steps": steps, "batch_size": batch_size,
             "simulations_per_s": steps * batch_size / result.train_time,
             "c2st_mean": float(np.mean(scores)), "c2st": scores}
+
+
+def score(task, label, xs, draws, num_draws):
+    """C2ST of ``draws[i]`` against the reference posterior of observation ``xs[i]``."""
+    scores = []
+    for i, x in enumerate(xs):
+        ref = reference(task, x, num_draws, np.random.default_rng(i))
+        t = time.perf_counter()
+        scores.append(c2st(ref, draws[i]))
+        print(f"  {task} {label} obs {i}: C2ST {scores[-1]:.3f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    return scores
+
+
+def run_peer(task, peer, num_obs, num_draws):
+    """A peer (benchmarks/peers.py) on 10^4 simulations of the task, scored like ours."""
+    model, template = TASKS[task]
+    sims = simulate(model, jax.random.PRNGKey(3), 10_000, **template)
+    xs = observations(model, template, num_obs, seed=2026)
+    draws, info = peers.run_peer(peer, task, np.asarray(sims["theta"]), np.asarray(sims["x"]),
+                                 xs, num_draws)
+    scores = score(task, peer, xs, draws, num_draws)
+    return {"task": task, "mode": peer, "wall_time_s": info["train_s"],
+            "sample_time_s": info["sample_s"], "epochs": info["epochs"],
+            "num_simulations": 10_000, "c2st_mean": float(np.mean(scores)), "c2st": scores}
 
 
 def main():
@@ -84,13 +106,17 @@ def main():
     parser.add_argument("--modes", nargs="*", default=["offline", "online"],
                         help="offline: 10^4 simulations, 5000 steps of 256; online: fresh "
                              "simulations, 3000 steps of 512")
+    parser.add_argument("--peers", nargs="*", default=[], choices=sorted(peers.SCRIPTS),
+                        help="also run these peers on the same simulations and observations")
     args = parser.parse_args()
     rows = []
     settings = {"offline": (5000, 256), "online": (3000, 512)}
     for task in args.tasks:
         for mode in args.modes:
             rows.append(run(task, mode, args.num_observations, args.num_draws, *settings[mode]))
-        for r in rows[-len(args.modes):]:
+        for peer in args.peers:
+            rows.append(run_peer(task, peer, args.num_observations, args.num_draws))
+        for r in rows[-len(args.modes) - len(args.peers):]:
             print(f"{task} {r['mode']}: wall {r['wall_time_s']:.1f} s, "
                   f"C2ST {r['c2st_mean']:.3f}", flush=True)
     out = ROOT / "benchmarks" / "results" / "sbibm_bar.json"
@@ -98,20 +124,33 @@ def main():
     stored = json.loads(out.read_text())["rows"] if out.exists() else []
     new_keys = {(r["task"], r["mode"]) for r in rows}
     rows = [r for r in stored if (r["task"], r["mode"]) not in new_keys] + rows
-    rows.sort(key=lambda r: (r["task"] != "two_moons", r["mode"]))
+    order = ["offline", "online", *PEER_NAMES]
+    rows.sort(key=lambda r: (r["task"] != "two_moons", order.index(r["mode"])))
     out.write_text(json.dumps({"devices": [str(d) for d in jax.devices()], "rows": rows},
                               indent=1))
-    lines = ["| task | method | simulations | wall time, s | C2ST (mean over observations) |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [("| task | method | simulations | wall time, s | time / ours (10^4) | "
+              "C2ST (mean over observations) |"), "| --- | --- | --- | --- | --- | --- |"]
     for task in dict.fromkeys(r["task"] for r in rows):
+        ours = next((r["wall_time_s"] for r in rows if r["task"] == task
+                     and r["mode"] == "offline"), None)
+        ratio = lambda sec, ours=ours: f"{sec / ours:.2f}" if ours else "-"
         for r in (r for r in rows if r["task"] == task):
-            sims = ("10^4 (offline)" if r["mode"] == "offline"
-                    else f"{r['num_simulations']:,} (online)")
-            lines.append(f"| {task} | **numpyro_amortized defaults** | {sims} | "
-                         f"{r['wall_time_s']:.0f} | **{r['c2st_mean']:.3f}** "
-                         f"({len(r['c2st'])} obs.) |")
+            if r["mode"] in PEER_NAMES:
+                method, sims, c = f"{PEER_NAMES[r['mode']]} (run here)", "10^4", \
+                    f"{r['c2st_mean']:.3f}"
+            else:
+                method, c = "**numpyro_amortized defaults**", f"**{r['c2st_mean']:.3f}**"
+                sims = ("10^4 (offline)" if r["mode"] == "offline"
+                        else f"{r['num_simulations']:,} (online)")
+            lines.append(f"| {task} | {method} | {sims} | {r['wall_time_s']:.0f} | "
+                         f"{ratio(r['wall_time_s'])} | {c} ({len(r['c2st'])} obs.) |")
+        measured = {PEER_NAMES[r["mode"]] for r in rows if r["task"] == task
+                    and r["mode"] in PEER_NAMES}
         for name, (sec, score) in BAR[task].items():
-            lines.append(f"| {task} | {name} (quoted in the brief) | 10^4 | {sec} | {score:.3f} |")
+            if name in measured:  # run here, on the same simulations and observations
+                continue
+            lines.append(f"| {task} | {name} (quoted in the brief) | 10^4 | {sec} | "
+                         f"{ratio(sec)} | {score:.3f} |")
     text = (f"{args.num_draws:,} draws per side, exact sbibm C2ST recipe (the number of "
             "observations is given per row).\n\n" + "\n".join(lines))
     write_markdown("BAR", text)

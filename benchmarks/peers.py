@@ -132,7 +132,7 @@ def run_peer(peer, task, theta, x, xs, num_draws):
         script.write_text(textwrap.dedent(SCRIPTS[peer]))
         done = subprocess.run([str(python), str(script), str(inputs), str(out),
                                json.dumps(PRIORS[task])],
-                              check=False, capture_output=True, text=True)
+                              check=False, capture_output=True, text=True, cwd=tmp)
         if done.returncode:
             raise RuntimeError(f"{peer} on {task} failed:\n{done.stderr[-3000:]}")
         info = json.loads(Path(f"{out}.json").read_text())

@@ -224,7 +224,8 @@ def test_one_guide_serves_fewer_groups():
     res = posterior(guide, params, KEY, num_samples=50, refine_steps=20, nuts=False, **five)
     assert res.draws["theta"].shape == (50, 5) and np.isfinite(res.pareto_k)
     assert [s["step"] for s in res.steps][:2] == ["amortized", "refine"]
-    batch = posterior_batch(guide, params, KEY, [five, five], num_samples=50, nuts=False)
+    batch = posterior_batch(guide, params, KEY, [five, five], num_samples=50, nuts=False,
+                            refine_steps=20)
     assert all(r.draws["theta"].shape == (50, 5) for r in batch)
     res = importance_resample(intercepts, intercepts_params, KEY, GROUP[keep], 3,
                               y=jnp.ones(int(keep.sum())), num_samples=20, warn=False)

@@ -118,6 +118,18 @@ def test_a_too_wide_guide_is_caught_by_the_ess_rule_and_corrected(trained):
     assert len(np.unique(np.asarray(res.draws["mu"][:, 0]))) > 750
 
 
+def test_proposal_counts_come_in_few_sizes():
+    """A count computed from an ESS is rounded up to one of four sizes per octave (at most
+    25% more), so that escalated datasets share compiled programs."""
+    from numpyro_amortized.compare.posterior import proposal_count
+
+    counts = np.array([proposal_count(n) for n in range(1, 100_001)])
+    n = np.arange(1, 100_001)
+    assert np.all(counts >= n) and np.all(counts <= np.maximum(1.25 * n, 8))
+    assert len(np.unique(counts[counts > 1000])) <= 4 * 7  # 1,000 to 100,000: < 7 octaves
+    assert proposal_count(10_000.5) == 10_240 and proposal_count(4096) == 4096
+
+
 def two_modes(y=None):
     theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))
     with numpyro.plate("N", 20):

@@ -70,6 +70,15 @@ class PosteriorResult(NamedTuple):
     reliable: bool = True
 
 
+def proposal_count(n):
+    """``n`` rounded up to one of four sizes per octave (at most 25% more): the programs that
+    draw and weigh proposals are compiled per count, and a count computed from an ESS would
+    otherwise be new for every dataset."""
+    n = max(int(np.ceil(n)), 1)
+    step = 1 << max(n.bit_length() - 3, 0)
+    return -(-n // step) * step
+
+
 def _quiet_range(fn):
     """``posterior`` checks every answer against the model's density, so the summary-range
     warning of ``sample_posterior`` would only repeat what its checks measure."""
@@ -129,7 +138,7 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
         use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction, min_ess)
         if use == "corrected" and res.ess < target and m < max_proposals:
             # more proposals, so that the resampled draws are mostly distinct
-            more = min(int(max_proposals), int(np.ceil(m * target / res.ess)))
+            more = min(int(max_proposals), proposal_count(m * target / res.ess))
             res = weigh(guide, proposal_params, jax.random.fold_in(key, 1), args, kwargs, n,
                         more)
             use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction,

@@ -6,7 +6,7 @@ amortized posterior and its PSIS correction, with C2ST against NUTS (exact sbibm
 draws per side, unless --fast-c2st). Times are per dataset with compilation reported apart;
 speed-ups are ratios from this run. Then warm-started against cold NUTS at several warm-up
 lengths: the shortest warm-up reaching R-hat < 1.01 and bulk ESS > 400 for each.
-Writes benchmarks/results/peak.json and the PEAK section of docs/benchmarks.md.
+Writes benchmarks/results/peak.json and the PEAK section of docs/peak.md.
 
     python benchmarks/peak.py              # full run (about 25 minutes on 2 CPU cores)
     python benchmarks/peak.py --quick      # smoke run
@@ -159,7 +159,7 @@ def main():
     args = parser.parse_args()
     if args.markdown_only:
         saved = json.loads((ROOT / "benchmarks" / "results" / "peak.json").read_text())
-        write_markdown("PEAK", markdown(saved["results"], saved["machine"]))
+        write_markdown("PEAK", markdown(saved["results"], saved["machine"]), "peak.md")
         return
     quick = args.quick
     num_steps = 300 if quick else args.num_steps
@@ -197,7 +197,7 @@ def main():
     out = ROOT / "benchmarks" / "results" / f"peak{'_quick' if quick else ''}.json"
     out.write_text(json.dumps({"machine": info, "results": res}, indent=1, default=float))
     if not quick:
-        write_markdown("PEAK", text)
+        write_markdown("PEAK", text, "peak.md")
 
 
 if __name__ == "__main__":

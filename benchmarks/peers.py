@@ -10,6 +10,7 @@ scored by the same C2ST. A peer is a short script written the way its users writ
   batch 256, 10% held out, early stopping after 10 epochs without improvement, best kept).
 - **sbi NPE**: ``sbi.inference.NPE(prior)`` with its defaults (a MAF, early stopping, its own
   standardization, rejection of draws outside the prior), torch on the CPU.
+- **sbi NPE (NSF)**: the same with ``density_estimator="nsf"``, the density sbibm's NPE uses.
 
 Wall time is what the peer's user waits for with the simulations in hand: building, compiling
 and training (imports and sampling apart; sampling is reported separately). Used by
@@ -89,7 +90,7 @@ else:
     prior = torch.distributions.MultivariateNormal(torch.zeros(d),
                                                    prior_spec["var"] * torch.eye(d))
 t0 = time.perf_counter()
-inference = NPE(prior=prior)
+inference = NPE(prior=prior, density_estimator=sys.argv[4])
 estimator = inference.append_simulations(torch.as_tensor(theta, dtype=torch.float32),
                                          torch.as_tensor(x, dtype=torch.float32)).train()
 posterior = inference.build_posterior(estimator)
@@ -104,12 +105,13 @@ open(sys.argv[2] + ".json", "w").write(json.dumps({
     "epochs": int(inference.summary["epochs_trained"][-1])}))
 """
 
-SCRIPTS = {"flowjax": FLOWJAX, "sbi": SBI}
+SCRIPTS = {"flowjax": FLOWJAX, "sbi": SBI, "sbi_nsf": SBI}
+OPTIONS = {"sbi": ["maf"], "sbi_nsf": ["nsf"]}  # extra arguments of the script
 
 
 def python_of(peer):
     """The peer's virtual environment's interpreter, creating the environment when missing."""
-    venv = VENVS / peer
+    venv = VENVS / ("sbi" if peer.startswith("sbi") else peer)
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"  creating {venv} (once) ...", flush=True)
@@ -117,7 +119,7 @@ def python_of(peer):
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
                        check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet",
-                        *REQUIREMENTS[peer]], check=True)
+                        *REQUIREMENTS[venv.name]], check=True)
     return python
 
 
@@ -131,7 +133,7 @@ def run_peer(peer, task, theta, x, xs, num_draws):
                  xs=np.asarray(xs, np.float32), num_draws=num_draws)
         script.write_text(textwrap.dedent(SCRIPTS[peer]))
         done = subprocess.run([str(python), str(script), str(inputs), str(out),
-                               json.dumps(PRIORS[task])],
+                               json.dumps(PRIORS[task]), *OPTIONS.get(peer, [])],
                               check=False, capture_output=True, text=True, cwd=tmp)
         if done.returncode:
             raise RuntimeError(f"{peer} on {task} failed:\n{done.stderr[-3000:]}")

@@ -1,7 +1,8 @@
-"""Peers run side by side with the package: a flowjax NPE and sbi's default NPE.
+"""Peers run side by side with the package: a flowjax NPE and sbi's NPE (MAF and NSF).
 
 Each peer runs in a virtual environment of its own under ``benchmarks/.peers/`` (created on the
-first run; neither is a dependency of the package), on the *same* 10^4 simulations, observations
+first run; neither is a dependency of the package), on 10^4 simulations of the same simulator
+(one set shared by the peers; the package draws its own inside ``fit``), the same observations
 and reference posteriors as ``benchmarks/sbibm_bar.py`` uses for the package, and its draws are
 scored by the same C2ST. A peer is a short script written the way its users write it:
 

@@ -108,7 +108,7 @@ def main():
                         help="offline: 10^4 simulations, 5000 steps of 256; online: fresh "
                              "simulations, 3000 steps of 512")
     parser.add_argument("--peers", nargs="*", default=[], choices=sorted(peers.SCRIPTS),
-                        help="also run these peers on the same simulations and observations")
+                        help="also run these peers on the same task, budget and observations")
     args = parser.parse_args()
     rows = []
     settings = {"offline": (5000, 256), "online": (3000, 512)}

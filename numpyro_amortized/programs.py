@@ -8,6 +8,7 @@ second dataset of the same shapes reuses the program and nothing outlives its ow
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import jax
@@ -26,6 +27,7 @@ __all__ = [
     "observed_values_compiled",
     "simulate_in_blocks",
     "split_static",
+    "take_rows",
 ]
 
 SIMULATION_BLOCK = 1024  # simulations per call of the one compiled simulation program
@@ -128,13 +130,16 @@ def observed_values_compiled(programs, model, args, kwargs) -> dict:
 
 def simulate_in_blocks(programs, simulate, rng_key, num_simulations, args, kwargs):
     """``simulate(key, block, *args, **kwargs)`` called ``ceil(n / block)`` times, joined and
-    cut to ``n = num_simulations``, where ``block`` is ``n`` rounded up to a power of two, at
-    most :data:`SIMULATION_BLOCK`: one program, compiled once per kind of data and kept in
-    ``programs``, draws the pilot, the validation set and a simulation bank of any size of 1024
-    or more (compiling the model's simulation costs about as much as a training step's).
-    Block ``i`` uses ``fold_in(rng_key, i)``; the result is on the default device."""
+    cut to ``n = num_simulations``, where ``block`` is :data:`SIMULATION_BLOCK`: one program,
+    compiled once per kind of data and kept in ``programs``, draws the pilot, the validation set
+    and a simulation bank of any size (compiling the model's simulation costs about as much as a
+    training step's). Fewer than ``SIMULATION_BLOCK / 8`` simulations (a pilot kept small on
+    purpose, for large datasets) use ``n`` rounded up to a power of two instead, so that no
+    more than eight times the asked memory is used. Block ``i`` uses ``fold_in(rng_key, i)``;
+    the result is on the default device."""
     dynamic, spec = split_static((args, kwargs))
-    size = min(SIMULATION_BLOCK, 1 << max(int(num_simulations) - 1, 0).bit_length())
+    n = int(num_simulations)
+    size = SIMULATION_BLOCK if 8 * n >= SIMULATION_BLOCK else 1 << max(n - 1, 0).bit_length()
 
     def block(key, dyn):
         a, kw = merge_static(dyn, spec)
@@ -158,5 +163,12 @@ def simulate_in_blocks(programs, simulate, rng_key, num_simulations, args, kwarg
         blocks = [program(keys[0], dynamic)]
     blocks += [program(k, dynamic) for k in keys[1:]]
     if len(blocks) == 1:
-        return jax.tree.map(lambda x: x[:num_simulations], blocks[0])
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:num_simulations], *blocks)
+        return take_rows(blocks[0], 0, n)
+    return take_rows(jax.tree.map(lambda *xs: jnp.concatenate(xs), *blocks), 0, n)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def take_rows(tree, start, stop):
+    """``x[start:stop]`` for every leaf of ``tree``, in one compiled program (eager slices
+    compile one small program per leaf)."""
+    return jax.tree.map(lambda x: x[start:stop], tree)

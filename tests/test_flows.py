@@ -213,6 +213,7 @@ def test_repeated_layers_are_the_unrolled_chain():
     assert isinstance(flow.bijections[0], Repeated) and flow.bijections[0].length == 4
     unrolled = ConditionalFlow(flow.layers(), 3)
     assert len(unrolled.bijections) == 4 * 3 + 1  # [coupling, ActNorm, permutation] x 4, scale
+    assert flow.layer_types() == [type(b) for b in unrolled.bijections]
     u = jax.random.normal(jax.random.PRNGKey(3), (7, 3))
     c = jax.random.normal(jax.random.PRNGKey(4), (7, CONTEXT))
     np.testing.assert_allclose(flow.log_prob(u, c), unrolled.log_prob(u, c), rtol=1e-5,

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
 from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
-from numpyro_amortized.programs import simulate_in_blocks
+from numpyro_amortized.programs import simulate_in_blocks, take_rows
 from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
 from numpyro_amortized.train.check import FAILED_SHARE, GuideCheckWarning, held_out_check
@@ -264,8 +264,8 @@ class _Program:
             self.bank, val = None, simulate(k_val)
         else:
             sims = simulate(k_data)
-            val = jax.tree.map(lambda x: x[:cfg.num_held_out], sims)
-            self.bank = jax.tree.map(lambda x: x[cfg.num_held_out:], sims)
+            val = take_rows(sims, 0, cfg.num_held_out)
+            self.bank = take_rows(sims, cfg.num_held_out, cfg.num_simulations)
         self.val = jax.device_put(val, self.batched) if len(val.u) % self.n_devices == 0 else val
 
     def compile(self, state):

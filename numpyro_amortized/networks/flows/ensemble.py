@@ -165,8 +165,9 @@ class FlowEnsemble(nnx.Module):
 
 def _kind(flow):
     """``"spline"``, ``"affine"`` or ``"mixed"``: the couplings of a flow (for labels)."""
-    spline = any(isinstance(b, SplineCoupling) for b in flow.layers())
-    affine = any(isinstance(b, AffineCoupling) for b in flow.layers())
+    types = flow.layer_types()
+    spline = any(issubclass(t, SplineCoupling) for t in types)
+    affine = any(issubclass(t, AffineCoupling) for t in types)
     return "mixed" if spline and affine else "spline" if spline else "affine" if affine else "flow"
 
 

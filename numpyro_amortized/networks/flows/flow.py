@@ -81,6 +81,15 @@ class ConditionalFlow(nnx.Module):
                 out += list(block.bijections) if isinstance(block, Chain) else [block]
         return out
 
+    def layer_types(self):
+        """The classes of :meth:`layers`, in order, read from the structure (no copies)."""
+        out = []
+        for b in self.bijections:
+            for block in ([b.stacked] * b.length if isinstance(b, Repeated) else [b]):
+                out += [type(x) for x in (block.bijections if isinstance(block, Chain)
+                                          else [block])]
+        return out
+
     def log_prob(self, u, condition):
         """``log q(u | condition)``; leading dims of ``u`` and ``condition`` broadcast."""
         x, c, batch = flatten_batch(u, condition)

@@ -10,6 +10,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from conftest import small_networks
 
 from numpyro_amortized import AmortizedELBO, AutoAmortizedFlow, fit, inspect_model
 from numpyro_amortized.networks import affine_flow
@@ -48,8 +49,9 @@ def errors(guide, params, *args):
     return worst_mean, worst_sd
 
 
-def train(model, *args):
-    guide = AutoAmortizedFlow(model, flow=affine_flow)
+def train(model, *args, small=True):
+    nets = {"summary_net": small_networks()["summary_net"]} if small else {}
+    guide = AutoAmortizedFlow(model, flow=affine_flow, **nets)
     result = fit(guide, jax.random.PRNGKey(0), *args, y=jnp.zeros(N), num_steps=1500,
                  progress_bar=False)
     return guide, result.params
@@ -73,12 +75,12 @@ def test_design_arguments_are_covariates():
 def test_plain_argument_covariates_give_the_exact_posterior():
     guide, params = train(regression, X)
     mean_err, sd_err = errors(guide, params, X)
-    assert mean_err < 0.3 and sd_err < 0.2, (mean_err, sd_err)
+    assert mean_err < 0.3 and sd_err < 0.2, (mean_err, sd_err)  # measured .15 and .03
     # the same model with the design out of the network's sight cannot pair y_i with x_i: it
-    # is wrong, and says so at set-up
+    # is wrong, and the default summary network's set-up says so
     with pytest.warns(UserWarning, match="plate 'rows' are not exchangeable.*Pass per-row "
                                          "covariates as model arguments"):
-        hidden, hidden_params = train(closed_over)
+        hidden, hidden_params = train(closed_over, small=False)
     assert errors(hidden, hidden_params)[0] > 1.0
 
 

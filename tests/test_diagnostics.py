@@ -190,6 +190,7 @@ def test_misspecification_is_flagged(gaussian_guide):
     assert sum(flagged) <= 2, flagged
 
 
+@pytest.mark.slow  # shares the trained guide (60 s) with the slow misspecification test
 def test_diagnose_a_trained_guide(gaussian_guide):
     guide, params = gaussian_guide
     report = diagnose(guide, params, jax.random.PRNGKey(2), y=jnp.zeros(N_POINTS),
@@ -209,6 +210,7 @@ def test_diagnose_a_trained_guide(gaussian_guide):
     matplotlib.pyplot.close("all")
 
 
+@pytest.mark.slow  # the same trained guide
 def test_posterior_predictive_check_flags_heavy_tails(gaussian_guide):
     guide, params = gaussian_guide
     good = {"y": observations("gaussian", 3)["y"][0]}

@@ -10,6 +10,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from conftest import small_networks
 from numpyro.infer import Predictive
 
 from numpyro_amortized import AutoAmortizedFlow, fit
@@ -84,7 +85,7 @@ def datasets():
 
 
 def train(y):
-    guide = AutoAmortizedFlow(student_t_location)
+    guide = AutoAmortizedFlow(student_t_location, **small_networks())
     return guide, fit(guide, jax.random.PRNGKey(0), num_steps=1500, progress_bar=False,
                       y=y).params
 
@@ -94,7 +95,7 @@ def test_a_heavy_tailed_likelihood_is_learned(datasets, monkeypatch):
     scale = np.asarray(guide._stats["data"][1])
     assert 2.0 < scale[0] < 20.0, scale  # the prior predictive's sd is about 10^7
     mean_err, sd_err = errors(guide, params, datasets)
-    assert mean_err < 0.35 and sd_err < 0.3, (mean_err, sd_err)  # measured .24 and .17
+    assert mean_err < 0.35 and sd_err < 0.3, (mean_err, sd_err)  # measured .20 and .25
 
     # the same guide standardized by the prior predictive's mean and sd sees every typical
     # dataset as zeros, and returns about the prior
@@ -105,4 +106,4 @@ def test_a_heavy_tailed_likelihood_is_learned(datasets, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it also says the data look out of range
         mean_err, _ = errors(broken, broken_params, datasets)
-    assert mean_err > 1.0, mean_err  # measured 4 to 50 posterior sds
+    assert mean_err > 1.0, mean_err  # measured 53 posterior sds

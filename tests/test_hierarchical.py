@@ -181,6 +181,7 @@ def test_batches_take_the_group_arguments():
     assert not np.allclose(np.asarray(draw(1.0)), np.asarray(draw(3.0)))
 
 
+@pytest.mark.slow  # compiles ~8 hierarchical programs (~100 s)
 @pytest.mark.filterwarnings("ignore:Pareto k-hat")  # an untrained guide fails the checks
 def test_one_guide_serves_fewer_groups():
     """With num_groups=(min, max), simulations have between min and max groups (the others'
@@ -294,6 +295,7 @@ def test_a_declared_design_varies_group_sizes():
     assert draws["b"].shape == (3, 6)
 
 
+@pytest.mark.slow  # the ELBO's programs compile in ~40 s
 def test_elbo_and_svi_run_on_the_factorized_guide():
     """The ELBO (the model's exact density, rows of groups without data masked) and NumPyro's
     SVI run on a hierarchical guide with a range of group counts."""

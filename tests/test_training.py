@@ -373,6 +373,7 @@ def test_converge_keeps_the_rate_while_the_loss_falls_then_cools_down_and_stops(
     assert run.stop == "converged" and scales[-1] == 0.01
 
 
+@pytest.mark.slow  # trains until the validation loss stops improving
 def test_online_default_length_follows_the_validation_loss_and_resumes_exactly(tmp_path):
     from numpyro_amortized.train import Callback
 

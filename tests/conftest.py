@@ -37,8 +37,9 @@ def small_networks(plate=True):
     """``AutoAmortizedFlow`` options for tests whose subject is not the default architecture
     (the standardization of heavy tails, covariates): a two-layer spline flow and, for a model
     with a plate of observations, a DeepSet of width 32. On a plate of rows the DeepSet's inner
-    network runs on every row and dominates a training step's cost (1,500 steps on 50 rows:
-    36 s with the defaults, 12 s with width 32 and a two-layer flow)."""
+    network runs on every row and dominates a training step's cost (1,500 steps on 50 rows
+    trained in 36 s with the defaults, in 12 s with a DeepSet of width 32 and summary length
+    16 and a two-layer flow)."""
     from numpyro_amortized.networks import DeepSet, spline_flow
 
     out = {"flow": functools.partial(spline_flow, num_layers=2, hidden=(32, 32))}

@@ -4,9 +4,9 @@ The model is a linear regression with two covariates passed as a plain argument
 (``def model(X, y=None)``), trained online with `fit`'s defaults (a DeepSet reads each row
 ``(x_1, x_2, y)``) at batch 256, for datasets of 15, 50, 200 and 1,000 rows. For each size:
 steps per second of `fit`'s training (validation included, compilation excluded; median of
-the repeats), and the time 5,000 steps would take. With ``--summary-width 32`` the DeepSet's
-width is 32 instead of the default 64 (the inner network runs on every row and dominates a
-step on large datasets).
+the repeats), and the time 5,000 steps would take; once with the default DeepSet (width 64)
+and once with width 32 (the inner network runs on every row and dominates a step on large
+datasets).
 
     python benchmarks/rows.py                  # writes the ROWS section of docs/benchmarks.md
     python benchmarks/rows.py --quick          # smoke run, writes nothing

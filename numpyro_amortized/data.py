@@ -20,11 +20,13 @@ __all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statisti
 
 
 class DataSpec(NamedTuple):
-    """Sizes of the network input: set features per observation, largest set, flat features."""
+    """Sizes of the network input: set features per observation, largest set, flat features,
+    and how many of the set features (the last ones) are covariates rather than responses."""
 
     set_features: int
     max_set_size: int
     flat_features: int
+    set_covariates: int = 0
 
 
 class DataBatch(NamedTuple):
@@ -56,20 +58,20 @@ class DataLayout:
 
     :param observed: a sequence of :class:`~numpyro_amortized.simulation.ObservedSite`.
     :param max_set_size: size of the data plate in the traced model (the padded size).
+    :param covariates: covariates read next to the observations (``ObservedSite`` too), after
+        them.
     """
 
-    def __init__(self, observed, max_set_size=None):
-        self.sites = tuple(observed)
+    def __init__(self, observed, max_set_size=None, covariates=()):
+        self.sites = tuple(observed) + tuple(covariates)
         self.set_sites = tuple(s for s in self.sites if s.plate_axis is not None)
         self.flat_sites = tuple(s for s in self.sites if s.plate_axis is None)
         self.max_set_size = int(max_set_size or 0)
-        set_features = sum(
-            math.prod(s.shape) // s.shape[s.plate_axis] * max(1, s.categories)
-            for s in self.set_sites
-        )
+        width = lambda s: math.prod(s.shape) // s.shape[s.plate_axis] * max(1, s.categories)
         flat_features = sum(math.prod(s.shape) for s in self.flat_sites)
-        self.spec = DataSpec(set_features, self.max_set_size if self.set_sites else 0,
-                             flat_features)
+        self.spec = DataSpec(sum(map(width, self.set_sites)),
+                             self.max_set_size if self.set_sites else 0, flat_features,
+                             sum(width(s) for s in covariates if s.plate_axis is not None))
 
     def set_size(self, data: dict, batch_ndim: int = 0) -> int | None:
         """Number of observations in the data plate, checking all sites agree."""

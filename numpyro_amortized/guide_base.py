@@ -36,6 +36,7 @@ from numpyro_amortized.networks.hierarchical import hierarchical_posterior
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 from numpyro_amortized.networks.summary import default_summary_net
 from numpyro_amortized.param_check import check_params
+from numpyro_amortized.predictive import split_responses
 from numpyro_amortized.programs import Programs, observed_values_compiled, simulate_in_blocks
 from numpyro_amortized.simulation import MaskDataPlate, inspect_model, simulate_designs
 from numpyro_amortized.summary_range import SummaryRange
@@ -146,7 +147,8 @@ class AmortizedGuideBase(GroupsMixin):
                     "guide with data of the largest size."
                 )
         self.latent_layout = LatentLayout(structure.latents)
-        self.data_layout = DataLayout(structure.observed + structure.covariates, plate_size)
+        responses, fixed = split_responses(self.model, structure, args, kwargs)
+        self.data_layout = DataLayout(responses, plate_size, fixed + structure.covariates)
         self.groups = group_setup(self.model, args, kwargs, structure, self.latent_layout,
                                   option=self.hierarchical, rng_key=rng_key,
                                   set_sizes=self.set_sizes, num_groups=self.num_groups)

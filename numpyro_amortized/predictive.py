@@ -7,14 +7,16 @@ comparison both use it.
 from __future__ import annotations
 
 import jax
-import numpy as np
+import jax.numpy as jnp
+from jax.extend.core import Literal
 from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer import Predictive
 from numpyro.primitives import Messenger
 
 from numpyro_amortized.simulation import inspect_model, prior_predictive_arguments
 
-__all__ = ["posterior_predictive", "response_sites"]
+__all__ = ["latent_dependent_sites", "posterior_predictive", "response_sites",
+           "split_responses"]
 
 
 def response_sites(model, *args, **kwargs) -> tuple:
@@ -22,29 +24,36 @@ def response_sites(model, *args, **kwargs) -> tuple:
 
     Covariates written as observed sample sites (``x ~ N(0, 1)``, observed) do not depend on
     the latents and are held fixed in a posterior predictive check; responses are replicated.
-    Found by tracing the model at two different prior draws of its latents.
     """
-    structure = inspect_model(model, *args, **kwargs)
-    latents = [s.name for s in structure.latents]
-    traces = []
-    for k in (1, 2):
+    return latent_dependent_sites(model, inspect_model(model, *args, **kwargs), args, kwargs)
+
+
+def latent_dependent_sites(model, structure, args, kwargs) -> tuple:
+    """The observed sites of ``structure`` whose distribution depends on a latent, found from
+    the model's program traced with abstract latent values (nothing runs or compiles): an
+    output depends on an input when any operation between them reads it."""
+    latents = {s.name: jax.ShapeDtypeStruct(s.shape, jnp.result_type(float))
+               for s in structure.latents}
+    names = [s.name for s in structure.observed]
+
+    def parameters(values):
         with block():
-            prior = trace(seed(model, jax.random.PRNGKey(k))).get_trace(*args, **kwargs)
-            values = {n: prior[n]["value"] for n in latents}
-            traces.append(
-                trace(substitute(seed(model, jax.random.PRNGKey(0)), data=values)).get_trace(
-                    *args, **kwargs
-                )
-            )
-    out = []
-    for site in structure.observed:
-        a = jax.tree.leaves(traces[0][site.name]["fn"])
-        b = jax.tree.leaves(traces[1][site.name]["fn"])
-        same = len(a) == len(b) and all(
-            np.shape(x) == np.shape(y) and np.allclose(x, y) for x, y in zip(a, b)
-        )
-        if not same:
-            out.append(site.name)
+            tr = trace(substitute(seed(model, jax.random.PRNGKey(0)), data=values)).get_trace(
+                *args, **kwargs)
+        return [jax.tree.leaves(tr[name]["fn"]) for name in names]
+
+    closed, shapes = jax.make_jaxpr(parameters, return_shape=True)(latents)
+    jaxpr = closed.jaxpr
+    marked = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in marked for v in eqn.invars):
+            marked.update(eqn.outvars)
+    flags = [not isinstance(v, Literal) and v in marked for v in jaxpr.outvars]
+    out, start = [], 0
+    for name, leaves in zip(names, shapes):
+        if any(flags[start:start + len(leaves)]):
+            out.append(name)
+        start += len(leaves)
     return tuple(out)
 
 
@@ -59,6 +68,21 @@ class _Replicate(Messenger):
         if msg["type"] == "sample" and msg["is_observed"] and msg["name"] in self.sites:
             msg["is_observed"] = False
             msg["value"] = None
+
+
+def split_responses(model, structure, args, kwargs):
+    """The observed sites of ``structure`` split into responses and covariates written as
+    observed sites (whose distribution no latent enters), as two tuples: the summary network
+    reads the latter as covariates. Where the model cannot be traced with abstract latent
+    values (Python control flow on them), all are responses."""
+    if len(structure.observed) < 2:
+        return tuple(structure.observed), ()
+    try:
+        dependent = set(latent_dependent_sites(model, structure, args, kwargs))
+    except (TypeError, ValueError, IndexError):  # needs concrete values: all are responses
+        return tuple(structure.observed), ()
+    return (tuple(s for s in structure.observed if s.name in dependent),
+            tuple(s for s in structure.observed if s.name not in dependent))
 
 
 def posterior_predictive(model, rng_key, draws: dict, *args, sites=None, **kwargs) -> dict:

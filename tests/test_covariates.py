@@ -14,6 +14,7 @@ from conftest import small_networks
 
 from numpyro_amortized import AmortizedELBO, AutoAmortizedFlow, fit, inspect_model
 from numpyro_amortized.networks import affine_flow
+from numpyro_amortized.predictive import split_responses
 
 N, K, SIGMA = 20, 2, 0.5
 X = jax.random.normal(jax.random.PRNGKey(7), (N, K))
@@ -70,6 +71,35 @@ def test_design_arguments_are_covariates():
     guide = AutoAmortizedFlow(with_extras, flow=affine_flow, num_pilot_simulations=64)
     guide.setup(jax.random.PRNGKey(0), X, jnp.arange(N), 2.0, jnp.zeros(3), y=jnp.zeros(N))
     assert guide.data_layout.spec.set_features == 1 + K + N
+    assert guide.data_layout.spec.set_covariates == K + N
+
+
+def test_covariates_written_as_observed_sites_are_read_as_covariates():
+    def observed_design(y=None, x=None):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("rows", N):
+            x = numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)  # first in the model
+            numpyro.sample("y", dist.Normal(b * x, SIGMA), obs=y)
+
+    x = X[:, 0]
+    structure = inspect_model(observed_design, y=jnp.zeros(N), x=x)
+    responses, fixed = split_responses(observed_design, structure, (), {"y": jnp.zeros(N), "x": x})
+    assert [s.name for s in responses] == ["y"] and [s.name for s in fixed] == ["x"]
+    guide = AutoAmortizedFlow(observed_design, flow=affine_flow, num_pilot_simulations=64)
+    guide.setup(jax.random.PRNGKey(0), y=jnp.zeros(N), x=x)
+    assert [s.name for s in guide.data_layout.sites] == ["y", "x"]
+    assert guide.data_layout.spec.set_covariates == 1
+
+    def branching(y=None, x=None):  # Python control flow on a latent: every site a response
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        scale = 1.0 if b > 0 else 2.0
+        with numpyro.plate("rows", N):
+            x = numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+            numpyro.sample("y", dist.Normal(b * x, scale), obs=y)
+
+    structure = inspect_model(branching, y=jnp.zeros(N), x=x)
+    responses, fixed = split_responses(branching, structure, (), {"y": jnp.zeros(N), "x": x})
+    assert [s.name for s in responses] == ["x", "y"] and fixed == ()
 
 
 def test_plain_argument_covariates_give_the_exact_posterior():

@@ -14,6 +14,7 @@ from numpyro_amortized.networks import (
     MLPSummary,
     default_summary_net,
 )
+from numpyro_amortized.networks.layers import least_squares
 
 
 def batch(n_set=6, features=2, flat=3, seed=0, sizes=(6, 4)):
@@ -25,10 +26,12 @@ def batch(n_set=6, features=2, flat=3, seed=0, sizes=(6, 4)):
     return DataBatch(x, mask, f)
 
 
-@pytest.mark.parametrize("moments", [True, False])
-def test_deepset_is_permutation_invariant_and_ignores_padding(moments):
+@pytest.mark.parametrize("moments,covariates", [(True, 0), (False, 0), (True, 1)])
+def test_deepset_is_permutation_invariant_and_ignores_padding(moments, covariates):
     data = batch()
-    net = DeepSet(DataSpec(2, 6, 3), summary_dim=5, hidden=8, moments=moments, rngs=nnx.Rngs(0))
+    net = DeepSet(DataSpec(2, 6, 3, covariates), summary_dim=5, hidden=8, moments=moments,
+                  rngs=nnx.Rngs(0))
+    assert bool(net.responses) == bool(covariates)
     out = net(data)
     assert out.shape == (2, 5)
     perm = jnp.array([3, 0, 1, 2, 5, 4])  # dataset 1 has 4 real rows: keep padding at the end
@@ -48,6 +51,29 @@ def test_deepset_is_permutation_invariant_and_ignores_padding(moments):
     # while real rows do matter
     changed = DataBatch(data.set.at[1, 0].set(3.0), data.mask, data.flat)
     assert float(jnp.abs(net(changed)[1] - out[1]).max()) > 1e-4
+
+
+def test_least_squares_matches_numpy_on_each_masked_set():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 20, 2))
+    y = np.stack([1.0 + x[..., 0] - 2 * x[..., 1], x[..., 0] ** 2], -1) + rng.normal(size=(3, 20, 2))
+    sizes = np.array([20, 12, 7])
+    mask = np.arange(20)[None] < sizes[:, None]
+    m = jnp.asarray(mask[..., None], jnp.float32)
+    total = lambda h: jnp.sum(h * jnp.reshape(m, m.shape + (1,) * (h.ndim - 3)), axis=1)
+    n = jnp.asarray(sizes[:, None], jnp.float32)
+    beta, log_resid, log_se = least_squares(jnp.asarray(y, jnp.float32),
+                                            jnp.asarray(x, jnp.float32), total, n, ridge=0.0)
+    for b in range(3):
+        design = np.column_stack([np.ones(sizes[b]), x[b, :sizes[b]]])
+        coef, *_ = np.linalg.lstsq(design, y[b, :sizes[b]], rcond=None)  # (3, 2)
+        resid = y[b, :sizes[b]] - design @ coef
+        # coefficients below the tail compression (|beta| <= 5) come back as they are
+        np.testing.assert_allclose(beta[b], coef.reshape(-1), atol=1e-4)
+        np.testing.assert_allclose(np.exp(2 * log_resid[b]) - 1e-4,
+                                   (resid**2).mean(0), rtol=1e-3)
+        se = np.sqrt(np.diag(np.linalg.inv(design.T @ design)))
+        np.testing.assert_allclose(np.exp(log_se[b]), se, rtol=1e-3)
 
 
 def test_fixed_size_networks():

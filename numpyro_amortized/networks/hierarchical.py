@@ -21,23 +21,10 @@ from flax import nnx
 
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.networks.flows import ensemble_flow, spline_flow
-from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value
+from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value, least_squares
 from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_tails
 
 __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior"]
-
-
-def _spd_solve(a, b):
-    """``(a^-1 b, diag(a^-1))`` for small symmetric positive definite matrices ``a (..., K, K)``
-    by Gauss-Jordan elimination unrolled over ``K`` (no pivoting needed), in elementwise array
-    operations: jaxlib's batched LAPACK solvers wait on XLA's CPU thread pool from inside it,
-    which deadlocks a training step on large batches of groups."""
-    k, r = a.shape[-1], b.shape[-1]
-    m = jnp.concatenate([a, b, jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), a.shape)], axis=-1)
-    for i in range(k):
-        row = m[..., i, :] / m[..., i, i:i + 1]
-        m = (m - m[..., :, i:i + 1] * row[..., None, :]).at[..., i, :].set(row)
-    return m[..., k:k + r], jnp.diagonal(m[..., k + r:], axis1=-2, axis2=-1)
 
 
 class GroupEncoder(nnx.Module):
@@ -67,21 +54,6 @@ class GroupEncoder(nnx.Module):
         self.rho = MLP(width + self.stats_dim, (width,), out, rngs=rngs)
         self.out_features = out
 
-    def _regression(self, rows, total, n):
-        """Each group's least-squares fit of each response on ``[1, covariates]``."""
-        y = rows[..., :self.responses]
-        x = rows[..., self.responses:self.responses + self.covariates]
-        x = jnp.concatenate([jnp.ones_like(x[..., :1]), x], axis=-1)
-        xtx = total(x[..., :, None] * x[..., None, :]) / n[..., None]
-        xty = total(x[..., :, None] * y[..., None, :]) / n[..., None]
-        yty = total(y**2) / n
-        a = xtx + 1e-3 * jnp.eye(x.shape[-1], dtype=x.dtype)
-        beta, inv_diag = _spd_solve(a, xty)  # (B, J, K, R), (B, J, K)
-        rss = yty - 2 * (beta * xty).sum(-2) + jnp.einsum("bjir,bjik,bjkr->bjr", beta, xtx, beta)
-        return [compress_tails(jnp.reshape(beta, beta.shape[:2] + (-1,))),
-                0.5 * jnp.log(jnp.maximum(rss, 0.0) + 1e-4),
-                0.5 * (jnp.log(inv_diag) - jnp.log(n))]
-
     def __call__(self, rows, group, mask):
         b, r = group.shape
         ids = jnp.reshape(group + self.num_groups * jnp.arange(b)[:, None], -1)
@@ -103,7 +75,9 @@ class GroupEncoder(nnx.Module):
             i, j = np.triu_indices(self.cross, k=1)
             stats.append(pool(rows[..., i] * rows[..., j]))
         if self.responses:
-            stats += self._regression(rows, total, n)
+            y = rows[..., :self.responses]
+            stats += least_squares(y, rows[..., self.responses:self.responses + self.covariates],
+                                   total, n)
         stats = jnp.concatenate(stats, axis=-1) * (count > 0)
         h = pool(jax.nn.silu(self.phi(rows)))
         return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats

@@ -9,8 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["MLP", "Buffer", "host_lecun_normal", "masked_moments", "stack_modules",
-           "stack_on_host"]
+__all__ = ["MLP", "Buffer", "compress_tails", "host_lecun_normal", "least_squares",
+           "masked_moments", "stack_modules", "stack_on_host"]
+
+TAIL = 5.0
+
+
+def compress_tails(z, tail=TAIL):
+    """``z`` where ``|z| <= tail``, ``sign(z) (tail + log1p(|z| - tail))`` beyond: continuous
+    with a continuous derivative, monotone, so no information is lost."""
+    excess = jnp.maximum(jnp.abs(z) - tail, 0.0)
+    return jnp.where(excess > 0, jnp.sign(z) * (tail + jnp.log1p(excess)), z)
 
 
 def host_lecun_normal():
@@ -119,3 +128,43 @@ def masked_moments(x, mask, *, max_corr_features=16):
         i, j = np.triu_indices(f, k=1)
         stats.append(corr[..., i, j])
     return z, stats
+
+
+def spd_solve(a, b):
+    """``(a^-1 b, diag(a^-1))`` for small symmetric positive definite matrices ``a (..., K, K)``
+    by Gauss-Jordan elimination unrolled over ``K`` (no pivoting needed), in elementwise array
+    operations: jaxlib's batched LAPACK solvers wait on XLA's CPU thread pool from inside it,
+    which deadlocks a training step on large batches of groups."""
+    k, r = a.shape[-1], b.shape[-1]
+    m = jnp.concatenate([a, b, jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), a.shape)], axis=-1)
+    for i in range(k):
+        row = m[..., i, :] / m[..., i, i:i + 1]
+        m = (m - m[..., :, i:i + 1] * row[..., None, :]).at[..., i, :].set(row)
+    return m[..., k:k + r], jnp.diagonal(m[..., k + r:], axis1=-2, axis2=-1)
+
+
+def least_squares(y, x, total, n, *, ridge=1e-3):
+    """Each response's least-squares fit on ``[1, x]`` within each set of rows: the
+    coefficients (tails compressed), the log residual sd and the log standard errors
+    (``(..., R * (K + 1))``, ``(..., R)``, ``(..., K + 1)`` for ``K`` covariates).
+
+    :param y: ``(..., N, R)`` responses; :param x: ``(..., N, K)`` covariates.
+    :param total: sums a ``(..., N, *rest)`` array over the (unmasked) rows of each set.
+    :param n: ``(..., 1)`` number of rows of each set (at least 1).
+    :param ridge: added to the normal equations' diagonal, so that sets with fewer rows than
+        coefficients stay finite.
+
+    A network approximates a division poorly; where the data are informative, the posterior's
+    location is a regression fit known to a small fraction of the prior's scale, which pooled
+    moments and correlations encode too coarsely.
+    """
+    x = jnp.concatenate([jnp.ones_like(x[..., :1]), x], axis=-1)
+    xtx = total(x[..., :, None] * x[..., None, :]) / n[..., None]
+    xty = total(x[..., :, None] * y[..., None, :]) / n[..., None]
+    yty = total(y**2) / n
+    a = xtx + ridge * jnp.eye(x.shape[-1], dtype=x.dtype)
+    beta, inv_diag = spd_solve(a, xty)  # (..., K, R), (..., K)
+    rss = yty - 2 * (beta * xty).sum(-2) + jnp.einsum("...ir,...ik,...kr->...r", beta, xtx, beta)
+    return [compress_tails(jnp.reshape(beta, beta.shape[:-2] + (-1,))),
+            0.5 * jnp.log(jnp.maximum(rss, 0.0) + 1e-4),
+            0.5 * (jnp.log(inv_diag) - jnp.log(n))]

@@ -6,18 +6,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch
-from numpyro_amortized.networks.layers import Buffer, buffer_value
+from numpyro_amortized.networks.layers import Buffer, buffer_value, compress_tails
 
 __all__ = ["AmortizedPosterior", "compress_tails"]
-
-TAIL = 5.0
-
-
-def compress_tails(z, tail=TAIL):
-    """``z`` where ``|z| <= tail``, ``sign(z) (tail + log1p(|z| - tail))`` beyond: continuous
-    with a continuous derivative, monotone, so no information is lost."""
-    excess = jnp.maximum(jnp.abs(z) - tail, 0.0)
-    return jnp.where(excess > 0, jnp.sign(z) * (tail + jnp.log1p(excess)), z)
 
 
 class AmortizedPosterior(nnx.Module):

@@ -13,7 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
+from numpyro_amortized.networks.layers import (
+    MLP,
+    host_lecun_normal,
+    least_squares,
+    masked_moments,
+)
 
 __all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary"]
 
@@ -100,7 +105,12 @@ class DeepSet(nnx.Module):
     to 16 features), are passed to the outer network exactly, and the inner network sees the
     within-dataset standardized observations. This keeps within-dataset
     structure (a residual scale, a correlation) visible when datasets differ a lot in location
-    and scale. Each observation then goes through an inner MLP; the masked mean over
+    and scale. Where the rows carry covariates (``spec.set_covariates``, up to
+    ``max_regressors`` of them), each response's least-squares fit on them (coefficients, log
+    residual sd, log standard errors; :func:`~numpyro_amortized.networks.layers.least_squares`)
+    goes to the outer network too: an informative dataset's posterior sits where that fit
+    does, to a precision that pooled moments and correlations cannot carry. Each observation
+    then goes through an inner MLP; the masked mean over
     observations, ``log n`` and any fixed-size data go through an outer MLP. Padding (mask
     ``False``) never changes the output, so one network serves datasets of every size.
 
@@ -109,6 +119,8 @@ class DeepSet(nnx.Module):
     :param hidden: width of both MLPs.
     :param depth: hidden layers per MLP.
     :param moments: pool the per-dataset mean and sd of each feature too (see above).
+    :param max_regressors: fit the responses on the covariates when there are at most this
+        many covariate features (0: never).
 
     **References:** Zaheer et al. (2017), *Deep Sets*, NeurIPS.
 
@@ -120,14 +132,16 @@ class DeepSet(nnx.Module):
     accepts_variable_size = True
 
     def __init__(self, spec: DataSpec, *, summary_dim=32, hidden=64, depth=2, moments=True,
-                 rngs: nnx.Rngs):
+                 max_regressors=8, rngs: nnx.Rngs):
         if spec.set_features == 0:
             raise ValueError("DeepSet needs observations in a plate; use MLPSummary instead.")
-        f = spec.set_features
+        f, k = spec.set_features, spec.set_covariates
         self.moments = moments
         self.inner = MLP(f, (hidden,) * depth, hidden, rngs=rngs)
         self.num_corr = f * (f - 1) // 2 if moments and f <= 16 else 0
-        outer_in = hidden + 1 + spec.flat_features + (2 * f + self.num_corr if moments else 0)
+        self.responses = f - k if 0 < k <= max_regressors and k < f <= 16 else 0
+        outer_in = (hidden + 1 + spec.flat_features + (2 * f + self.num_corr if moments else 0)
+                    + (self.responses * (k + 2) + k + 1 if self.responses else 0))
         self.outer = MLP(outer_in, (hidden,) * depth, summary_dim, rngs=rngs)
         self.summary_dim = summary_dim
 
@@ -137,8 +151,13 @@ class DeepSet(nnx.Module):
         n = jnp.sum(m, axis=-2)
         n_safe = jnp.maximum(n, 1.0)
         parts = []
+        if self.responses:
+            total = lambda h: jnp.sum(h * jnp.reshape(m, m.shape + (1,) * (h.ndim - 3)), axis=1)
+            parts += least_squares(x[..., :self.responses], x[..., self.responses:], total,
+                                   n_safe)
         if self.moments:
-            x, parts = masked_moments(x, data.mask, max_corr_features=16 if self.num_corr else 0)
+            x, stats = masked_moments(x, data.mask, max_corr_features=16 if self.num_corr else 0)
+            parts += stats
         h = jax.nn.silu(self.inner(x))
         parts = [jnp.sum(h * m, axis=-2) / n_safe, jnp.log(n_safe)] + parts
         if data.flat is not None:

@@ -25,7 +25,8 @@ def response_sites(model, *args, **kwargs) -> tuple:
     Covariates written as observed sample sites (``x ~ N(0, 1)``, observed) do not depend on
     the latents and are held fixed in a posterior predictive check; responses are replicated.
     """
-    return latent_dependent_sites(model, inspect_model(model, *args, **kwargs), args, kwargs)
+    responses, _ = split_responses(model, inspect_model(model, *args, **kwargs), args, kwargs)
+    return tuple(s.name for s in responses)
 
 
 def latent_dependent_sites(model, structure, args, kwargs) -> tuple:

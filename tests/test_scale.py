@@ -119,7 +119,7 @@ def test_save_load_in_a_new_process_gives_identical_draws(trained, tmp_path):
     guide, result, path = trained
     run_script("load_and_sample.py", path, tmp_path / "draws.npy")
     x = jnp.linspace(0.0, 1.0, 12)
-    draws = guide.sample_posterior(jax.random.PRNGKey(7), result.params, x=x, y=1.0 + 2.0 * x,
+    draws = guide.sample_posterior(jax.random.PRNGKey(7), result.params, x=x, y=1.0 + 2.0 * x + 0.5 * jnp.sin(9.0 * x),
                                    sample_shape=(100,))
     here = np.concatenate([draws["beta"], draws["sigma"][:, None]], axis=1)
     np.testing.assert_array_equal(np.load(tmp_path / "draws.npy"), here)

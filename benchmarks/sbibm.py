@@ -8,11 +8,14 @@ the reference posterior: exact samplers where they exist, otherwise long NUTS ru
 (R-hat, ESS, divergences), or for lotka_volterra rejection sampling from a Student-t around the
 posterior mode, checked (Pareto k-hat); cached in ``benchmarks/results/references``.
 
-Observations are drawn from the prior predictive with a fixed seed (sbibm's stored
-observations are not shipped here); an observation whose NUTS reference fails its checks is
-replaced by the next one, and the number replaced is recorded. Refusals are cached too (a
-``.failed.json`` beside the references, with the checks that failed), so a rerun does not
-recompute them; delete the file to try again.
+By default the observations and reference posteriors are sbibm's own (``--observations sbibm``):
+its 10 stored observations per task and their 10,000 reference draws, read from the sbibm 1.1.0
+wheel, which the script downloads once into ``benchmarks/.peers/sbibm`` (never a dependency of
+the package). With ``--observations own``, observations are drawn from the prior predictive with
+a fixed seed and scored against the exact samplers, NUTS or rejection references above; an
+observation whose NUTS reference fails its checks is replaced by the next one, and the number
+replaced is recorded. Refusals are cached too (a ``.failed.json`` beside the references, with
+the checks that failed), so a rerun does not recompute them; delete the file to try again.
 
     python benchmarks/sbibm.py                                  # the full run (hours on 2 cores)
     python benchmarks/sbibm.py --tasks two_moons slcp --budgets 10000
@@ -55,6 +58,48 @@ BEST_PUBLISHED_1E5 = {
     "gaussian_linear": 0.506, "two_moons": 0.530, "gaussian_mixture": 0.531, "slcp": 0.578,
     "bernoulli_glm": 0.522, "sir": 0.547, "lotka_volterra": 0.695,
 }
+
+
+SBIBM_VERSION = "1.1.0"
+SBIBM_FILES = ROOT / "benchmarks" / ".peers" / "sbibm"
+
+
+def sbibm_files(root=SBIBM_FILES):
+    """The task files of the sbibm wheel (observations, reference draws), downloaded once."""
+    tasks = root / "sbibm" / "tasks"
+    if not tasks.exists():
+        import subprocess
+        import sys
+        import zipfile
+
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", f"sbibm=={SBIBM_VERSION}",
+                        "--no-deps", "--quiet", "-d", str(root)], check=True)
+        with zipfile.ZipFile(next(root.glob("sbibm-*.whl"))) as wheel:
+            wheel.extractall(root, [n for n in wheel.namelist() if "/num_observation_" in n])
+    return tasks
+
+
+def sbibm_observations(name, num, *, num_draws, root=SBIBM_FILES):
+    """sbibm's observations 1..``num`` of task ``name`` in our data's shape, and its reference
+    posterior draws (the first ``num_draws`` of the 10,000 stored) as parameter vectors."""
+    task = TASKS[name]
+    raw = name == "bernoulli_glm_raw"  # sbibm stores the spike trains beside the statistics
+    folder = sbibm_files(root) / ("bernoulli_glm" if raw else name) / "files"
+    shape, dtype = task.data["x"].shape, np.dtype(task.data["x"].dtype)
+    xs, refs = [], []
+    for k in range(1, num + 1):
+        obs = folder / f"num_observation_{k}"
+        x = np.loadtxt(obs / ("observation_raw.csv" if raw else "observation.csv"),
+                       delimiter=",", skiprows=1, ndmin=1)
+        ref = np.loadtxt(obs / "reference_posterior_samples.csv.bz2", delimiter=",",
+                         skiprows=1, ndmin=2)
+        if len(ref) < num_draws:
+            raise ValueError(f"sbibm stores {len(ref)} reference draws for {name}; "
+                             f"--num-draws {num_draws} asks for more")
+        xs.append(np.round(x).astype(dtype) if dtype.kind == "i" else x.astype(dtype))
+        refs.append(ref[:num_draws])
+    return np.stack(xs).reshape((num,) + shape), refs, 0
 
 
 def observations(name, num, *, num_draws, seed=2026, quick=False):
@@ -282,9 +327,12 @@ def posterior_draws(guide, result, task, xs, num_draws):
 
 
 def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds=60.0,
-        c2st_jobs=None, flow=None, num_steps=None):
+        c2st_jobs=None, flow=None, num_steps=None, source="sbibm"):
     task = TASKS[name]
-    xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
+    if source == "sbibm":
+        xs, refs, replaced = sbibm_observations(name, num_obs, num_draws=num_draws)
+    else:
+        xs, refs, replaced = observations(name, num_obs, num_draws=num_draws, quick=quick)
     rows = []
     for budget in budgets:
         guide, result, wall = train(name, budget, quick=quick, online_seconds=online_seconds,
@@ -304,6 +352,7 @@ def run(name, budgets, *, num_obs, num_draws, quick, c2st_kwargs, online_seconds
                if budget == "online" else None,
                "sampling_time_s": sampling, "num_observations": len(xs),
                "observations_replaced": replaced, "num_draws": num_draws,
+               "observations": source,
                "c2st_recipe": "exact sbibm" if not c2st_kwargs else str(c2st_kwargs),
                **_flow_fields(guide, result)}
         print(f"{name} {budget}: C2ST {row['c2st_mean']:.3f} ({len(xs)} obs.), wall "
@@ -344,17 +393,25 @@ MARK_NOTES = {
          "weight decay",
     "§": "measured with weight decay 2 on the decayed members, which the default now lowers to "
          "0.202 for a bank of 10^5",
+    "¶": "measured with this package's earlier definition of the task (other observation times, "
+         "or another stimulus), not sbibm's",
 }
+# tasks whose definition became sbibm's exactly; their rows measured before are marked
+REDEFINED = {"sir", "lotka_volterra", "bernoulli_glm", "bernoulli_glm_raw"}
 
 
 def _mark(row):
+    """The marks of a row: an earlier flow (fixed budgets; online rows train one flow by
+    design) and an earlier definition of the task."""
     flow = _flow(row)
-    return PREVIOUS_FLOW_MARKS.get(flow) or PREVIOUS_BUDGET_FLOW_MARKS.get((row["budget"], flow), "")
+    mark = "" if row["budget"] == "online" else (
+        PREVIOUS_FLOW_MARKS.get(flow) or PREVIOUS_BUDGET_FLOW_MARKS.get((row["budget"], flow), ""))
+    return mark + ("¶" if row["task"] in REDEFINED and "observations" not in row else "")
 
 
 def legend(rows):
     """What the table's marks mean: only those some row carries."""
-    used = {_mark(r) for r in rows if r["budget"] != "online"}
+    used = set("".join(_mark(r) for r in rows))
     return "".join(f"; {m}: {note}" for m, note in MARK_NOTES.items() if m in used)
 
 
@@ -399,7 +456,7 @@ def summary(rows):
                          f"{_obs_note(r)}")
         r = by.get("online")
         cells.append("not run" if r is None else
-                     f"{r['c2st_mean']:.3f} ({r['num_simulations']:,} in "
+                     f"{r['c2st_mean']:.3f}{_mark(r)} ({r['num_simulations']:,} in "
                      f"{r['wall_time_s']:.0f} s){_obs_note(r)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -407,6 +464,14 @@ def summary(rows):
 
 def _obs_note(row):
     return "" if row["num_observations"] == 10 else f", {row['num_observations']} obs."
+
+
+def _source(row):
+    """Whose observations a row was scored on (rows stored before the choice: our own)."""
+    if row.get("observations") == "sbibm":
+        return "sbibm's"
+    replaced = row["observations_replaced"]
+    return "own" + (f", {replaced} replaced" if replaced else "")
 
 
 def table(rows):
@@ -422,11 +487,10 @@ def table(rows):
         budget = (f"online {r['num_simulations']:,} ({r['wall_time_s']:.0f} s)"
                   if r["budget"] == "online" else f"{int(r['budget']):,}")
         lines.append(
-            f"| {r['task']} | {budget} | **{r['c2st_mean']:.3f}** | "
+            f"| {r['task']} | {budget} | **{r['c2st_mean']:.3f}**{_mark(r)} | "
             f"{'' if npe is None else f'{npe:.3f}'} | {'' if best is None else f'{best:.3f}'} | "
             f"{r['wall_time_s']:.0f} | {_steps(r)} | {r['sampling_time_s']:.2f} | "
-            f"{r['num_observations']}"
-            f"{' (' + str(r['observations_replaced']) + ' replaced)' if r['observations_replaced'] else ''}"
+            f"{r['num_observations']} {_source(r)}"
             f" | {'sbibm recipe' if r['c2st_recipe'] == 'exact sbibm' else 'early stopping'} | "
             f"{_flow(r)}{_weights(r)} |")
     return "\n".join(lines)
@@ -450,6 +514,9 @@ def main(argv=None):
     parser.add_argument("--flow", choices=["default", "flow_matching"], default="default",
                         help="the density: the defaults' or the flow-matching one (results "
                         "stored apart)")
+    parser.add_argument("--observations", choices=["sbibm", "own"], default="sbibm",
+                        help="sbibm's stored observations and reference posteriors, or draws "
+                        "of our own scored against our references (--quick: own)")
     parser.add_argument("--num-steps", type=int, default=None,
                         help="training steps on a fixed budget (default: fit's)")
     args = parser.parse_args(argv)
@@ -463,7 +530,8 @@ def main(argv=None):
                   c2st_kwargs=c2st_kwargs, online_seconds=args.online_seconds,
                   c2st_jobs=None if quick else args.c2st_jobs,
                   flow=flow_matching if args.flow == "flow_matching" else None,
-                  num_steps=args.num_steps)
+                  num_steps=args.num_steps,
+                  source="own" if quick else args.observations)
         rows += new
         if not quick:
             store(new, "" if args.flow == "default" else "_" + args.flow)  # after each task, so a long run interrupted keeps what it measured
@@ -492,7 +560,9 @@ def _store_locked(out, rows, suffix=""):
 
     text = (f"Measured on {len(jax.devices())} {jax.devices()[0].platform} device(s) "
             f"(`python benchmarks/sbibm.py`); C2ST recipe per row in "
-            f"benchmarks/results/{out.name}. Mean C2ST over the observations (10 unless said),"
+            f"benchmarks/results/{out.name}. Mean C2ST over the observations (10 unless said; "
+            "sbibm's stored observations and reference posteriors where the rows below say "
+            "\"sbibm's\", draws of our own with our references where they say \"own\"),"
             " against sbibm's published NPE at the same budget and, at 10^5, the best "
             f"published method (\"miss\": above the published NPE{legend(rows)}):\n\n"
             + (table(rows) if suffix else summary(rows) + "\n\nEvery row:\n\n" + table(rows)))

@@ -95,13 +95,14 @@ def test_sir_ode_matches_scipy_and_fails_loudly():
     from scipy.integrate import solve_ivp
 
     from numpyro_amortized.examples import sir, sir_log_infected
+    from numpyro_amortized.examples.epidemics import DAYS
     from numpyro_amortized.simulation import simulate
 
-    days = np.linspace(0.0, 160.0, 11)[1:]
+    days = np.asarray(DAYS, np.float64)
     for beta, gamma in ((0.4, 0.125), (0.9, 0.1), (0.15, 0.2)):  # typical, fast, dies out
         def f(t, y, beta=beta, gamma=gamma):
             return [-beta * y[0] * y[1], beta * y[0] * y[1] - gamma * y[1]]
-        ref = solve_ivp(f, (0, 160), [1 - 1e-6, 1e-6], t_eval=days, rtol=1e-10, atol=1e-16).y[1]
+        ref = solve_ivp(f, (0, days[-1]), [1 - 1e-6, 1e-6], t_eval=days, rtol=1e-10, atol=1e-16).y[1]
         got = np.exp(np.asarray(sir_log_infected(beta, gamma, jnp.asarray(days))))
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-12)
     assert np.isnan(np.asarray(sir_log_infected(50.0, 0.1, jnp.asarray(days), max_steps=16))).all()

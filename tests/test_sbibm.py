@@ -139,6 +139,13 @@ def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
     rows[0].update(budget="100000", flow=old)
     assert sbibm.legend(rows).startswith("; §: measured with weight decay 2")
     assert "†" not in sbibm.legend(rows + [{**row, "budget": "online", "flow": "spline"}])
+    # a redefined task's rows from before sbibm's definitions carry a mark, new ones do not
+    sir = {"task": "sir", "num_observations": 10, "flow": new}
+    rows = [{**sir, "budget": "10000", "c2st_mean": 0.574},
+            {**sir, "budget": "100000", "c2st_mean": 0.538, "observations": "sbibm"}]
+    line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| sir"))
+    assert "| 0.574¶ (0.680) |" in line and "| 0.538 (0.585 / 0.547)" in line, line
+    assert "¶: measured with this package's earlier definition" in sbibm.legend(rows)
 
 
 def _benchmark_module(monkeypatch):
@@ -206,3 +213,36 @@ def test_a_refused_reference_is_remembered(monkeypatch, tmp_path):
     assert reference(3, reliable=True) is None and len(calls) == 1  # not rerun
     assert reference(4, reliable=True).shape == (20, 2) and len(calls) == 2
     assert reference(4, reliable=False).shape == (20, 2) and len(calls) == 2  # cached draws
+
+
+def test_sbibm_observations_are_read_in_the_models_shapes(monkeypatch, tmp_path):
+    """sbibm's stored files (laid out as in its wheel) become data of each model's shape and
+    dtype, with the reference draws cut to the number asked; too many draws is an error."""
+    sbibm = _benchmark_module(monkeypatch)
+    files = tmp_path / "sbibm" / "tasks"
+
+    def write(task, k, name, values, header):
+        folder = files / task / "files" / f"num_observation_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savetxt(folder / name, np.atleast_2d(values), delimiter=",", header=header,
+                   comments="")
+
+    rng = np.random.default_rng(0)
+    for k in (1, 2):
+        write("slcp", k, "observation.csv", np.arange(8.0) + k, "d1,d2,d3,d4,d5,d6,d7,d8")
+        write("slcp", k, "reference_posterior_samples.csv.bz2", rng.normal(size=(6, 5)), "t")
+        write("sir", k, "observation.csv", [0.0, 1.0, 352.0, 40.0] + [0.0] * 6, "x")
+        write("sir", k, "reference_posterior_samples.csv.bz2", rng.normal(size=(6, 2)), "t")
+        write("bernoulli_glm", k, "observation_raw.csv", np.ones(100) * k, "y")
+        write("bernoulli_glm", k, "reference_posterior_samples.csv.bz2",
+              rng.normal(size=(6, 10)), "t")
+    xs, refs, replaced = sbibm.sbibm_observations("slcp", 2, num_draws=4, root=tmp_path)
+    assert xs.shape == (2, 4, 2) and xs.dtype == np.float32 and replaced == 0
+    np.testing.assert_array_equal(xs[1], (np.arange(8.0) + 2).reshape(4, 2))
+    assert [r.shape for r in refs] == [(4, 5), (4, 5)]
+    xs, refs, _ = sbibm.sbibm_observations("sir", 2, num_draws=6, root=tmp_path)
+    assert xs.dtype == np.int32 and xs[0, 2] == 352 and refs[0].shape == (6, 2)
+    xs, _, _ = sbibm.sbibm_observations("bernoulli_glm_raw", 2, num_draws=6, root=tmp_path)
+    assert xs.shape == (2, 100) and xs[1, 0] == 2
+    with pytest.raises(ValueError, match="7"):
+        sbibm.sbibm_observations("sir", 1, num_draws=7, root=tmp_path)

@@ -2,9 +2,9 @@
 
 dS/dt = -beta S I / N, dI/dt = beta S I / N - gamma I, with N = 10^6 people, one infected
 person at day 0, and the sbibm task's priors and observation model: beta ~ LogNormal(log 0.4,
-0.5), gamma ~ LogNormal(log 1/8, 0.2), and at each of ``num_times`` days evenly spread over the
-first 160 days (day 0 excluded) the number of infected people in a sample of 1000,
-Binomial(1000, I(t) / N). The observation days are a ``"time"`` plate, so
+0.5), gamma ~ LogNormal(log 1/8, 0.2), and on days 0, 17, 34, ..., 153 (sbibm's: every 17th
+day of its daily grid) the number of infected people in a sample of 1000, Binomial(1000,
+I(t) / N). The observation days are a ``"time"`` plate, so
 ``AutoAmortizedFlow(sir, time_series=True)`` reads them with the time-series network.
 """
 
@@ -17,11 +17,12 @@ import numpyro.distributions as dist
 __all__ = ["sir", "sir_log_infected"]
 
 POPULATION = 1e6
-DAYS = 160.0
+DAYS = tuple(range(0, 160, 17))
+"""sbibm's observation days."""
 
 
 def sir_log_infected(beta, gamma, days, *, rtol=1e-6, max_steps=4096):
-    """log(I(t) / N) at ``days`` (increasing, > 0) for scalar rates.
+    """log(I(t) / N) at ``days`` (increasing, >= 0) for scalar rates.
 
     The ODE is solved for (S / N, log I / N), d log I / dt = beta S / N - gamma, so the result
     stays finite and differentiable even where the epidemic dies out (I / N far below 1e-12);
@@ -47,8 +48,8 @@ def sir_log_infected(beta, gamma, days, *, rtol=1e-6, max_steps=4096):
     return jnp.where(ok, solution.ys[:, 1], jnp.nan)
 
 
-def sir(x=None, num_times=10, total_count=1000):
-    """beta, gamma ~ log-normal; x_t ~ Binomial(total_count, I(t) / N) on ``num_times`` days.
+def sir(x=None, days=DAYS, total_count=1000):
+    """beta, gamma ~ log-normal; x_t ~ Binomial(total_count, I(t) / N) on ``days``.
 
     **Example**::
 
@@ -57,8 +58,7 @@ def sir(x=None, num_times=10, total_count=1000):
     """
     beta = numpyro.sample("beta", dist.LogNormal(jnp.log(0.4), 0.5))
     gamma = numpyro.sample("gamma", dist.LogNormal(jnp.log(1 / 8), 0.2))
-    days = jnp.linspace(0.0, DAYS, num_times + 1)[1:]
-    log_i = jnp.minimum(sir_log_infected(beta, gamma, days), -1e-6)
+    log_i = jnp.minimum(sir_log_infected(beta, gamma, jnp.asarray(days, jnp.float32)), -1e-6)
     logits = log_i - jnp.log1p(-jnp.exp(log_i))
-    with numpyro.plate("time", num_times):
+    with numpyro.plate("time", len(days)):
         numpyro.sample("x", dist.Binomial(total_count, logits=logits), obs=x)

@@ -395,6 +395,7 @@ MARK_NOTES = {
          "0.202 for a bank of 10^5",
     "¶": "measured with this package's earlier definition of the task (other observation times, "
          "or another stimulus), not sbibm's",
+    "°": "scored on observations drawn here, against references made here, not on sbibm's",
 }
 # tasks whose definition became sbibm's exactly; their rows measured before are marked
 REDEFINED = {"sir", "lotka_volterra", "bernoulli_glm", "bernoulli_glm_raw"}
@@ -406,7 +407,9 @@ def _mark(row):
     flow = _flow(row)
     mark = "" if row["budget"] == "online" else (
         PREVIOUS_FLOW_MARKS.get(flow) or PREVIOUS_BUDGET_FLOW_MARKS.get((row["budget"], flow), ""))
-    return mark + ("¶" if row["task"] in REDEFINED and "observations" not in row else "")
+    own = row.get("observations") != "sbibm"
+    return mark + ("¶" if row["task"] in REDEFINED and "observations" not in row else "") + (
+        "°" if own else "")
 
 
 def legend(rows):

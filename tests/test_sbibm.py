@@ -122,7 +122,7 @@ def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
     sbibm = _benchmark_module(monkeypatch)
     old, new = ("ensemble (spline, affine, spline wd 2, affine wd 2)",
                 "ensemble (spline, affine, spline wd 0.202, affine wd 0.202)")
-    row = {"task": "two_moons", "num_observations": 10}
+    row = {"task": "two_moons", "num_observations": 10, "observations": "sbibm"}
     rows = [{**row, "budget": "10000", "c2st_mean": 0.57, "flow": old},
             {**row, "budget": "100000", "c2st_mean": 0.529, "flow": new}]
     line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| two_moons"))
@@ -144,7 +144,7 @@ def test_summary_marks_rows_measured_with_earlier_defaults(monkeypatch):
     rows = [{**sir, "budget": "10000", "c2st_mean": 0.574},
             {**sir, "budget": "100000", "c2st_mean": 0.538, "observations": "sbibm"}]
     line = next(x for x in sbibm.summary(rows).splitlines() if x.startswith("| sir"))
-    assert "| 0.574¶ (0.680) |" in line and "| 0.538 (0.585 / 0.547)" in line, line
+    assert "| 0.574¶° (0.680) |" in line and "| 0.538 (0.585 / 0.547)" in line, line
     assert "¶: measured with this package's earlier definition" in sbibm.legend(rows)
 
 

@@ -564,8 +564,7 @@ def _store_locked(out, rows, suffix=""):
     text = (f"Measured on {len(jax.devices())} {jax.devices()[0].platform} device(s) "
             f"(`python benchmarks/sbibm.py`); C2ST recipe per row in "
             f"benchmarks/results/{out.name}. Mean C2ST over the observations (10 unless said; "
-            "sbibm's stored observations and reference posteriors where the rows below say "
-            "\"sbibm's\", draws of our own with our references where they say \"own\"),"
+            "sbibm's stored observations and reference posteriors unless marked °),"
             " against sbibm's published NPE at the same budget and, at 10^5, the best "
             f"published method (\"miss\": above the published NPE{legend(rows)}):\n\n"
             + (table(rows) if suffix else summary(rows) + "\n\nEvery row:\n\n" + table(rows)))

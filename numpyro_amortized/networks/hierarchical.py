@@ -109,7 +109,7 @@ class HierarchicalPosterior(AmortizedPosterior):
         self.other_data = bool(other_data)
         width, out = encoder.out_features, summary_net.summary_dim
         self.group_pool = MLP(width, (width,), width, rngs=rngs)
-        self.global_head = MLP(width + 2 * encoder.stats_dim + 2 + (out if other_data else 0),
+        self.global_head = MLP(width + 3 * encoder.stats_dim + 2 + (out if other_data else 0),
                                (2 * width,), out, rngs=rngs)
         self.group_loc = Buffer(jnp.asarray(group_stats[0]))
         self.group_scale = Buffer(jnp.asarray(group_stats[1]))
@@ -143,7 +143,9 @@ class HierarchicalPosterior(AmortizedPosterior):
         """The summary ``(B, S)`` of all the data, and the group embeddings ``(B, J, E)``.
 
         The summary pools the groups that have data (the mean of their embeddings, the mean
-        and spread of their exact statistics, the log number of such groups and of rows), and
+        and spread of their exact statistics and their mean weighted by the groups' numbers of
+        rows, which pools a shared noise scale as the likelihood does where group sizes differ,
+        the log number of such groups and of rows), and
         each group's embedding carries its exact statistics: the globals' likelihood is a
         product over groups, and a group without data leaves it unchanged, so a set function of
         the groups with data summarizes it, for any number of groups; observations outside
@@ -154,7 +156,8 @@ class HierarchicalPosterior(AmortizedPosterior):
         average = lambda v: (v * present).sum(-2) / jnp.maximum(count, 1.0)
         spread = average((stats - average(stats)[..., None, :]) ** 2)
         total = data.group_mask.sum(-1, keepdims=True).astype(e.dtype)
-        parts = [average(jax.nn.silu(self.group_pool(e))), average(stats),
+        pooled = (stats * size).sum(-2) / jnp.maximum(total, 1.0)  # weighted by group sizes
+        parts = [average(jax.nn.silu(self.group_pool(e))), average(stats), pooled,
                  0.5 * jnp.log(spread + 1e-4), jnp.log1p(count), jnp.log1p(total)]
         if self.other_data:
             parts.append(super().embed(data))

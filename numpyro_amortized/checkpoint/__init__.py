@@ -242,6 +242,8 @@ def load(path, model, *args, guide=None, **kwargs):
             set_sizes=None if set_sizes is None else tuple(set_sizes),
             time_series=bool(config.get("time_series", False)), design=stored_design(body, path),
             num_pilot_simulations=config["num_pilot_simulations"], prefix=config["prefix"],
+            hierarchical=config.get("hierarchical", "auto"),
+            num_groups=None if config.get("num_groups") is None else tuple(config["num_groups"]),
         )
     elif guide.is_setup:
         raise CheckpointError("load(guide=...) needs a guide that has not been set up yet.")

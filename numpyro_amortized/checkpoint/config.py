@@ -31,6 +31,8 @@ def guide_config(guide) -> dict:
         "num_pilot_simulations": guide.num_pilot_simulations,
         "prefix": guide.prefix,
         "design": design_kind(guide.design),
+        "hierarchical": guide.hierarchical,
+        "num_groups": None if guide.num_groups is None else list(guide.num_groups),
     }
 
 
@@ -121,6 +123,9 @@ def check_config(guide, body, path):
     diff = {k: (saved[k], v) for k, v in here.items()
             if k != "num_pilot_simulations"  # the standardization is restored, not re-estimated
             and saved.get(k) is not None and v is not None and saved[k] != v}
+    for k in ("hierarchical", "num_groups"):  # None is a choice here: compare when saved
+        if k in saved and saved[k] != here[k]:
+            diff[k] = (saved[k], here[k])
     if saved.get("design") != here["design"]:  # covariates drawn anew or not: other training
         diff["design"] = (saved.get("design"), here["design"])
     elif here["design"] == "arrays":

@@ -31,6 +31,8 @@ from numpyro_amortized.examples.hierarchical import (
     multilevel_binomial,
     varying_intercepts,
     varying_slopes,
+    varying_slopes_collapsed,
+    varying_slopes_locals,
 )
 from numpyro_amortized.networks import HierarchicalPosterior
 from numpyro_amortized.networks.hierarchical import GroupEncoder
@@ -131,6 +133,46 @@ def test_group_statistics_of_degenerate_groups_are_finite():
     assert abs(stats[1, start + 1]) < 1e-3  # slope of a constant covariate
     log_se_slope = stats[:, start + 4]
     assert log_se_slope[1] > log_se_slope[3] + 2.0
+
+
+def test_collapsed_varying_slopes_is_the_exact_marginal_and_conditional():
+    """The NUTS reference of the hierarchical regression benchmark: the collapsed model's
+    density is the Gaussian marginal of each group's rows (a group with no rows adds 0), and
+    the locals drawn given the globals have the conditional Gaussian's mean and covariance."""
+    from numpyro.infer.util import log_density
+
+    rng = np.random.default_rng(3)
+    group = np.array([0] * 4 + [1] * 7 + [3] * 2)  # group 2 has no rows
+    x, y = rng.normal(size=group.size), rng.normal(size=group.size)
+    glob = {"mu_a": 0.3, "mu_b": -0.8, "tau_a": 0.7, "tau_b": 1.3, "sigma": 0.4}
+    lp, _ = log_density(varying_slopes_collapsed, (group, x, 4, y), {}, glob)
+    prior = sum(float(d.log_prob(glob[k])) for k, d in (
+        ("mu_a", dist.Normal(0, 2.0)), ("mu_b", dist.Normal(0, 2.0)),
+        ("tau_a", dist.HalfNormal(1.0)), ("tau_b", dist.HalfNormal(1.0)),
+        ("sigma", dist.HalfNormal(1.0))))
+    d = np.diag([glob["tau_a"] ** 2, glob["tau_b"] ** 2])
+    marginal, means, covs = 0.0, [], []
+    for j in (0, 1, 3):
+        u = np.column_stack([np.ones((group == j).sum()), x[group == j]])
+        mean = u @ [glob["mu_a"], glob["mu_b"]]
+        cov = glob["sigma"] ** 2 * np.eye(len(u)) + u @ d @ u.T
+        marginal += float(dist.MultivariateNormal(mean, cov).log_prob(y[group == j]))
+        post_cov = np.linalg.inv(np.linalg.inv(d) + u.T @ u / glob["sigma"] ** 2)
+        covs.append(post_cov)
+        means.append(post_cov @ (np.linalg.inv(d) @ [glob["mu_a"], glob["mu_b"]]
+                                 + u.T @ y[group == j] / glob["sigma"] ** 2))
+    np.testing.assert_allclose(float(lp), prior + marginal, rtol=1e-4)
+    n = 100_000
+    draws = varying_slopes_locals({k: np.full(n, v) for k, v in glob.items()}, group, x, 4, y,
+                                  rng)
+    for j, mean, cov in zip((0, 1, 3), means, covs, strict=True):
+        ab = np.column_stack([draws["a"][:, j], draws["b"][:, j]])
+        z = (ab.mean(0) - mean) / np.sqrt(np.diag(cov) / n)
+        assert np.all(np.abs(z) < 4), (j, z)
+        scale = np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+        assert np.all(np.abs(np.cov(ab.T) - cov) < 0.03 * scale), (j, np.cov(ab.T), cov)
+    # the empty group's locals are drawn from the prior given the globals
+    assert abs(draws["b"][:, 2].std() - glob["tau_b"]) < 0.02
 
 
 def test_density_matches_its_draws():

@@ -84,6 +84,28 @@ def test_group_embeddings_are_equivariant():
     assert diff[2] > 1e-3 and np.all(diff[np.arange(6) != 2] == 0)
 
 
+def test_the_summary_pools_group_statistics_weighted_by_group_size():
+    """Next to their plain mean over groups, the summary of all groups takes the groups' exact
+    statistics weighted by their numbers of rows (a shared noise scale pooled as the likelihood
+    pools it): groups of 1 to 12 rows give a weighted mean that differs from the plain one."""
+    group = jnp.asarray(np.repeat(np.arange(6), [1, 2, 3, 4, 8, 12]))
+    y = jnp.asarray(np.random.default_rng(4).normal(size=30) * (1 + np.asarray(group)))
+    guide, params = _setup(varying_intercepts, group, 6, y=y)
+    post = guide.posterior(params)
+    seen = []
+    object.__setattr__(post, "global_head", lambda v: seen.append(v) or v)
+    batch = _batch(guide, y=y, group=group)
+    post.embed(batch)
+    _, size, stats = post._encode_groups(batch)
+    size, stats, head_input = np.asarray(size)[0], np.asarray(stats)[0], np.asarray(seen[0])[0]
+    width = stats.shape[-1]
+    start = head_input.size - 3 * width - 2  # after the pooled learned embeddings
+    plain, weighted = head_input[start:start + width], head_input[start + width:start + 2 * width]
+    np.testing.assert_allclose(plain, stats.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weighted, (stats * size).sum(0) / size.sum(), rtol=1e-5, atol=1e-6)
+    assert np.abs(weighted - plain).max() > 0.1
+
+
 def test_group_statistics_are_each_groups_least_squares_fit():
     """Rows of a response and two covariates: a group's exact statistics hold its least-squares
     coefficients (with the ridge of 1e-3), log residual sd and log standard errors, as numpy

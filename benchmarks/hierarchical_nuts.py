@@ -81,23 +81,24 @@ def _globals(draws, n=1000):
     return np.column_stack(cols)[:n]
 
 
-def train(max_groups, num_steps, path=None):
-    """The guide for 5 to ``max_groups`` groups and its training record; with ``path``, loaded
-    from there if it exists (its record from ``path + ".json"``), else trained and saved."""
-    group, x = design(max_groups)
-    guide = AutoAmortizedFlow(varying_slopes, num_groups=(5, max_groups))
+def train(model, args, kwargs, max_groups, num_steps, path=None):
+    """A guide of ``model`` for 5 to ``max_groups`` groups and its training record; with
+    ``path``, loaded from there if it exists (its record from ``path + ".json"``), else trained
+    and saved there."""
+    guide = AutoAmortizedFlow(model, num_groups=(5, max_groups))
     if path is not None and Path(path).exists():
-        guide, params = load(path, varying_slopes, guide=guide)
+        guide, params = load(path, model, guide=guide)
         return guide, params, json.loads(Path(path + ".json").read_text())
     t0 = time.perf_counter()
-    result = fit(guide, jax.random.PRNGKey(0), group, x, max_groups,
-                 y=jnp.zeros(group.shape[0]), num_steps=num_steps, progress_bar=False)
+    result = fit(guide, jax.random.PRNGKey(0), *args, **kwargs, num_steps=num_steps,
+                 progress_bar=False)
     check = result.check
     record = {"train_s": time.perf_counter() - t0, "num_steps": len(result.losses),
               "check_failed_share": None if check is None else float(check.failed_share)}
     if path is not None:
         save(path, guide, result)
         Path(path + ".json").write_text(json.dumps(record))
+    print(record, flush=True)
     return guide, result.params, record
 
 
@@ -114,8 +115,8 @@ def reference(key, group, x, num_groups, y):
 
 def run(max_groups, num_steps, counts, path=None):
     group, x = design(max_groups)
-    guide, params, record = train(max_groups, num_steps, path)
-    print(record, flush=True)
+    guide, params, record = train(varying_slopes, (group, x, max_groups),
+                                  {"y": jnp.zeros(group.shape[0])}, max_groups, num_steps, path)
     noncentered = reparam(varying_slopes, config={"a": LocScaleReparam(0),
                                                   "b": LocScaleReparam(0)})
     runner = NUTSRunner(noncentered)
@@ -209,19 +210,14 @@ def run_eight_schools():
     return out
 
 
-def run_binomial(max_groups, num_steps, counts):
+def run_binomial(max_groups, num_steps, counts, path=None):
     """The multilevel binomial: one guide for 5 to ``max_groups`` groups of 5 to 50 trials,
     against non-centered NUTS (and a second NUTS run of another seed, the reference's own
     noise) on a prior-predictive dataset per number of groups."""
     trials = jnp.asarray(np.random.default_rng(0).integers(5, 51, max_groups), jnp.int32)
-    guide = AutoAmortizedFlow(multilevel_binomial, num_groups=(5, max_groups))
-    t0 = time.perf_counter()
-    result = fit(guide, jax.random.PRNGKey(0), trials, successes=jnp.zeros_like(trials),
-                 num_steps=num_steps, progress_bar=False)
-    record = {"train_s": time.perf_counter() - t0, "num_steps": len(result.losses),
-              "check_failed_share": None if result.check is None
-              else float(result.check.failed_share)}
-    print(record, flush=True)
+    guide, params, record = train(multilevel_binomial, (trials,),
+                                  {"successes": jnp.zeros_like(trials)}, max_groups, num_steps,
+                                  path)
     runner = NUTSRunner(reparam(multilevel_binomial, config={"a": LocScaleReparam(0)}),
                         num_samples=2500, target_accept_prob=0.95)
     glob = lambda d: np.column_stack([np.asarray(d["a_bar"]), np.log(np.asarray(d["sigma"]))])
@@ -234,7 +230,7 @@ def run_binomial(max_groups, num_steps, counts):
                 for r in range(2)]
         ref, again = ({n: np.random.default_rng(i).permutation(np.asarray(v))
                        for n, v in r.samples.items()} for r in refs)
-        draws = guide.sample_posterior(jax.random.PRNGKey(30 + i), result.params, t,
+        draws = guide.sample_posterior(jax.random.PRNGKey(30 + i), params, t,
                                        successes=k, sample_shape=(4000,))
         a, ra = np.asarray(draws["a"]), ref["a"]
         mean_err = np.abs(a.mean(0) - ra.mean(0)) / ra.std(0)
@@ -319,7 +315,7 @@ def main():
     counts = sorted({5, round(5 + (top - 5) / 4), round(5 + (top - 5) / 2),
                      round(5 + 3 * (top - 5) / 4), top})
     if opts.binomial:
-        res, info = run_binomial(top, opts.num_steps, counts), machine()
+        res, info = run_binomial(top, opts.num_steps, counts, opts.guide), machine()
         out = ROOT / "benchmarks" / "results" / "hierarchical_binomial.json"
         out.write_text(json.dumps({"machine": info, **res}, indent=1))
         write_markdown("HIERARCHICAL_BINOMIAL", markdown_binomial(res, info), doc="scaling.md")

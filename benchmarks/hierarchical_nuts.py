@@ -12,8 +12,10 @@ draw's intercepts and slopes drawn exactly given the globals: the C2ST of the gl
 mu_b, log tau_a, log tau_b, log sigma; exact sbibm recipe, 1,000 draws a side) and, for every
 group's intercept and slope, the mean and sd errors in reference sds. Non-centered NUTS on the
 full model (4 chains x 1,000 draws) is run too, and its own globals C2ST against the reference
-reported next to the guide's. Writes benchmarks/results/hierarchical_nuts.json and the table in
-docs/scaling.md (between the HIERARCHICAL_NUTS markers).
+reported next to the guide's, and so are the draws of ``posterior`` (the guide's checked path:
+PSIS, refinement or NUTS as its checks decide). Writes
+benchmarks/results/hierarchical_nuts.json and the table in docs/scaling.md (between the
+HIERARCHICAL_NUTS markers).
 
 With ``--eight-schools``: eight schools written centered (as users write it) and non-centered,
 one guide each with ``fit``'s defaults, against the exact posterior
@@ -48,7 +50,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.reparam import LocScaleReparam
 from run import machine, write_markdown
 
-from numpyro_amortized import AutoAmortizedFlow, fit, load, save
+from numpyro_amortized import AutoAmortizedFlow, fit, load, posterior, save
 from numpyro_amortized.compare import NUTSRunner
 from numpyro_amortized.diagnostics import c2st
 from numpyro_amortized.examples.hierarchical import (
@@ -102,6 +104,14 @@ def train(model, args, kwargs, max_groups, num_steps, path=None):
     return guide, result.params, record
 
 
+def _group_errors(draws, ref):
+    """The groups' intercepts' and slopes' mean errors in reference sds, and their sd ratios."""
+    mean_err = np.concatenate([np.abs(np.asarray(draws[k]).mean(0) - ref[k].mean(0))
+                               / ref[k].std(0) for k in ("a", "b")])
+    sd_ratio = np.concatenate([np.asarray(draws[k]).std(0) / ref[k].std(0) for k in ("a", "b")])
+    return mean_err, sd_ratio
+
+
 def reference(key, group, x, num_groups, y):
     """Draws of the exact posterior up to NUTS on the 5 globals of the collapsed model."""
     runner = NUTSRunner(varying_slopes_collapsed, num_samples=2500, target_accept_prob=0.99)
@@ -130,10 +140,10 @@ def run(max_groups, num_steps, counts, path=None):
         nuts = runner.run(jax.random.PRNGKey(20 + i), g, xj, j, y=y)
         draws = guide.sample_posterior(jax.random.PRNGKey(30 + i), params, g, xj, j,
                                        y=y, sample_shape=(4000,))
-        mean_err = np.concatenate([np.abs(np.asarray(draws[k]).mean(0) - ref_s[k].mean(0))
-                                   / ref_s[k].std(0) for k in ("a", "b")])
-        sd_ratio = np.concatenate([np.asarray(draws[k]).std(0) / ref_s[k].std(0)
-                                   for k in ("a", "b")])
+        mean_err, sd_ratio = _group_errors(draws, ref_s)
+        checked = posterior(guide, params, jax.random.PRNGKey(50 + i), g, xj, j, y=y,
+                            num_samples=4000)
+        checked_err, _ = _group_errors(checked.draws, ref_s)
         nuts_s = {k: np.random.default_rng(i).permutation(np.asarray(v))
                   for k, v in nuts.samples.items()}
         row = {"groups": j, "rows": int(keep.sum()),
@@ -142,6 +152,10 @@ def run(max_groups, num_steps, counts, path=None):
                "within_02": float(np.mean(mean_err <= 0.2)), "max_mean_err": float(
                    mean_err.max()), "sd_ratio_min": float(sd_ratio.min()),
                "sd_ratio_max": float(sd_ratio.max()),
+               "posterior_method": checked.method, "posterior_k": float(checked.pareto_k),
+               "posterior_s": checked.seconds,
+               "posterior_c2st_globals": float(c2st(_globals(ref_s), _globals(checked.draws))),
+               "posterior_within_02": float(np.mean(checked_err <= 0.2)),
                "reference_reliable": bool(ref.diagnostics["reliable"]),
                "nuts_reliable": bool(nuts.diagnostics["reliable"]),
                "nuts_s": nuts.run_time}
@@ -159,15 +173,19 @@ def markdown(res, info):
               "its globals (`python benchmarks/hierarchical_nuts.py`). Non-centered NUTS on the "
               "full model is compared with the same reference."), "",
              ("| groups | rows | globals C2ST | NUTS's globals C2ST | groups' means within "
-              "0.2 reference sds (largest) | groups' sd ratio | reference / NUTS passed "
-              "their checks | NUTS s |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "0.2 reference sds (largest) | groups' sd ratio | `posterior`: globals C2ST, "
+              "groups within 0.2, path (k-hat), s | reference / NUTS passed their checks | "
+              "NUTS s |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     yes = lambda b: "yes" if b else "no"
     for r in res["datasets"]:
         lines.append(f"| {r['groups']} | {r['rows']} | {r['c2st_globals']:.3f} | "
                      f"{r['nuts_c2st_globals']:.3f} | "
                      f"{100 * r['within_02']:.0f}% ({r['max_mean_err']:.2f}) | "
                      f"{r['sd_ratio_min']:.2f}-{r['sd_ratio_max']:.2f} | "
+                     f"{r['posterior_c2st_globals']:.3f}, "
+                     f"{100 * r['posterior_within_02']:.0f}%, {r['posterior_method']} "
+                     f"({r['posterior_k']:.2f}), {r['posterior_s']:.1f} | "
                      f"{yes(r['reference_reliable'])} / {yes(r['nuts_reliable'])} | "
                      f"{r['nuts_s']:.1f} |")
     share = (sum(r["within_02"] * 2 * r["groups"] for r in res["datasets"])

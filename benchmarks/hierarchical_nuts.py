@@ -174,7 +174,8 @@ def markdown(res, info):
               "full model is compared with the same reference."), "",
              ("| groups | rows | globals C2ST | NUTS's globals C2ST | groups' means within "
               "0.2 reference sds (largest) | groups' sd ratio | `posterior`: globals C2ST, "
-              "groups within 0.2, path (k-hat), s | reference / NUTS passed their checks | "
+              "groups within 0.2, path (k-hat), s with compilation | reference / NUTS passed "
+              "their checks | "
               "NUTS s |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     yes = lambda b: "yes" if b else "no"

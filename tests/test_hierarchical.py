@@ -21,7 +21,7 @@ from numpyro_amortized import (
     save,
 )
 from numpyro_amortized.checkpoint import CheckpointError
-from numpyro_amortized.compare import compare_with_nuts, posterior_batch
+from numpyro_amortized.compare import compare_with_nuts, importance, posterior_batch
 from numpyro_amortized.diagnostics import c2st, calibration_draws, sbc_ranks, sbc_test
 from numpyro_amortized.examples.hierarchical import (
     EIGHT_SCHOOLS_SIGMA,
@@ -345,6 +345,41 @@ def test_log_prob_of_fewer_groups_is_the_marginal():
         assert mass == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ValueError, match="same number of groups, at most the guide's 4"):
         guide.log_prob(params, {"mu": draws["mu"], "s": jnp.ones((3, 5))}, *data, y=y)
+
+
+def test_proposals_carry_their_exact_densities(monkeypatch):
+    """posterior()'s check draws proposals with their density in one pass, in blocks of one
+    compiled size: for data of fewer groups than the maximum and a mixture of two parameter
+    sets, the densities are those of log_prob (the mixture's, of the given groups) and the
+    model's, for any number of proposals, from one program."""
+    monkeypatch.setattr(importance, "PROPOSAL_BLOCK", 64)
+    built, build = [], importance._proposal_program
+    monkeypatch.setattr(importance, "_proposal_program",
+                        lambda *a: built.append(build(*a)) or built[-1])
+    group = jnp.repeat(jnp.arange(4), 5)
+    guide = AutoAmortizedFlow(_group_scales, num_groups=(2, 4), num_pilot_simulations=256)
+    params = guide.setup(KEY, group, 4, y=jnp.ones(20))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(KEY, len(leaves))
+    other = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys, strict=True)])
+    y = jnp.asarray(np.random.default_rng(1).normal(size=15))
+    args = (group[:15], 3)
+    for n in (200, 50):
+        draws, log_q, log_p = importance._propose(guide, [params, other], KEY, args, {"y": y}, n)
+        assert draws["s"].shape == (n, 3) and log_q.shape == log_p.shape == (n,)
+        expect = np.logaddexp(guide.log_prob(params, draws, *args, y=y),
+                              guide.log_prob(other, draws, *args, y=y)) - np.log(2.0)
+        np.testing.assert_allclose(log_q, expect, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(log_p, guide.log_joint(draws, *args, y=y), rtol=1e-5)
+    # one program per block size (64, and 25 for 50 proposals), each traced once
+    assert [program._cache_size() for program in built] == [1, 1]
+    flat = AutoAmortizedFlow(_group_scales, hierarchical=False, num_pilot_simulations=256)
+    flat_params = flat.setup(KEY, group, 4, y=jnp.ones(20))
+    draws, log_q, _ = importance._propose(flat, [flat_params], KEY, (group, 4),
+                                          {"y": jnp.ones(20)}, 100)
+    np.testing.assert_allclose(log_q, flat.log_prob(flat_params, draws, group, 4, y=jnp.ones(20)),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_a_declared_design_varies_group_sizes():

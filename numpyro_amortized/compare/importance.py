@@ -15,12 +15,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.infer.util import log_density
 from scipy.special import logsumexp
 
 from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.compare.draws import log_joint
-from numpyro_amortized.group_data import GROUP_COUNT
 from numpyro_amortized.guide_base import AmortizedGuideBase
+from numpyro_amortized.programs import merge_static, split_static
 
 __all__ = ["ImportanceResult", "importance_resample", "psis_weights", "weigh", "which_draws"]
 
@@ -104,34 +105,90 @@ def importance_resample(guide, params, rng_key, *args, num_samples=1000, num_pro
     return res
 
 
+PROPOSAL_BLOCK = 2048  # proposals per compiled call: one program serves every proposal count
+
+
 def weigh(guide, proposal_params, rng_key, args, kwargs, num_samples, num_proposals):
     """PSIS of the model's density against the guide under ``proposal_params`` (a list of
     parameter sets: one is the guide itself, several an equal mixture of them, a defensive
     proposal), with ``num_samples`` draws resampled from ``num_proposals`` proposals."""
-    keys = jax.random.split(rng_key, len(proposal_params) + 1)
-    m = -(-int(num_proposals) // len(proposal_params))
-    ours = isinstance(guide, AmortizedGuideBase)
-    if ours:  # the latents only: deterministic sites are computed for the kept draws
-        data = {k: jnp.asarray(v)[None] for k, v in guide.observed_data(*args, **kwargs).items()}
-        count = data.pop(GROUP_COUNT, None)  # groups of index-linked rows, if fewer than trained
-        parts = [jax.tree.map(lambda v: v[0], guide.sample_posterior_batch(
-            k, p, data, sample_shape=(m,), num_groups=count))
-                 for k, p in zip(keys[:-1], proposal_params, strict=True)]
+    k_propose, k_resample = jax.random.split(rng_key)
+    if isinstance(guide, AmortizedGuideBase):
+        proposals, log_q, log_p = _propose(guide, proposal_params, k_propose, args, kwargs,
+                                           int(num_proposals))
     else:
+        keys = jax.random.split(k_propose, len(proposal_params))
+        m = -(-int(num_proposals) // len(proposal_params))
         parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
-                 for k, p in zip(keys[:-1], proposal_params, strict=True)]
-    proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
-    log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
-              for p in proposal_params]
-    log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
-    log_p = (guide.log_joint(proposals, *args, **kwargs) if ours
-             else log_joint(guide.model, proposals, *args, **kwargs))
-    log_p = np.asarray(log_p, np.float64)
+                 for k, p in zip(keys, proposal_params, strict=True)]
+        proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
+        log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
+                  for p in proposal_params]
+        log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
+        log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
     smoothed, k, ess = psis_weights(log_p - log_q)
-    idx = jax.random.choice(keys[-1], len(log_q), (int(num_samples),),
+    idx = jax.random.choice(k_resample, len(log_q), (int(num_samples),),
                             p=jnp.asarray(np.exp(smoothed)))
     draws = {name: v[idx] for name, v in proposals.items()}
     return ImportanceResult(draws, proposals, smoothed, k, ess, ess / len(log_q))
+
+
+def _propose(guide, proposal_params, rng_key, args, kwargs, num_proposals):
+    """``num_proposals`` draws of the equal mixture of the guide under ``proposal_params`` for
+    one dataset, with ``log q`` (the mixture's) and ``log p(theta, x)``: in blocks of a fixed
+    size, drawn with their density in one pass, by a program compiled once per kind of data."""
+    data = guide.observed_data(*args, **kwargs)
+    batch = guide._encode({k: jnp.asarray(v)[None] for k, v in data.items()})
+    dynamic, spec = split_static((args, kwargs))
+    count = len(proposal_params)
+    block = min(PROPOSAL_BLOCK, -(-num_proposals // count))
+    settings = (count, block, guide._groups_given(data))
+    run = guide.programs.get(("proposals", spec, settings),
+                             lambda: _proposal_program(guide, spec, *settings))
+    nets = [guide.network_params(p) for p in proposal_params]
+    parts = [run(nets, jax.random.fold_in(rng_key, i), batch, dynamic)
+             for i in range(-(-num_proposals // (count * block)))]
+    if not all(bool(ok) for *_, ok in parts):
+        raise ValueError("The parameters contain NaN or infinity: training diverged, or the "
+                         "parameters were changed. Use those of an earlier checkpoint.")
+    take = lambda i: np.concatenate([np.asarray(p[i]) for p in parts])[:num_proposals]
+    proposals = {name: jnp.concatenate([p[0][name] for p in parts])[:num_proposals]
+                 for name in parts[0][0]}
+    return proposals, take(1).astype(np.float64), take(2).astype(np.float64)
+
+
+def _proposal_program(guide, spec, count, block, num_groups=None):
+    """The jitted block of :func:`_propose`: ``block`` draws from each of ``count`` parameter
+    sets, the log density of their equal mixture and the model's (of ``num_groups`` groups,
+    fewer than the guide's maximum: the density of their marginal)."""
+    present = (None if num_groups is None
+               else jnp.arange(guide.groups.layout.num_groups) < num_groups)
+    given = {} if present is None else {"present": present}
+
+    def run(nets, key, batch, dynamic):
+        a, kw = merge_static(dynamic, spec)
+        posteriors = [guide.posterior(p) for p in nets]
+        us, log_qs = [], []
+        for i, (post, k) in enumerate(zip(posteriors, jax.random.split(key, count))):
+            u, own = post.sample_and_log_prob(k, batch, (block,), **given)
+            us.append(jnp.moveaxis(u, 0, 1))  # (1, block, D): the dataset axis first
+            log_qs.append([None if j != i else jnp.moveaxis(own, 0, 1) for j in range(count)])
+        u = jnp.concatenate(us, axis=1)
+        for i, post in enumerate(posteriors):  # each draw's density under the other sets
+            for j, ui in enumerate(us):
+                if log_qs[j][i] is None:
+                    log_qs[j][i] = post.log_prob(ui, batch, **given)
+        log_q_u = jax.nn.logsumexp(jnp.stack([jnp.concatenate(
+            [log_qs[j][i] for j in range(count)], axis=1) for i in range(count)]), 0)
+        latents, log_det = guide.latent_layout.constrain(u[0])
+        if present is not None:
+            log_det = guide._group_log_det(u, present)[0]
+            latents = guide._first_groups(latents, num_groups, 1)
+        log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(nets)]))
+        return latents, log_q_u[0] - np.log(count) - log_det, log_p, finite
+
+    return jax.jit(run)
 
 
 def psis_weights(log_w):

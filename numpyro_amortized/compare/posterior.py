@@ -229,8 +229,9 @@ def _refine_program(guide, spec, num_steps, num_particles, learning_rate, num_gr
             latents, log_det = guide.latent_layout.constrain(u)
         else:
             present = jnp.arange(guide.groups.layout.num_groups) < num_groups
-            u = jnp.moveaxis(guide.posterior(p).sample(key, batch, (num_particles,)), 0, 1)
-            log_q_u = guide.posterior(p).log_prob(u, batch, present=present)[0]
+            u, log_q_u = guide.posterior(p).sample_and_log_prob(key, batch, (num_particles,),
+                                                                present=present)
+            u, log_q_u = jnp.moveaxis(u, 0, 1), log_q_u[:, 0]
             log_det = guide._group_log_det(u, present)[0]
             latents = guide._first_groups(guide.latent_layout.constrain(u[0])[0],
                                           num_groups, 1)

@@ -211,11 +211,15 @@ class HierarchicalPosterior(AmortizedPosterior):
             return None
         return members + self.local_flow.log_prob(ul, cl).sum(-1)
 
-    def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=()):
+    def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=(), present=None):
+        """Samples and their ``log q``; with a ``(J,)`` mask ``present``, the density of the
+        globals and the present groups' locals, as in :meth:`log_prob`."""
         kg, kl = jax.random.split(rng_key)
         c, e = self._embeddings(data)
         ug, lq = self.flow.sample_and_log_prob(kg, c, sample_shape)
         ul, lq_local = self.local_flow.sample_and_log_prob(kl, self._local_condition(ug, c, e))
+        if present is not None:
+            lq_local = jnp.where(present, lq_local, 0.0)
         return self._join(ug, ul), lq + lq_local.sum(-1)
 
     def sample(self, rng_key, data: DataBatch, sample_shape=()):

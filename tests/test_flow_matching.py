@@ -60,6 +60,47 @@ def test_ode_log_density_is_exact_for_a_linear_field():
     np.testing.assert_allclose(draws, u, atol=1e-5)  # the same path without the divergence
 
 
+class MatrixField(FlowMatching):
+    """``v(z, t) = A z`` with a fixed non-symmetric ``A``: the divergence integrated along any
+    path is ``tr A``, and Hutchinson's estimate is ``e' A e``."""
+
+    A = np.array([[0.3, 0.8, 0.0], [-0.2, -0.5, 0.4], [0.6, 0.1, 0.2]], np.float32)
+
+    def velocity(self, z, t, c):
+        return z @ jnp.asarray(self.A).T
+
+
+@pytest.mark.parametrize("num_probes", [1, 4])
+def test_hutchinson_log_density_is_unbiased_with_the_stated_variance(num_probes):
+    c = jnp.zeros((20000, 2))
+    exact = MatrixField(3, 2, divergence="exact", rngs=nnx.Rngs(0))
+    noisy = MatrixField(3, 2, divergence="hutchinson", num_probes=num_probes, rngs=nnx.Rngs(0))
+    u, log_q = noisy.sample_and_log_prob(jax.random.PRNGKey(1), c)
+    u_exact, log_q_exact = exact.sample_and_log_prob(jax.random.PRNGKey(1), c)
+    np.testing.assert_allclose(u, u_exact, atol=1e-6)  # the same paths
+    A = MatrixField.A
+    variance = ((A + A.T) ** 2).sum() - (4 * np.diag(A) ** 2).sum()
+    variance /= 2 * num_probes  # sum over i != j of (A_ij + A_ji)^2 / (2 num_probes)
+    for err in (log_q - log_q_exact, noisy.log_prob(u, c) - exact.log_prob(u, c)):
+        err = np.asarray(err, np.float64)
+        assert abs(err.mean()) < 4 * np.sqrt(variance / err.size), err.mean()
+        assert err.var() == pytest.approx(variance, rel=0.05)
+    # a field without cross-coordinate terms has a noiseless estimate
+    diagonal = MatrixField(3, 2, divergence="hutchinson", num_probes=1, rngs=nnx.Rngs(0))
+    diagonal.A = np.diag(np.diag(A))
+    exact.A = diagonal.A
+    np.testing.assert_allclose(diagonal.log_prob(u, c), exact.log_prob(u, c), atol=1e-5)
+
+
+def test_divergence_is_exact_for_few_latents_by_default():
+    assert FlowMatching(16, 2, rngs=nnx.Rngs(0)).divergence == "exact"
+    assert FlowMatching(17, 2, rngs=nnx.Rngs(0)).divergence == "hutchinson"
+    with pytest.raises(ValueError, match="divergence must be"):
+        FlowMatching(2, 2, divergence="skilling", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="at least one probe"):
+        FlowMatching(2, 2, num_probes=0, rngs=nnx.Rngs(0))
+
+
 def test_density_of_a_random_field_integrates_to_one_in_2d():
     d = Strong(2, 3, rngs=nnx.Rngs(1))
     assert float(jnp.abs(d.velocity(jnp.ones((1, 2)), 0.5, jnp.ones((1, 3)))).max()) > 0.3

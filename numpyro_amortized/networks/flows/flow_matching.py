@@ -10,10 +10,22 @@ straight path's velocity, ``|| v(z_t, t, c) - (z1 - (1 - s) z0) ||^2`` with
 Draws integrate the ODE from 0 to 1 with a fixed-step solver (diffrax, ``num_steps`` steps of
 Heun's method by default). The log density integrates the divergence of the velocity along the
 same path (the instantaneous change of variables, Chen et al. 2018):
-``log q(z1) = log N(z0) - int_0^1 div v(z_t, t, c) dt``, with the divergence computed exactly
-(one forward-mode derivative per latent dimension), so ``log_prob``, PSIS k-hat and the
-package's exact-density checks work as with a coupling flow. Its error is the solver's:
-fewer steps are faster and less exact (see ``benchmarks/``).
+``log q(z1) = log N(z0) - int_0^1 div v(z_t, t, c) dt``, so ``log_prob``, PSIS k-hat and the
+package's exact-density checks work as with a coupling flow. The divergence is computed
+exactly (one forward-mode derivative per latent dimension) up to ``EXACT_DIVERGENCE_MAX_DIM``
+latents, and above by Hutchinson's estimator (one derivative per probe; Grathwohl et al.
+2019). The error of an exact divergence is the solver's: fewer steps are faster and less exact
+(see ``benchmarks/``).
+
+**Hutchinson's estimate.** Each draw gets ``num_probes`` Rademacher vectors ``e`` (entries
++-1), fixed along its path, and the integral of the divergence is estimated by the mean over
+probes of ``e' B e``, where ``B = int_0^1 dv/dz (z_t, t, c) dt`` is the Jacobian integrated
+along the path. The estimate of ``log q`` is unbiased, with variance
+``sum_{i != j} (B_ij + B_ji)^2 / (2 num_probes)``: zero when ``B`` is diagonal, and growing
+with how much the velocity of one coordinate depends on the others. The noise enters PSIS
+weights as noise in ``log q``, so k-hat is somewhat pessimistic with it; more probes (or
+``divergence="exact"``) remove it at a cost per step of ``num_probes`` (or ``dim``) forward
+derivatives.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value
 __all__ = ["FlowMatching", "flow_matching"]
 
 _FREQUENCIES = 4  # sin/cos features of t at frequencies 1..4
+EXACT_DIVERGENCE_MAX_DIM = 16  # divergence="auto": exact up to this many latents
 _SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
             "ralston": diffrax.Ralston}
 
@@ -54,6 +67,9 @@ class FlowMatching(nnx.Module):
     :param time_exponent: training times are drawn as ``U^(1 / (1 + time_exponent))``, with
         density ``∝ t^time_exponent``: above 0, more of them near the data end (``t = 1``),
         where a narrow posterior needs the velocity most precise (0: uniform).
+    :param divergence: ``"exact"``, ``"hutchinson"`` (``num_probes`` Rademacher probes per
+        draw; see the module's description for its variance) or ``"auto"`` (exact up to
+        ``EXACT_DIVERGENCE_MAX_DIM`` latents).
     :param loc: prior mean of ``u``; :param scale: its sd (standardized units inside).
 
     **Example**::
@@ -63,8 +79,8 @@ class FlowMatching(nnx.Module):
     """
 
     def __init__(self, dim, context_dim, *, hidden=(128, 128, 128, 128), num_steps=32,
-                 solver="heun", sigma_min=1e-3, time_exponent=0.0, loc=None, scale=None,
-                 rngs: nnx.Rngs):
+                 solver="heun", sigma_min=1e-3, time_exponent=0.0, divergence="auto",
+                 num_probes=4, loc=None, scale=None, rngs: nnx.Rngs):
         self.net = MLP(dim + 1 + 2 * _FREQUENCIES + context_dim, hidden, dim, rngs=rngs)
         self.loc = Buffer(jnp.zeros(dim) if loc is None else jnp.asarray(loc))
         self.scale = Buffer(jnp.ones(dim) if scale is None else jnp.asarray(scale))
@@ -73,6 +89,16 @@ class FlowMatching(nnx.Module):
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}.")
         self.solver = solver
+        if divergence not in ("auto", "exact", "hutchinson"):
+            raise ValueError(f"divergence must be 'auto', 'exact' or 'hutchinson', got "
+                             f"{divergence!r}.")
+        if int(num_probes) < 1:
+            raise ValueError(f"num_probes={num_probes}: Hutchinson's estimate needs at least "
+                             "one probe.")
+        if divergence == "auto":
+            divergence = "exact" if dim <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+        self.divergence = divergence
+        self.num_probes = int(num_probes)
         self.sigma_min = float(sigma_min)
         self.time_exponent = float(time_exponent)
 
@@ -87,13 +113,33 @@ class FlowMatching(nnx.Module):
 
         return jax.vmap(one)(z, c)
 
-    def _solve(self, z, c, t0, t1, with_divergence):
+    def _hutchinson(self, z, t, c, probes):
+        """The mean over ``probes (P, N, D)`` of ``e' (dv/dz) e``, one derivative per probe."""
+        def one(e):
+            return jnp.sum(jax.jvp(lambda x: self.velocity(x, t, c), (z,), (e,))[1] * e, -1)
+
+        return jnp.mean(jax.vmap(one)(probes), axis=0)
+
+    def _probes(self, rng_key, z):
+        """Rademacher probes ``(P, N, D)`` for Hutchinson's estimate, ``None`` when exact."""
+        if self.divergence == "exact":
+            return None
+        key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        return jax.random.rademacher(key, (self.num_probes,) + z.shape, z.dtype)
+
+    def _solve(self, z, c, t0, t1, with_divergence, probes=None):
         """Integrate from ``t0`` to ``t1``; returns the end point and ``int div v dt`` (from
-        ``t0`` to ``t1``, signed), or zeros when not asked."""
+        ``t0`` to ``t1``, signed; Hutchinson's estimate with ``probes``), or zeros when not
+        asked."""
         def field(t, y, args):
             zt, _ = y
             v = self.velocity(zt, t, c)
-            div = self._divergence(zt, t, c) if with_divergence else jnp.zeros(zt.shape[0])
+            if not with_divergence:
+                div = jnp.zeros(zt.shape[0])
+            elif probes is None:
+                div = self._divergence(zt, t, c)
+            else:
+                div = self._hutchinson(zt, t, c, probes)
             return v, div
 
         y0 = (z, jnp.zeros(z.shape[0], z.dtype))
@@ -107,11 +153,13 @@ class FlowMatching(nnx.Module):
     def _standardize(self):
         return buffer_value(self.loc), buffer_value(self.scale)
 
-    def log_prob(self, u, condition):
-        """``log q(u | condition)``: the ODE solved backwards from ``u`` with the divergence."""
+    def log_prob(self, u, condition, rng_key=None):
+        """``log q(u | condition)``: the ODE solved backwards from ``u`` with the divergence
+        (Hutchinson's probes drawn from ``rng_key``, by default a fixed key)."""
         x, c, batch = flatten_batch(u, condition)
         loc, scale = self._standardize()
-        z0, integral = self._solve((x - loc) / scale, c, 1.0, 0.0, True)
+        z = (x - loc) / scale
+        z0, integral = self._solve(z, c, 1.0, 0.0, True, self._probes(rng_key, z))
         # integral = int_1^0 div dt = -int_0^1 div dt
         log_q = standard_normal_log_prob(z0) + integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(log_q, batch)
@@ -121,7 +169,8 @@ class FlowMatching(nnx.Module):
         batch = tuple(sample_shape) + condition.shape[:-1]
         z0 = jax.random.normal(rng_key, batch + (self.dim,))
         zf, c, _ = flatten_batch(z0, condition)
-        z1, integral = self._solve(zf, c, 0.0, 1.0, with_divergence)
+        probes = self._probes(jax.random.fold_in(rng_key, 1), zf) if with_divergence else None
+        z1, integral = self._solve(zf, c, 0.0, 1.0, with_divergence, probes)
         loc, scale = self._standardize()
         log_q = standard_normal_log_prob(zf) - integral - jnp.sum(jnp.log(scale))
         return jnp.reshape(loc + scale * z1, batch + (self.dim,)), jnp.reshape(log_q, batch)

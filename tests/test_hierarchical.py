@@ -368,6 +368,9 @@ def test_proposals_carry_their_exact_densities(monkeypatch):
     for n in (200, 50):
         draws, log_q, log_p = importance._propose(guide, [params, other], KEY, args, {"y": y}, n)
         assert draws["s"].shape == (n, 3) and log_q.shape == log_p.shape == (n,)
+        # the mixture's equal shares: the first half drawn under params, the second under other
+        first, second = (guide.log_prob(p, draws, *args, y=y) for p in (params, other))
+        assert np.mean((first > second)[: n // 2]) > np.mean((first > second)[n // 2:]) + 0.3
         expect = np.logaddexp(guide.log_prob(params, draws, *args, y=y),
                               guide.log_prob(other, draws, *args, y=y)) - np.log(2.0)
         np.testing.assert_allclose(log_q, expect, rtol=1e-4, atol=1e-3)

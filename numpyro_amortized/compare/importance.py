@@ -141,20 +141,26 @@ def _propose(guide, proposal_params, rng_key, args, kwargs, num_proposals):
     batch = guide._encode({k: jnp.asarray(v)[None] for k, v in data.items()})
     dynamic, spec = split_static((args, kwargs))
     count = len(proposal_params)
-    block = min(PROPOSAL_BLOCK, -(-num_proposals // count))
+    m = -(-num_proposals // count)  # from each parameter set: the mixture's equal shares
+    block = min(PROPOSAL_BLOCK, m)
     settings = (count, block, guide._groups_given(data))
     run = guide.programs.get(("proposals", spec, settings),
                              lambda: _proposal_program(guide, spec, *settings))
     nets = [guide.network_params(p) for p in proposal_params]
     parts = [run(nets, jax.random.fold_in(rng_key, i), batch, dynamic)
-             for i in range(-(-num_proposals // (count * block)))]
+             for i in range(-(-m // block))]
     if not all(bool(ok) for *_, ok in parts):
         raise ValueError("The parameters contain NaN or infinity: training diverged, or the "
                          "parameters were changed. Use those of an earlier checkpoint.")
-    take = lambda i: np.concatenate([np.asarray(p[i]) for p in parts])[:num_proposals]
-    proposals = {name: jnp.concatenate([p[0][name] for p in parts])[:num_proposals]
-                 for name in parts[0][0]}
-    return proposals, take(1).astype(np.float64), take(2).astype(np.float64)
+
+    def take(values):  # blocks of (count * block, ...) -> m of each set, the sets in order
+        v = jnp.stack([jnp.reshape(x, (count, block) + x.shape[1:]) for x in values], 1)
+        v = jnp.reshape(v, (count, -1) + v.shape[3:])[:, :m]
+        return jnp.reshape(v, (count * m,) + v.shape[2:])
+
+    proposals = {name: take([p[0][name] for p in parts]) for name in parts[0][0]}
+    return (proposals, np.asarray(take([p[1] for p in parts]), np.float64),
+            np.asarray(take([p[2] for p in parts]), np.float64))
 
 
 def _proposal_program(guide, spec, count, block, num_groups=None):

@@ -218,6 +218,7 @@ def test_psis_correction_brings_a_mediocre_guide_closer(datasets):
 def test_warm_start_needs_far_less_work_for_the_same_convergence():
     # a 5-d posterior with condition number ~600-1000 (columns of A nearly collinear)
     short = {"num_warmup": 50, "num_samples": 1000, "num_chains": 4}
+    ess = {"cold": 0.0, "warm": 0.0}
     for seed in range(3):
         d = dataset(seed, n=50, d=5, collinear=0.01)
         cold = run_nuts(linear_gaussian, jax.random.PRNGKey(seed), **short, **d)
@@ -226,12 +227,16 @@ def test_warm_start_needs_far_less_work_for_the_same_convergence():
         sd = np.sqrt(np.diag(cov))
         assert np.abs((warm.samples["theta"].mean(0) - mean) / sd).max() < 0.15
         assert warm.diagnostics["rhat_max"] < 1.01, warm.diagnostics
-        # chains diverge chaotically with float details (the ratio was 1.99 in one clean run)
-        assert warm.diagnostics["ess_bulk_min"] > 1.5 * cold.diagnostics["ess_bulk_min"]
+        ess["cold"] += cold.diagnostics["ess_bulk_min"]
+        ess["warm"] += warm.diagnostics["ess_bulk_min"]
         # gradient evaluations per effective draw: the cold start's long trajectories cost more
+        # (measured over 16 seeds and start keys: 27-88 times more)
         cost = {name: float(r.inference_data.sample_stats.n_steps.sum())
                 / r.diagnostics["ess_bulk_min"] for name, r in (("cold", cold), ("warm", warm))}
         assert cost["cold"] > 10 * cost["warm"], cost
+    # chains diverge chaotically with float details, so the ESS ratio of one run varies (1.4-3.2
+    # over 16 seeds and start keys, 0.73 once): the three runs are pooled
+    assert ess["warm"] > 1.5 * ess["cold"], ess
 
 
 def test_inference_data_of_the_guide_works_with_arviz():

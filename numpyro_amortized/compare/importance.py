@@ -112,22 +112,21 @@ def weigh(guide, proposal_params, rng_key, args, kwargs, num_samples, num_propos
     """PSIS of the model's density against the guide under ``proposal_params`` (a list of
     parameter sets: one is the guide itself, several an equal mixture of them, a defensive
     proposal), with ``num_samples`` draws resampled from ``num_proposals`` proposals."""
-    k_propose, k_resample = jax.random.split(rng_key)
+    keys = jax.random.split(rng_key, len(proposal_params) + 1)
     if isinstance(guide, AmortizedGuideBase):
-        proposals, log_q, log_p = _propose(guide, proposal_params, k_propose, args, kwargs,
+        proposals, log_q, log_p = _propose(guide, proposal_params, keys[0], args, kwargs,
                                            int(num_proposals))
     else:
-        keys = jax.random.split(k_propose, len(proposal_params))
         m = -(-int(num_proposals) // len(proposal_params))
         parts = [guide.sample_posterior(k, p, *args, sample_shape=(m,), **kwargs)
-                 for k, p in zip(keys, proposal_params, strict=True)]
+                 for k, p in zip(keys[:-1], proposal_params, strict=True)]
         proposals = {name: jnp.concatenate([d[name] for d in parts]) for name in parts[0]}
         log_qs = [np.asarray(guide.log_prob(p, proposals, *args, **kwargs), np.float64)
                   for p in proposal_params]
         log_q = np.logaddexp.reduce(np.stack(log_qs), axis=0) - np.log(len(log_qs))
         log_p = np.asarray(log_joint(guide.model, proposals, *args, **kwargs), np.float64)
     smoothed, k, ess = psis_weights(log_p - log_q)
-    idx = jax.random.choice(k_resample, len(log_q), (int(num_samples),),
+    idx = jax.random.choice(keys[-1], len(log_q), (int(num_samples),),
                             p=jnp.asarray(np.exp(smoothed)))
     draws = {name: v[idx] for name, v in proposals.items()}
     return ImportanceResult(draws, proposals, smoothed, k, ess, ess / len(log_q))

@@ -23,6 +23,7 @@ __all__ = [
     "Programs",
     "abstract_key",
     "log_joint_program",
+    "log_joints",
     "merge_static",
     "observed_values_compiled",
     "simulate_in_blocks",
@@ -97,12 +98,17 @@ def abstract_key(dynamic) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in dynamic)
 
 
+def log_joints(model, args, kwargs, latents):
+    """``log p(theta, x)`` of ``model`` for each draw of ``latents`` (a leading draw axis), to
+    be traced inside a program."""
+    return jax.vmap(lambda z: log_density(model, args, kwargs, z)[0])(latents)
+
+
 def log_joint_program(model, spec):
     """The jitted ``(latents, dynamic) -> log p(theta, x)`` of ``model`` for data with the
     static parts ``spec`` (see :func:`split_static`), vectorized over the draws."""
     def log_joint(latents, dynamic):
-        args, kwargs = merge_static(dynamic, spec)
-        return jax.vmap(lambda z: log_density(model, args, kwargs, z)[0])(latents)
+        return log_joints(model, *merge_static(dynamic, spec), latents)
 
     return jax.jit(log_joint)
 

@@ -15,13 +15,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer.util import log_density
 from scipy.special import logsumexp
 
 from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.compare.draws import log_joint
 from numpyro_amortized.guide_base import AmortizedGuideBase
-from numpyro_amortized.programs import merge_static, split_static
+from numpyro_amortized.programs import log_joints, merge_static, split_static
 
 __all__ = ["ImportanceResult", "importance_resample", "psis_weights", "weigh", "which_draws"]
 
@@ -189,7 +188,7 @@ def _proposal_program(guide, spec, count, block, num_groups=None):
         if present is not None:
             log_det = guide._group_log_det(u, present)[0]
             latents = guide._first_groups(latents, num_groups, 1)
-        log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
+        log_p = log_joints(guide.model, a, kw, latents)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(nets)]))
         return latents, log_q_u[0] - np.log(count) - log_det, log_p, finite
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer.util import log_density
 
 from numpyro_amortized.compare.importance import (
     MIN_ESS,
@@ -37,7 +36,7 @@ from numpyro_amortized.compare.importance import (
 )
 from numpyro_amortized.compare.nuts import warm_start_nuts
 from numpyro_amortized.group_data import GROUP_COUNT
-from numpyro_amortized.programs import abstract_key, merge_static, split_static
+from numpyro_amortized.programs import abstract_key, log_joints, merge_static, split_static
 
 __all__ = ["PosteriorResult", "posterior", "posterior_batch", "refine_guide"]
 
@@ -235,7 +234,7 @@ def _refine_program(guide, spec, num_steps, num_particles, learning_rate, num_gr
             log_det = guide._group_log_det(u, present)[0]
             latents = guide._first_groups(guide.latent_layout.constrain(u[0])[0],
                                           num_groups, 1)
-        log_p = jax.vmap(lambda z: log_density(guide.model, a, kw, z)[0])(latents)
+        log_p = log_joints(guide.model, a, kw, latents)
         return -jnp.mean(log_p - (log_q_u - log_det))
 
     def run(p, key, batch, dynamic):
@@ -337,7 +336,7 @@ def _log_joint_batch(model, spec):
     """``log p(theta, x)`` for ``(datasets, draws)`` latents and stacked data, compiled once."""
     def one_dataset(latents, dynamic):
         a, kw = merge_static(dynamic, spec)
-        return jax.vmap(lambda z: log_density(model, a, kw, z)[0])(latents)
+        return log_joints(model, a, kw, latents)
 
     return jax.jit(jax.vmap(one_dataset))
 

@@ -18,12 +18,15 @@ Rows beyond a dataset's size (``set_sizes``) are masked, as in the data plate.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
+from numpyro.distributions.transforms import ExpTransform, IdentityTransform
 from numpyro.handlers import condition
 
 from numpyro_amortized.data import _read
@@ -32,7 +35,7 @@ from numpyro_amortized.hierarchy import _trace as model_trace
 from numpyro_amortized.hierarchy import find_hierarchy
 
 __all__ = ["GROUP_COUNT", "GroupLayout", "Groups", "encode_groups", "group_count", "group_setup",
-           "local_indices", "pad_groups"]
+           "local_affine", "local_indices", "pad_groups"]
 
 GROUP_COUNT = "<groups>"  # the data-dict entry of each dataset's number of groups
 
@@ -161,13 +164,16 @@ class GroupLayout:
 class Groups(NamedTuple):
     """A hierarchical guide's groups: the :class:`GroupLayout`, the positions of the global
     ``(Dg,)`` and local ``(J, Dl)`` latents in the flat vector, each local site's group axis,
-    and whether other observations (not in any group) feed the summary network too."""
+    and whether other observations (not in any group) feed the summary network too; then each
+    local column's prior location and log scale as positions in the globals
+    (:func:`local_affine`)."""
 
     layout: GroupLayout
     global_idx: np.ndarray
     local_idx: np.ndarray
     local_axes: dict
     other_data: bool
+    local_affine: tuple = ((), ())
 
 
 def local_indices(latent_layout, hierarchy, trace):
@@ -241,7 +247,65 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
             "largest number of groups.")
     other = ({s.name for s in structure.observed} - set(hierarchy.group.observed)) | (
         {c.name for c in structure.covariates} - set(layout.arguments))
-    return Groups(layout, *local_indices(latent_layout, hierarchy, tr), bool(other))
+    gidx, lidx, axes = local_indices(latent_layout, hierarchy, tr)
+    traces = (tr, model_trace(model, jax.random.fold_in(keys_of(rng_key), 1), args, kwargs))
+    return Groups(layout, gidx, lidx, axes, bool(other),
+                  local_affine(latent_layout, traces, gidx, axes))
+
+
+def keys_of(rng_key):
+    return jax.random.PRNGKey(0) if rng_key is None else rng_key
+
+
+_LOCATION_SCALE = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace, dist.Logistic,
+                   dist.Gumbel)
+
+
+def _location_scale(fn):
+    """The base location-scale family of a site's distribution, or ``None``."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn if isinstance(fn, _LOCATION_SCALE) else None
+
+
+def local_affine(latent_layout, traces, global_idx, local_axes):
+    """``(loc, scale)``, each ``(Dl,)``: for every column of a group's locals, the position in
+    the globals of the local prior's location (a real global) and of its scale (a positive
+    global, whose unconstrained value is the log scale), or ``-1``.
+
+    A local ``a_j ~ Normal(a_bar, sigma)`` (any location-scale family on the reals whose
+    location and scale are global latents, in every group and in each of ``traces``) is then
+    modelled by the guide in its non-centred form ``(a_j - a_bar) / sigma``: given the globals,
+    its spread stays within the data's and the prior's, where the centred one's shrinks with
+    ``sigma``.
+    """
+    kinds = np.concatenate([np.full(size, 1 if isinstance(t, IdentityTransform) else
+                                    2 if isinstance(t, ExpTransform) else 0)
+                            for t, size in zip(latent_layout.transforms, latent_layout.sizes,
+                                               strict=True)])[global_idx]
+    found = []
+    for kind, attr, fn in ((1, "loc", np.asarray), (2, "scale", np.log)):
+        cols = []
+        for tr in traces:
+            u = np.asarray(latent_layout.unconstrain(
+                {s.name: tr[s.name]["value"] for s in latent_layout.sites}))[global_idx]
+            parts = []
+            for s, t in zip(latent_layout.sites, latent_layout.transforms, strict=True):
+                if s.name not in local_axes:
+                    continue
+                axis, base = local_axes[s.name], _location_scale(tr[s.name]["fn"])
+                shape = s.unconstrained_shape
+                if base is None or not isinstance(t, IdentityTransform):
+                    parts.append(np.full((shape[axis], math.prod(shape) // shape[axis]), np.nan))
+                    continue
+                v = np.broadcast_to(fn(np.asarray(getattr(base, attr), np.float64)), shape)
+                parts.append(np.moveaxis(v, axis, 0).reshape(shape[axis], -1))
+            v = np.concatenate(parts, axis=1)  # (J, Dl)
+            cols.append(np.all(np.abs(v[..., None] - u) <= 1e-5 * (1 + np.abs(u)), axis=0)
+                        & (kinds == kind))  # (Dl, Dg)
+        match = np.logical_and.reduce(cols)
+        found.append(np.where(match.any(1), match.argmax(1), -1))
+    return tuple(tuple(int(i) for i in f) for f in found)
 
 
 def encode_groups(layout, batch, data, n):

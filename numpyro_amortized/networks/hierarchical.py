@@ -99,10 +99,15 @@ class HierarchicalPosterior(AmortizedPosterior):
         ``(J, Dl)`` positions of each group's locals.
     :param global_loc, global_scale: prior location and scale of the globals (to standardize
         them as a condition).
+    :param local_affine: ``(loc, scale)``, each ``(Dl,)``: the positions in the globals of each
+        local column's prior location and log scale, or ``-1``
+        (:func:`~numpyro_amortized.group_data.local_affine`); the local flow models
+        ``(u_local - loc) / scale``, the non-centred form, where they are given.
     """
 
     def __init__(self, summary_net, flow, local_flow, encoder, data_stats, group_stats,
-                 global_idx, local_idx, global_loc, global_scale, *, other_data=False, rngs):
+                 global_idx, local_idx, global_loc, global_scale, *, other_data=False,
+                 local_affine=None, local_stats=None, rngs):
         super().__init__(summary_net, flow, data_stats)
         self.local_flow = local_flow
         self.encoder = encoder
@@ -117,6 +122,14 @@ class HierarchicalPosterior(AmortizedPosterior):
         self.global_scale = Buffer(jnp.asarray(global_scale))
         self.global_idx = tuple(int(i) for i in global_idx)
         self.local_idx = tuple(tuple(int(i) for i in row) for row in local_idx)
+        none = (-1,) * len(self.local_idx[0])
+        self.local_affine = tuple(tuple(int(i) for i in f) for f in local_affine or (none, none))
+        self.precision_net = nnx.data(None)
+        if max(self.local_affine[1]) >= 0:  # a local prior's scale is a global: see _affine
+            self.local_loc = Buffer(jnp.asarray(local_stats[0]))
+            self.local_scale = Buffer(jnp.asarray(local_stats[1]))
+            cond = local_flow_condition_dim(summary_net.summary_dim, encoder, len(global_idx))
+            self.precision_net = MLP(cond, (width,), 2 * len(none), zero_init=True, rngs=rngs)
 
     # ------------------------------------------------------------------ pieces
     def _split(self, u):
@@ -128,6 +141,42 @@ class HierarchicalPosterior(AmortizedPosterior):
         u = jnp.zeros(ug.shape[:-1] + (dim,), ug.dtype)
         u = u.at[..., jnp.asarray(self.global_idx)].set(ug)
         return u.at[..., jnp.asarray(self.local_idx)].set(ul)
+
+    def _affine(self, ug, cl):
+        """Location and log scale ``(..., J, Dl)`` of the map from the local flow's variable to
+        the locals ``ul``, for globals ``ug`` and local conditions ``cl``.
+
+        A local with prior ``N(m0, sigma)`` (``m0``, ``sigma`` globals) and data that inform it
+        with a precision ``exp(h_j)`` around ``mu_j`` has, given the globals, roughly the
+        posterior ``N(w m0 + (1 - w) mu_j, 1 / (sigma^-2 + exp(h_j)))`` with
+        ``w = sigma^-2 / (sigma^-2 + exp(h_j))``; the flow models the local standardized by it,
+        with ``h_j`` and ``mu_j`` learned from the group's condition. Where ``sigma`` is small
+        this is the non-centred form ``(a_j - m0) / sigma``, where the data dominate the
+        centred one: the flow's variable keeps a scale near 1 either way (a partially
+        non-centred parameterization, learned per group)."""
+        pick = lambda idx: jnp.where(idx >= 0, ug[..., np.maximum(idx, 0)], 0.0)[..., None, :]
+        loc_idx, scale_idx = (np.asarray(f, int) for f in self.local_affine)
+        m0 = pick(loc_idx)
+        if self.precision_net is None:
+            return m0, jnp.zeros_like(m0)
+        out = self.precision_net(cl)
+        dl, spread = len(loc_idx), buffer_value(self.local_scale)
+        mu = buffer_value(self.local_loc) + spread * out[..., :dl]
+        prior = -2.0 * pick(scale_idx)  # the unconstrained scale is log sigma
+        log_prec = jnp.logaddexp(prior, out[..., dl:] - 2.0 * jnp.log(spread))
+        w = jnp.exp(prior - log_prec)
+        scaled = scale_idx >= 0
+        return (jnp.where(scaled, w * m0 + (1.0 - w) * mu, m0),
+                jnp.where(scaled, -0.5 * log_prec, 0.0))
+
+    def _to_standard(self, ug, ul, cl):
+        """The local flow's variable for locals ``ul`` and its log-det ``(..., J)``."""
+        loc, log_scale = self._affine(ug, cl)
+        return (ul - loc) * jnp.exp(-log_scale), -log_scale.sum(-1)
+
+    def _from_standard(self, ug, z, cl, log_q):
+        loc, log_scale = self._affine(ug, cl)
+        return loc + jnp.exp(log_scale) * z, log_q - log_scale.sum(-1)
 
     def group_embed(self, data: DataBatch):
         """Embeddings ``(B, J, E)`` of each dataset's groups (learned, then exact statistics)."""
@@ -180,36 +229,38 @@ class HierarchicalPosterior(AmortizedPosterior):
         return jnp.concatenate(parts, axis=-1)
 
     def _conditions(self, u, data):
-        """Global condition ``(B, 1.., S)`` and the local one for ``u``'s globals."""
+        """Globals, the locals' non-centred form and its log-det, the global condition
+        ``(B, 1.., S)`` and the local one for ``u``'s globals."""
         c, e = self._embeddings(data)
         ones = (1,) * (u.ndim - 2)
         ug, ul = self._split(u)
         cg = jnp.reshape(c, c.shape[:1] + ones + c.shape[1:])
         cl = self._local_condition(ug, cg, jnp.reshape(e, e.shape[:1] + ones + e.shape[1:]))
-        return ug, ul, cg, cl
+        z, log_det = self._to_standard(ug, ul, cl)
+        return ug, (z, log_det), cg, cl
 
     # ------------------------------------------------------------------ density protocol
     def log_prob(self, u, data: DataBatch, present=None):
         """``log q(u | x)`` (a group without data: its locals' conditional prior is learned);
         with a ``(J,)`` mask ``present``, of the globals and the present groups' locals only
         (the marginal, as the locals are independent given the globals)."""
-        ug, ul, cg, cl = self._conditions(u, data)
-        local = self.local_flow.log_prob(ul, cl)
+        ug, (z, log_det), cg, cl = self._conditions(u, data)
+        local = self.local_flow.log_prob(z, cl) + log_det
         return self.flow.log_prob(ug, cg) + (local if present is None
                                              else jnp.where(present, local, 0.0)).sum(-1)
 
     def training_log_prob(self, u, data: DataBatch, rng_key=None):
-        ug, ul, cg, cl = self._conditions(u, data)
+        ug, (z, log_det), cg, cl = self._conditions(u, data)
         kg, kl = (None, None) if rng_key is None else jax.random.split(rng_key)
         return (self.flow.training_log_prob(ug, cg, kg)
-                + self.local_flow.training_log_prob(ul, cl, kl).sum(-1))
+                + (self.local_flow.training_log_prob(z, cl, kl) + log_det).sum(-1))
 
     def member_log_probs(self, u, data: DataBatch):
-        ug, ul, cg, cl = self._conditions(u, data)
+        ug, (z, log_det), cg, cl = self._conditions(u, data)
         members = self.flow.member_log_probs(ug, cg)
         if members is None:
             return None
-        return members + self.local_flow.log_prob(ul, cl).sum(-1)
+        return members + (self.local_flow.log_prob(z, cl) + log_det).sum(-1)
 
     def sample_and_log_prob(self, rng_key, data: DataBatch, sample_shape=(), present=None):
         """Samples and their ``log q``; with a ``(J,)`` mask ``present``, the density of the
@@ -217,16 +268,25 @@ class HierarchicalPosterior(AmortizedPosterior):
         kg, kl = jax.random.split(rng_key)
         c, e = self._embeddings(data)
         ug, lq = self.flow.sample_and_log_prob(kg, c, sample_shape)
-        ul, lq_local = self.local_flow.sample_and_log_prob(kl, self._local_condition(ug, c, e))
+        cl = self._local_condition(ug, c, e)
+        z, lq_local = self.local_flow.sample_and_log_prob(kl, cl)
+        ul, lq_local = self._from_standard(ug, z, cl, lq_local)
         if present is not None:
             lq_local = jnp.where(present, lq_local, 0.0)
         return self._join(ug, ul), lq + lq_local.sum(-1)
 
     def sample(self, rng_key, data: DataBatch, sample_shape=()):
         kg, kl = jax.random.split(rng_key)
+        ug = self.flow.sample(kg, self.embed(data), sample_shape)
+        return self._join(ug, self.sample_locals(kl, data, ug))
+
+    def sample_locals(self, rng_key, data: DataBatch, ug):
+        """Draws ``(*sample, B, J, Dl)`` of every group's locals (unconstrained) given globals
+        ``ug`` of shape ``(*sample, B, Dg)``: the guide's conditional ``q(local_j | globals,
+        x)``, e.g. to check it against a model's exact conditional."""
         c, e = self._embeddings(data)
-        ug = self.flow.sample(kg, c, sample_shape)
-        return self._join(ug, self.local_flow.sample(kl, self._local_condition(ug, c, e)))
+        cl = self._local_condition(ug, c, e)
+        return self._from_standard(ug, self.local_flow.sample(rng_key, cl), cl, 0.0)[0]
 
 
 def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
@@ -246,9 +306,21 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     local_factory = flow_factory
     if flow_factory in (ensemble_flow, spline_flow):
         local_factory = functools.partial(spline_flow, conditional_affine=True)
-    cond = s_dim + encoder.out_features + encoder.stats_dim + len(gidx)
-    local = local_factory(lidx.shape[1], cond,
-                          loc=u_loc[lidx].mean(0), scale=u_scale[lidx].mean(0), rngs=rngs)
+    cond = local_flow_condition_dim(s_dim, encoder, len(gidx))
+    loc, scale = u_loc[lidx].mean(0), u_scale[lidx].mean(0)
+    stats_local = (loc, scale)
+    centre, spread = (np.asarray(f) >= 0 for f in groups.local_affine or ((), ()))
+    if centre.size:  # the non-centred columns: mean 0 under the prior, sd 1 if scaled too
+        loc, scale = np.where(centre | spread, 0.0, loc), np.where(spread, 1.0, scale)
+    local = local_factory(lidx.shape[1], cond, loc=loc, scale=scale, rngs=rngs)
     return HierarchicalPosterior(summary_net, glob, local, encoder, stats["data"],
                                  stats["group"], gidx, lidx, u_loc[gidx], u_scale[gidx],
-                                 other_data=groups.other_data, rngs=rngs)
+                                 other_data=groups.other_data,
+                                 local_affine=groups.local_affine or None,
+                                 local_stats=stats_local, rngs=rngs)
+
+
+def local_flow_condition_dim(summary_dim, encoder, num_globals):
+    """The width of the local flow's condition: summary, group embedding and statistics,
+    standardized globals."""
+    return summary_dim + encoder.out_features + encoder.stats_dim + num_globals

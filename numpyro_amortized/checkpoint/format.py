@@ -47,8 +47,10 @@ def flatten_tree(tree) -> dict:
 def unflatten_tree(template, flat: dict, what: str, path, hint=None):
     """Fill ``template``'s structure with ``flat``'s arrays, checking names, shapes and dtypes.
     ``hint`` replaces the advice given when they do not fit."""
-    hint = hint or ("The checkpoint was written for another architecture: build the guide with "
-                    "the summary_net and flow it was trained with and pass it as guide=.")
+    hint = hint or ("The checkpoint was written for another architecture or by another "
+                    "numpyro_amortized version: build the guide with the summary_net and flow it "
+                    "was trained with and pass it as guide=, or load it with the version that "
+                    "wrote it.")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     names = [jax.tree_util.keystr(p) for p, _ in leaves]
     missing = [n for n in names if n not in flat]

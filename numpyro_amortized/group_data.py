@@ -173,7 +173,7 @@ class Groups(NamedTuple):
     local_idx: np.ndarray
     local_axes: dict
     other_data: bool
-    local_affine: tuple = ((), ())
+    local_affine: tuple
 
 
 def local_indices(latent_layout, hierarchy, trace):
@@ -248,13 +248,10 @@ def group_setup(model, args, kwargs, structure, latent_layout, *, option="auto",
     other = ({s.name for s in structure.observed} - set(hierarchy.group.observed)) | (
         {c.name for c in structure.covariates} - set(layout.arguments))
     gidx, lidx, axes = local_indices(latent_layout, hierarchy, tr)
-    traces = (tr, model_trace(model, jax.random.fold_in(keys_of(rng_key), 1), args, kwargs))
+    key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    traces = (tr, model_trace(model, jax.random.fold_in(key, 1), args, kwargs))
     return Groups(layout, gidx, lidx, axes, bool(other),
                   local_affine(latent_layout, traces, gidx, axes))
-
-
-def keys_of(rng_key):
-    return jax.random.PRNGKey(0) if rng_key is None else rng_key
 
 
 _LOCATION_SCALE = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace, dist.Logistic,
@@ -275,9 +272,9 @@ def local_affine(latent_layout, traces, global_idx, local_axes):
 
     A local ``a_j ~ Normal(a_bar, sigma)`` (any location-scale family on the reals whose
     location and scale are global latents, in every group and in each of ``traces``) is then
-    modelled by the guide in its non-centred form ``(a_j - a_bar) / sigma``: given the globals,
-    its spread stays within the data's and the prior's, where the centred one's shrinks with
-    ``sigma``.
+    modelled by the guide standardized by its approximate posterior given the globals
+    (:class:`~numpyro_amortized.networks.HierarchicalPosterior`): non-centred where ``sigma``
+    is small, centred where the data dominate.
     """
     kinds = np.concatenate([np.full(size, 1 if isinstance(t, IdentityTransform) else
                                     2 if isinstance(t, ExpTransform) else 0)

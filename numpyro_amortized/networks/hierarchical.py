@@ -101,8 +101,9 @@ class HierarchicalPosterior(AmortizedPosterior):
         them as a condition).
     :param local_affine: ``(loc, scale)``, each ``(Dl,)``: the positions in the globals of each
         local column's prior location and log scale, or ``-1``
-        (:func:`~numpyro_amortized.group_data.local_affine`); the local flow models
-        ``(u_local - loc) / scale``, the non-centred form, where they are given.
+        (:func:`~numpyro_amortized.group_data.local_affine`); where a scale is given, the local
+        flow models the local standardized by its approximate posterior given the globals
+        (:meth:`_affine`).
     """
 
     def __init__(self, summary_net, flow, local_flow, encoder, data_stats, group_stats,
@@ -229,7 +230,7 @@ class HierarchicalPosterior(AmortizedPosterior):
         return jnp.concatenate(parts, axis=-1)
 
     def _conditions(self, u, data):
-        """Globals, the locals' non-centred form and its log-det, the global condition
+        """Globals, the standardized locals and their log-det, the global condition
         ``(B, 1.., S)`` and the local one for ``u``'s globals."""
         c, e = self._embeddings(data)
         ones = (1,) * (u.ndim - 2)
@@ -277,14 +278,17 @@ class HierarchicalPosterior(AmortizedPosterior):
 
     def sample(self, rng_key, data: DataBatch, sample_shape=()):
         kg, kl = jax.random.split(rng_key)
-        ug = self.flow.sample(kg, self.embed(data), sample_shape)
-        return self._join(ug, self.sample_locals(kl, data, ug))
+        c, e = self._embeddings(data)
+        ug = self.flow.sample(kg, c, sample_shape)
+        return self._join(ug, self._sample_locals(kl, ug, c, e))
 
     def sample_locals(self, rng_key, data: DataBatch, ug):
         """Draws ``(*sample, B, J, Dl)`` of every group's locals (unconstrained) given globals
         ``ug`` of shape ``(*sample, B, Dg)``: the guide's conditional ``q(local_j | globals,
         x)``, e.g. to check it against a model's exact conditional."""
-        c, e = self._embeddings(data)
+        return self._sample_locals(rng_key, ug, *self._embeddings(data))
+
+    def _sample_locals(self, rng_key, ug, c, e):
         cl = self._local_condition(ug, c, e)
         return self._from_standard(ug, self.local_flow.sample(rng_key, cl), cl, 0.0)[0]
 
@@ -309,15 +313,15 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     cond = local_flow_condition_dim(s_dim, encoder, len(gidx))
     loc, scale = u_loc[lidx].mean(0), u_scale[lidx].mean(0)
     stats_local = (loc, scale)
-    centre, spread = (np.asarray(f) >= 0 for f in groups.local_affine or ((), ()))
-    if centre.size:  # the non-centred columns: mean 0 under the prior, sd 1 if scaled too
-        loc, scale = np.where(centre | spread, 0.0, loc), np.where(spread, 1.0, scale)
+    centre, spread = (np.asarray(f, int) >= 0 for f in groups.local_affine)
+    # standardized columns: about mean 0 under the prior, and sd 1 where scaled
+    loc, scale = np.where(centre | spread, 0.0, loc), np.where(spread, 1.0, scale)
     local = local_factory(lidx.shape[1], cond, loc=loc, scale=scale, rngs=rngs)
     return HierarchicalPosterior(summary_net, glob, local, encoder, stats["data"],
                                  stats["group"], gidx, lidx, u_loc[gidx], u_scale[gidx],
                                  other_data=groups.other_data,
-                                 local_affine=groups.local_affine or None,
-                                 local_stats=stats_local, rngs=rngs)
+                                 local_affine=groups.local_affine, local_stats=stats_local,
+                                 rngs=rngs)
 
 
 def local_flow_condition_dim(summary_dim, encoder, num_globals):

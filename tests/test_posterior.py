@@ -189,6 +189,28 @@ def test_the_held_out_check_passes_a_good_guide_and_fails_a_too_narrow_one(train
     assert "numpyro_amortized.posterior" in narrow.message()
 
 
+def test_the_check_of_the_data_given_to_fit(trained, monkeypatch):
+    """``fit`` also checks the guide on the data it was given (users pass their real data), so
+    data where the simulations are rare do not get silently wrong raw draws; placeholders
+    (constant values) are not checked."""
+    from numpyro_amortized.train import GuideCheckWarning, check, data_check
+
+    guide, params = trained
+    assert data_check(guide, params, jax.random.PRNGKey(2), (), {"y": jnp.zeros((N, 2))}) is None
+    k, ess = data_check(guide, params, jax.random.PRNGKey(2), (), {"y": Y})
+    assert k <= 0.7 and ess >= 0.9, (k, ess)
+    k, ess = data_check(scaled(guide, 0.15), params, jax.random.PRNGKey(2), (), {"y": Y})
+    assert k > 0.7 and ess < 0.2, (k, ess)
+    # fit runs it on its data (no warning for a good guide) and warns when it fails
+    result = fit(guide, jax.random.PRNGKey(0), y=Y, num_steps=1000, progress_bar=False)
+    assert result.check.data_pareto_k <= 0.7 and not result.check.data_failed, result.check
+    monkeypatch.setattr("numpyro_amortized.train.loop.data_check", lambda *a, **k: (2.0, 0.01))
+    with pytest.warns(GuideCheckWarning, match="On the data given to fit"):
+        result = fit(guide, jax.random.PRNGKey(0), y=Y, num_steps=200, progress_bar=False)
+    assert result.check.data_failed and result.check.failed_share <= 0.25
+    assert check.HeldOutCheck(np.zeros(1), np.ones(1)).data_failed is False
+
+
 def bnn(X, y=None):
     """The Pyro tutorial's Bayesian neural network: 32 latents, a posterior with many modes."""
     w1 = numpyro.sample("w1", dist.Normal(0.0, 1.0).expand([1, 10]).to_event(2))

@@ -3,7 +3,7 @@
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
 - :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay
   (:func:`flow_weight_decay`: a flow's, or one per member of a flow ensemble).
-- :func:`held_out_check`: the guide against the model's exact density on held-out
+- :func:`held_out_check`, :func:`data_check`: the guide against the model's exact density on held-out
   simulations (what :func:`fit` checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
   (:class:`Converge`, :class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
@@ -17,7 +17,12 @@ from numpyro_amortized.train.callbacks import (
     ProgressBar,
     Run,
 )
-from numpyro_amortized.train.check import GuideCheckWarning, HeldOutCheck, held_out_check
+from numpyro_amortized.train.check import (
+    GuideCheckWarning,
+    HeldOutCheck,
+    data_check,
+    held_out_check,
+)
 from numpyro_amortized.train.checkpointing import Checkpointer
 from numpyro_amortized.train.loop import FitResult, fit
 from numpyro_amortized.train.optim import (
@@ -46,6 +51,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingStalled",
+    "data_check",
     "data_mesh",
     "default_optimizer",
     "fit",

@@ -19,7 +19,7 @@ import numpy as np
 from numpyro_amortized.losses import importance_log_weights
 from numpyro_amortized.train.sharding import host_tree
 
-__all__ = ["GuideCheckWarning", "HeldOutCheck", "held_out_check"]
+__all__ = ["GuideCheckWarning", "HeldOutCheck", "data_check", "held_out_check"]
 
 # the thresholds of compare.importance, defined apart: that module loads ArviZ (imported here
 # only when the check runs), and importing from it would make an import circle
@@ -38,6 +38,16 @@ class HeldOutCheck(NamedTuple):
 
     pareto_k: np.ndarray
     ess_fraction: np.ndarray
+    #: the same two figures for the data given to ``fit`` (``nan`` when not checked: those data
+    #: were placeholders, e.g. zeros, or the run used several processes)
+    data_pareto_k: float = float("nan")
+    data_ess_fraction: float = float("nan")
+
+    @property
+    def data_failed(self) -> bool:
+        """The guide's draws are off for the data given to ``fit``."""
+        return bool(self.data_ess_fraction < RAW_ESS_FRACTION
+                    and self.data_pareto_k > PARETO_K_THRESHOLD)
 
     @property
     def failed(self) -> np.ndarray:
@@ -60,6 +70,34 @@ class HeldOutCheck(NamedTuple):
             "numpyro_amortized.posterior(...), which checks each dataset and refines the guide "
             "or runs NUTS where needed; or train longer, or with a more flexible flow or "
             "summary network. result.check has the figures.")
+
+
+    def data_message(self) -> str:
+        return (
+            "On the data given to fit, the trained guide fails the exact-density check "
+            f"(Pareto k-hat {self.data_pareto_k:.2f} > 0.7, importance ESS "
+            f"{100 * self.data_ess_fraction:.0f}% of the draws): its raw draws (sample_posterior) "
+            "for these data are unreliable, although it passes on most held-out simulations: "
+            "these data lie where the model's simulations are rare. Use "
+            "numpyro_amortized.posterior(...), which checks each dataset and refines the guide "
+            "or runs NUTS where needed.")
+
+
+def data_check(guide, params, rng_key, args, kwargs, num_draws=1000):
+    """``(k-hat, ESS share)`` of ``num_draws`` guide draws for the data in ``args``/``kwargs``
+    (the data given to ``fit``), or ``None`` when an observed site there is constant (a
+    placeholder, such as the zeros that set up a guide)."""
+    from numpyro_amortized.compare.importance import weigh  # ArviZ: loaded when used
+    from numpyro_amortized.simulation import observed_values
+
+    values = observed_values(guide.model, *args, **kwargs)
+    if not values or any(np.ptp(np.asarray(v)) == 0 for v in values.values()):
+        return None
+    try:
+        res = weigh(guide, [params], rng_key, args, kwargs, num_draws, num_draws)
+    except ValueError:  # no finite weight: the guide puts no mass where the model does
+        return float("inf"), 0.0
+    return float(res.pareto_k), float(res.ess) / num_draws
 
 
 def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, num_draws=512,

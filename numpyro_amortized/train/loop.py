@@ -20,7 +20,12 @@ from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.programs import simulate_in_blocks, take_rows
 from numpyro_amortized.samplers import looping_sites
 from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
-from numpyro_amortized.train.check import FAILED_SHARE, GuideCheckWarning, held_out_check
+from numpyro_amortized.train.check import (
+    FAILED_SHARE,
+    GuideCheckWarning,
+    data_check,
+    held_out_check,
+)
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import (
     default_optimizer,
@@ -99,7 +104,9 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     :param check: at the end, weigh the guide's draws on 32 held-out simulations by the model's
         exact density (:func:`~numpyro_amortized.train.held_out_check`) and warn
         (:class:`~numpyro_amortized.train.GuideCheckWarning`) when k-hat > 0.7 on more than a
-        quarter of them; the figures are in ``result.check``. ``False`` skips it.
+        quarter of them; the figures are in ``result.check``. The data given to ``fit`` are
+        checked too, unless an observed site there is constant (placeholders such as zeros),
+        with a warning when the guide fails on them. ``False`` skips both.
     :return: a :class:`FitResult`.
 
     Non-finite simulations are dropped from their batch and counted (an error is raised when
@@ -181,6 +188,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         result = result._replace(check=program.check(result))
         if result.check.failed_share > FAILED_SHARE:
             warnings.warn(result.check.message(), GuideCheckWarning, stacklevel=2)
+        elif result.check.data_failed:
+            warnings.warn(result.check.data_message(), GuideCheckWarning, stacklevel=2)
     return result
 
 
@@ -301,8 +310,13 @@ class _Program:
 
     def check(self, result):
         """The exact-density check of the returned parameters on held-out simulations."""
-        return held_out_check(self.guide, result.params, jax.random.PRNGKey(1), self.val,
-                              self.args, self.kwargs, out_sharding=self.replicated)
+        check = held_out_check(self.guide, result.params, jax.random.PRNGKey(1), self.val,
+                               self.args, self.kwargs, out_sharding=self.replicated)
+        on_data = None if jax.process_count() > 1 else data_check(
+            self.guide, result.params, jax.random.PRNGKey(2), self.args, self.kwargs)
+        if on_data is None:
+            return check
+        return check._replace(data_pareto_k=on_data[0], data_ess_fraction=on_data[1])
 
     def stall_message(self, run, n, limit, checkpoint, saved_step):
         sites = looping_sites(self.guide.model, *self.args, **self.kwargs)

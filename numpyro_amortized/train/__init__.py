@@ -3,8 +3,8 @@
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
 - :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay
   (:func:`flow_weight_decay`: a flow's, or one per member of a flow ensemble).
-- :func:`held_out_check`, :func:`data_check`: the guide against the model's exact density on held-out
-  simulations (what :func:`fit` checks at the end).
+- :func:`held_out_check`, :func:`data_check`: the guide against the model's exact density on
+  held-out simulations and on the data given to :func:`fit` (what it checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
   (:class:`Converge`, :class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
 """

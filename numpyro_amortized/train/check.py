@@ -71,8 +71,8 @@ class HeldOutCheck(NamedTuple):
             "or runs NUTS where needed; or train longer, or with a more flexible flow or "
             "summary network. result.check has the figures.")
 
-
     def data_message(self) -> str:
+        """The warning for a guide that fails on the data given to ``fit``."""
         return (
             "On the data given to fit, the trained guide fails the exact-density check "
             f"(Pareto k-hat {self.data_pareto_k:.2f} > 0.7, importance ESS "

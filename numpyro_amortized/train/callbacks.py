@@ -105,25 +105,31 @@ class Plateau(Callback):
 class Converge(Callback):
     """Train as long as the validation loss improves, then cool down and stop.
 
-    A constant learning rate while the validation loss falls; once the mean validation loss of
-    the last ``window`` checks is less than ``tol`` nats below that of the ``window`` checks
-    before (or the run reaches 80% of ``run.num_steps``), the rate decays to 1% along a half
-    cosine over ``cooldown`` of the steps so far (at least ``min_cooldown`` steps, within
-    ``run.num_steps``), and training stops at its end. (A warmup-stable-decay schedule whose
-    stable phase lasts as long as it pays; a short decay at the end gains what a cosine
-    schedule over the whole run would.) ``run.plateau`` holds its state, so a resumed run
-    continues it.
+    A constant learning rate while the validation loss falls; once the median validation loss
+    of the last ``window`` checks is less than ``tol`` nats below that of the ``window`` checks
+    before, and was so one window earlier as well (or the run reaches 80% of
+    ``run.num_steps``), the rate decays to 1% along a half cosine over ``cooldown`` of the steps
+    so far (at least ``min_cooldown`` steps, within ``run.num_steps``), and training stops at
+    its end: a warmup-stable-decay schedule whose stable phase lasts as long as it pays.
+
+    Two successive comparisons of disjoint windows, each of medians, keep the validation loss's
+    noise (large where the loss sums many latents, as a hierarchical model's does) from
+    starting the decay while the loss still falls: one outlying window makes one comparison
+    look flat and the next one steep. Where that noise is large, the loss at a constant rate
+    stops falling early and the decay does the rest, so it lasts half the stable phase.
+    ``run.plateau`` holds its state, so a resumed run continues it.
     """
 
-    def __init__(self, window=10, tol=0.01, cooldown=0.2, min_cooldown=1000):
+    def __init__(self, window=10, tol=0.01, cooldown=0.5, min_cooldown=1000):
         self.window, self.tol = int(window), float(tol)
         self.cooldown, self.min_cooldown = float(cooldown), int(min_cooldown)
 
     def on_chunk(self, run, chunk):
         p, w = run.plateau, self.window
         if "decay_start" not in p:
-            v = run.val_losses
-            flat = len(v) >= 2 * w and np.mean(v[-2 * w:-w]) - np.mean(v[-w:]) < self.tol
+            v, n = run.val_losses, len(run.val_losses)
+            gain = lambda end: np.median(v[end - 2 * w:end - w]) - np.median(v[end - w:end])
+            flat = n >= 3 * w and gain(n - w) < self.tol and gain(n) < self.tol
             if not (flat or run.step >= 0.8 * run.num_steps):
                 return
             p["decay_start"] = run.step

@@ -60,9 +60,9 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         largest size); ``kwargs`` likewise. Covariates passed here are used as they are for
         every simulation, and the summary network reads them (see the guide's ``model``).
     :param num_steps: optimizer steps. Default online: as long as the validation loss improves,
-        then a short decay of the learning rate, at most 20,000 steps
-        (:class:`~numpyro_amortized.train.Converge`; a given ``num_steps`` trains that many
-        steps on a cosine schedule). With a fixed budget: 30 passes over the training
+        then a decay of the learning rate over half as many steps again, at most 20,000
+        steps (:class:`~numpyro_amortized.train.Converge`; a given ``num_steps`` trains that
+        many steps on a cosine schedule). With a fixed budget: 30 passes over the training
         simulations, at least 5,000 and at most 20,000 steps.
     :param batch_size: simulations per step (the global batch, over all devices). Default:
         the loss's ``batch_size`` if it has one, else 256.

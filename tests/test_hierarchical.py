@@ -39,7 +39,7 @@ from numpyro_amortized.examples.hierarchical import (
     varying_slopes_locals,
 )
 from numpyro_amortized.networks import HierarchicalPosterior
-from numpyro_amortized.networks.hierarchical import GroupEncoder
+from numpyro_amortized.networks.hierarchical import POOL_RATIOS, GroupEncoder, pool_groups
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 
 KEY = jax.random.PRNGKey(0)
@@ -88,10 +88,12 @@ def test_group_embeddings_are_equivariant():
     assert diff[2] > 1e-3 and np.all(diff[np.arange(6) != 2] == 0)
 
 
-def test_the_summary_pools_group_statistics_weighted_by_group_size():
-    """Next to their plain mean over groups, the summary of all groups takes the groups' exact
-    statistics weighted by their numbers of rows (a shared noise scale pooled as the likelihood
-    pools it): groups of 1 to 12 rows give a weighted mean that differs from the plain one."""
+def test_the_summary_pools_group_statistics_as_random_effects_estimates_weigh_them():
+    """The summary of all groups takes the groups' exact statistics pooled with the weights
+    ``n_j / (1 + r n_j)`` of a random-effects estimate, for between- to within-group variance
+    ratios from 0 (by rows) to infinity (equal weights): their weighted means and log sds, and
+    the weighted mean of ``1 / n_j``, as numpy computes them; groups without rows count for
+    nothing, and groups of 1 to 12 rows make the weightings differ."""
     group = jnp.asarray(np.repeat(np.arange(6), [1, 2, 3, 4, 8, 12]))
     y = jnp.asarray(np.random.default_rng(4).normal(size=30) * (1 + np.asarray(group)))
     guide, params = _setup(varying_intercepts, group, 6, y=y)
@@ -100,14 +102,63 @@ def test_the_summary_pools_group_statistics_weighted_by_group_size():
     object.__setattr__(post, "global_head", lambda v: seen.append(v) or v)
     batch = _batch(guide, y=y, group=group)
     post.embed(batch)
-    _, size, stats = post._encode_groups(batch)
-    size, stats, head_input = np.asarray(size)[0], np.asarray(stats)[0], np.asarray(seen[0])[0]
-    width = stats.shape[-1]
-    start = head_input.size - 3 * width - 2  # after the pooled learned embeddings
-    plain, weighted = head_input[start:start + width], head_input[start + width:start + 2 * width]
-    np.testing.assert_allclose(plain, stats.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(weighted, (stats * size).sum(0) / size.sum(), rtol=1e-5, atol=1e-6)
-    assert np.abs(weighted - plain).max() > 0.1
+    _, size, stats, _ = post._encode_groups(batch)
+    pooled = np.asarray(pool_groups(stats, size))[0]
+    width = post.group_pool.out.out_features
+    np.testing.assert_allclose(np.asarray(seen[0])[0, width:width + pooled.size], pooled)
+    size, stats = np.asarray(size)[0], np.asarray(stats)[0]
+    assert size[:, 0].tolist() == [1, 2, 3, 4, 8, 12]
+    # a seventh group without rows changes nothing
+    padded = pool_groups(jnp.asarray(np.vstack([stats, np.full((1, stats.shape[1]), 7.0)]))[None],
+                         jnp.asarray(np.vstack([size, [[0.0]]]))[None])
+    np.testing.assert_allclose(np.asarray(padded)[0], pooled, rtol=1e-6)
+    s, means = stats.shape[1], []
+    for i, r in enumerate(POOL_RATIOS):
+        w = np.ones(6) if np.isinf(r) else size[:, 0] / (1 + r * size[:, 0])
+        mean = (w[:, None] * stats).sum(0) / w.sum()
+        sd = np.sqrt((w[:, None] * (stats - mean) ** 2).sum(0) / w.sum() + 1e-4)
+        block = pooled[i * (2 * s + 1):(i + 1) * (2 * s + 1)]
+        np.testing.assert_allclose(block[:s], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block[s:2 * s], np.log(sd), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(block[-1], np.log((w / size[:, 0]).sum() / w.sum() + 1e-4),
+                                   rtol=1e-5)
+        means.append(mean)
+    assert np.abs(means[0] - means[-1]).max() > 0.1
+
+
+def test_the_encoder_fits_shared_coefficients_over_all_rows_and_within_groups():
+    """Rows of a response and a covariate in groups with their own intercepts: the dataset's
+    pooled least-squares fit and its within-groups fit (rows centred by their group's means,
+    the fixed-effects estimate of the shared slope) are numpy's, with the ridge of 1e-3. The
+    within-groups slope is near the true 0.5 where the pooled one is confounded by the group
+    intercepts."""
+    rng = np.random.default_rng(3)
+    encoder = GroupEncoder(2, 5, responses=1, covariates=1, rngs=nnx.Rngs(0))
+    group = rng.integers(0, 5, size=(2, 60))
+    x = rng.normal(size=(2, 60)) + group  # the covariate rises with the group
+    y = 0.5 * x - 2.0 * group + 0.1 * rng.normal(size=(2, 60))
+    mask = rng.random((2, 60)) < 0.9
+    rows = jnp.asarray(np.stack([y, x], -1), jnp.float32)
+    *_, panel = encoder(rows, jnp.asarray(group, jnp.int32), jnp.asarray(mask))
+    panel = np.asarray(panel)
+    assert panel.shape == (2, encoder.panel_dim) == (2, 10)
+
+    def fit(yy, xx):
+        design = np.column_stack([np.ones(yy.size), xx])
+        n = yy.size
+        beta = np.linalg.solve(design.T @ design / n + 1e-3 * np.eye(2), design.T @ yy / n)
+        resid = 0.5 * np.log(np.mean((yy - design @ beta) ** 2) + 1e-4)
+        return beta, resid
+
+    for b in range(2):
+        keep = mask[b]
+        yb, xb, gb = y[b, keep], x[b, keep], group[b, keep]
+        centre = lambda v, g=gb: v - np.array([v[g == j].mean() for j in range(5)])[g]
+        for part, (yy, xx) in enumerate([(yb, xb), (centre(yb), centre(xb))]):
+            beta, resid = fit(yy, xx)
+            np.testing.assert_allclose(panel[b, 5 * part:5 * part + 2], beta, atol=2e-3)
+            np.testing.assert_allclose(panel[b, 5 * part + 2], resid, atol=2e-3)
+        assert abs(panel[b, 6] - 0.5) < 0.05 and abs(panel[b, 1] - 0.5) > 0.3
 
 
 def test_group_statistics_are_each_groups_least_squares_fit():
@@ -120,7 +171,7 @@ def test_group_statistics_are_each_groups_least_squares_fit():
     rows = rng.normal(size=(2, 40, 3))
     rows[..., 0] = 1.0 + rows[..., 1] - 2.0 * rows[..., 2] + 0.3 * rows[..., 0] * (group + 1)
     mask = rng.random((2, 40)) < 0.9
-    _, count, stats = encoder(jnp.asarray(rows, jnp.float32), jnp.asarray(group, jnp.int32),
+    _, count, stats, _ = encoder(jnp.asarray(rows, jnp.float32), jnp.asarray(group, jnp.int32),
                               jnp.asarray(mask))
     stats = np.asarray(stats)
     start = 2 * 3 + 1 + 3  # means, log-sds, log(1 + n), products of the 3 features
@@ -151,7 +202,7 @@ def test_group_statistics_of_degenerate_groups_are_finite():
     x = np.where(group == 1, 0.0, rng.integers(0, 2, group.size)).astype(float)
     x[group == 2] = [0.0, 1.0]
     rows = np.stack([1.0 + 0.5 * x + rng.normal(size=group.size), x], axis=-1)
-    _, count, stats = encoder(jnp.asarray(rows[None], jnp.float32),
+    _, count, stats, _ = encoder(jnp.asarray(rows[None], jnp.float32),
                               jnp.asarray(group[None], jnp.int32), jnp.ones((1, group.size), bool))
     stats = np.asarray(stats)[0]
     assert np.isfinite(stats).all() and np.asarray(count)[0, :, 0].tolist() == [1, 5, 2, 10]
@@ -544,8 +595,8 @@ def test_eight_schools_matches_the_exact_posterior():
     encoder = post.encoder
 
     def rolled(*a):
-        e, count, stats = encoder(*a)
-        return jnp.roll(e, 1, axis=-2), count, jnp.roll(stats, 1, axis=-2)
+        e, count, stats, panel = encoder(*a)
+        return jnp.roll(e, 1, axis=-2), count, jnp.roll(stats, 1, axis=-2), panel
 
     object.__setattr__(post, "encoder", rolled)
     batch = _batch(guide, y=spread, sigma=EIGHT_SCHOOLS_SIGMA)
@@ -649,8 +700,8 @@ def test_multilevel_binomial_matches_nuts():
     encoder = post.encoder
 
     def rolled(*a):
-        e, count, stats = encoder(*a)
-        return jnp.roll(e, 1, axis=-2), count, jnp.roll(stats, 1, axis=-2)
+        e, count, stats, panel = encoder(*a)
+        return jnp.roll(e, 1, axis=-2), count, jnp.roll(stats, 1, axis=-2), panel
 
     object.__setattr__(post, "encoder", rolled)
     data = jnp.round(trials * jnp.tile(jnp.asarray([0.9, 0.1, 0.5, 0.3]), 5)).astype(jnp.int32)

@@ -24,7 +24,10 @@ from numpyro_amortized.networks.flows import ensemble_flow, spline_flow
 from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value, least_squares
 from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_tails
 
-__all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior"]
+__all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior", "pool_groups"]
+
+#: between- to within-group variance ratios ``r`` of the pools over groups (:func:`pool_groups`)
+POOL_RATIOS = (0.0, 0.03, 0.3, 3.0, np.inf)
 
 
 class GroupEncoder(nnx.Module):
@@ -39,17 +42,25 @@ class GroupEncoder(nnx.Module):
     coefficients finite). A neural network approximates a division poorly, and a group's
     regression fit is what its local latents and the globals' spread depend on. The embedding
     is an MLP of these statistics and of the mean of the rows' MLP outputs (a DeepSet).
+
+    Where rows hold responses and covariates, the encoder also fits each response on the
+    covariates over all of a dataset's rows, and within groups (rows centred by their group's
+    means): the pooled and the fixed-effects estimates of coefficients the groups share, which
+    the groups' own fits (noisy, or undefined where a covariate does not vary in a group)
+    give poorly. They come fourth in the output, ``(B, panel_dim)``.
     """
 
     def __init__(self, features, num_groups, *, responses=0, covariates=0, width=64, out=32,
                  max_cross_features=16, max_regressors=8, rngs):
         self.num_groups = num_groups
+        self.features = features
         self.cross = features if 1 < features <= max_cross_features else 0
         self.responses = responses if 0 < covariates <= max_regressors and responses else 0
         self.covariates = covariates if self.responses else 0
         k = self.covariates + 1
         self.stats_dim = (2 * features + self.cross * (self.cross - 1) // 2 + 1
                           + (self.responses * (k + 1) + k if self.responses else 0))
+        self.panel_dim = 2 * (self.responses * (k + 1) + k) if self.responses else 0
         self.phi = MLP(features, (width, width), width, rngs=rngs)
         self.rho = MLP(width + self.stats_dim, (width,), out, rngs=rngs)
         self.out_features = out
@@ -80,7 +91,45 @@ class GroupEncoder(nnx.Module):
                                    total, n)
         stats = jnp.concatenate(stats, axis=-1) * (count > 0)
         h = pool(jax.nn.silu(self.phi(rows)))
-        return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats
+        panel = (self._panel(rows, group, weight, mean) if self.responses
+                 else jnp.zeros((b, 0), rows.dtype))
+        return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats, panel
+
+    def _panel(self, rows, group, weight, mean):
+        """The fits over all rows and within groups (class docstring), ``(B, panel_dim)``."""
+        every = lambda h: (h * jnp.reshape(weight, weight.shape + (1,) * (h.ndim - 2))).sum(1)
+        n = jnp.maximum(weight.sum(1, keepdims=True), 1.0)
+        k, r = self.responses + self.covariates, self.responses
+        z = rows[..., :k]
+        centred = z - mean[jnp.arange(rows.shape[0])[:, None], group][..., :k]
+        fits = (least_squares(z[..., :r], z[..., r:], every, n)
+                + least_squares(centred[..., :r], centred[..., r:], every, n))
+        return jnp.concatenate(fits, axis=-1)
+
+
+def pool_groups(stats, count, ratios=POOL_RATIOS):
+    """Statistics ``(B, P)`` of datasets from their groups' exact statistics ``stats``
+    ``(B, J, S)`` and numbers of rows ``count`` ``(B, J, 1)``: for each ratio ``r``, the mean of
+    the statistics over the groups with data weighted by ``n_j / (1 + r n_j)``, their log
+    weighted sd, and the log weighted mean of ``1 / n_j``.
+
+    Those weights are a random-effects estimate's of a shared mean when the between-groups
+    variance is ``r`` times the within-groups one (``r = 0``: weights by rows, which pools a
+    shared noise scale as the likelihood does; ``r = inf``: equal weights). The posterior
+    weighs the groups somewhere between, by a ratio it learns, and the spread of the group
+    means is the between-groups variance plus the sampling noise, ``sigma^2`` times the mean
+    of ``1 / n_j``: a network computes neither a weighted mean nor that difference precisely
+    from plain means.
+    """
+    n = jnp.maximum(count, 1.0)
+    out = []
+    for r in ratios:
+        w = (count > 0) * (1.0 if np.isinf(r) else count / (1.0 + r * count))
+        total = jnp.maximum(w.sum(-2), 1e-6)
+        mean = (w * stats).sum(-2) / total
+        var = (w * (stats - mean[..., None, :]) ** 2).sum(-2) / total
+        out += [mean, 0.5 * jnp.log(var + 1e-4), jnp.log((w / n).sum(-2) / total + 1e-4)]
+    return jnp.concatenate(out, axis=-1)
 
 
 class HierarchicalPosterior(AmortizedPosterior):
@@ -91,7 +140,9 @@ class HierarchicalPosterior(AmortizedPosterior):
     :param flow: the density of the global latents given the summary (``flow`` as in
         :class:`AmortizedPosterior`; a flow ensemble's mixture weights are fitted as there).
     :param local_flow: one flow for the local latents of a group, conditioned on
-        ``[summary, group embedding, standardized globals]``.
+        ``[summary, group embedding, standardized globals, their products with the group's
+        row means]`` (a local's location given the globals is often such a product: the group's
+        mean response less a shared slope times its mean covariate).
     :param encoder: a :class:`GroupEncoder`.
     :param data_stats: as :class:`AmortizedPosterior`; :param group_stats: ``(loc, scale)`` of
         the group rows' features.
@@ -112,10 +163,12 @@ class HierarchicalPosterior(AmortizedPosterior):
         super().__init__(summary_net, flow, data_stats)
         self.local_flow = local_flow
         self.encoder = encoder
+        self.row_means = (encoder.out_features, encoder.features)  # where e holds the means
         self.other_data = bool(other_data)
         width, out = encoder.out_features, summary_net.summary_dim
         self.group_pool = MLP(width, (width,), width, rngs=rngs)
-        self.global_head = MLP(width + 3 * encoder.stats_dim + 2 + (out if other_data else 0),
+        pooled = len(POOL_RATIOS) * (2 * encoder.stats_dim + 1) + encoder.panel_dim
+        self.global_head = MLP(width + pooled + 2 + (out if other_data else 0),
                                (2 * width,), out, rngs=rngs)
         self.group_loc = Buffer(jnp.asarray(group_stats[0]))
         self.group_scale = Buffer(jnp.asarray(group_stats[1]))
@@ -192,23 +245,19 @@ class HierarchicalPosterior(AmortizedPosterior):
     def _embeddings(self, data: DataBatch):
         """The summary ``(B, S)`` of all the data, and the group embeddings ``(B, J, E)``.
 
-        The summary pools the groups that have data (the mean of their embeddings, the mean
-        and spread of their exact statistics and their mean weighted by the groups' numbers of
-        rows, which pools a shared noise scale as the likelihood does where group sizes differ,
-        the log number of such groups and of rows), and
-        each group's embedding carries its exact statistics: the globals' likelihood is a
+        The summary pools the groups that have data (the mean of their embeddings, the means
+        and spreads of their exact statistics under the weights of :func:`pool_groups`, the
+        log number of such groups and of rows, the fits of :class:`GroupEncoder` over all
+        rows), and each group's embedding carries its exact statistics: the globals' likelihood is a
         product over groups, and a group without data leaves it unchanged, so a set function of
         the groups with data summarizes it, for any number of groups; observations outside
         every group add the summary network's output."""
-        e, size, stats = self._encode_groups(data)
+        e, size, stats, panel = self._encode_groups(data)
         present = (size > 0).astype(e.dtype)
         count = present.sum(-2)
-        average = lambda v: (v * present).sum(-2) / jnp.maximum(count, 1.0)
-        spread = average((stats - average(stats)[..., None, :]) ** 2)
         total = data.group_mask.sum(-1, keepdims=True).astype(e.dtype)
-        pooled = (stats * size).sum(-2) / jnp.maximum(total, 1.0)  # weighted by group sizes
-        parts = [average(jax.nn.silu(self.group_pool(e))), average(stats), pooled,
-                 0.5 * jnp.log(spread + 1e-4), jnp.log1p(count), jnp.log1p(total)]
+        learned = (jax.nn.silu(self.group_pool(e)) * present).sum(-2) / jnp.maximum(count, 1.0)
+        parts = [learned, pool_groups(stats, size), panel, jnp.log1p(count), jnp.log1p(total)]
         if self.other_data:
             parts.append(super().embed(data))
         c = self.global_head(jnp.concatenate(parts, axis=-1))
@@ -224,9 +273,13 @@ class HierarchicalPosterior(AmortizedPosterior):
         g = compress_tails((ug - buffer_value(self.global_loc)) / buffer_value(self.global_scale))
         batch = ug.shape[:-1]
         j = e.shape[-2]
+        start, f = self.row_means  # the group's statistics begin with its row means
+        means = jnp.broadcast_to(e[..., start:start + f], batch + (j, f))
+        products = g[..., None, :, None] * means[..., None, :]  # (*sample, B, J, Dg, F)
         parts = [jnp.broadcast_to(c[..., None, :], batch + (j, c.shape[-1])),
                  jnp.broadcast_to(e, batch + e.shape[-2:]),
-                 jnp.broadcast_to(g[..., None, :], batch + (j, g.shape[-1]))]
+                 jnp.broadcast_to(g[..., None, :], batch + (j, g.shape[-1])),
+                 jnp.reshape(products, batch + (j, -1))]
         return jnp.concatenate(parts, axis=-1)
 
     def _conditions(self, u, data):
@@ -326,5 +379,6 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
 
 def local_flow_condition_dim(summary_dim, encoder, num_globals):
     """The width of the local flow's condition: summary, group embedding and statistics,
-    standardized globals."""
-    return summary_dim + encoder.out_features + encoder.stats_dim + num_globals
+    standardized globals, and their products with the group's row means."""
+    return (summary_dim + encoder.out_features + encoder.stats_dim
+            + num_globals * (1 + encoder.features))

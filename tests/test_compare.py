@@ -239,6 +239,27 @@ def test_warm_start_needs_far_less_work_for_the_same_convergence():
     assert ess["warm"] > 1.5 * ess["cold"], ess
 
 
+def test_warm_starts_spread_over_the_modes_the_draws_hold():
+    """Chains start at draws far apart: each mode of a 90/10 mixture of two bumps gets a chain
+    (drawn at random, all four starts fall in the larger mode 66% of the time), none at the
+    outermost 1% of draws, all distinct."""
+    from numpyro_amortized.compare.nuts import _spread_starts
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = 2000
+        minor = rng.random(n) < 0.1
+        flat = rng.normal(size=(n, 3)) * 0.3 + np.where(minor, 4.0, 0.0)[:, None]
+        cov = np.cov(flat, rowvar=False)
+        starts = _spread_starts(flat, cov, 4)
+        assert len(set(starts)) == 4 and minor[starts].any() and not minor[starts].all()
+        white = np.linalg.solve(np.linalg.cholesky(cov), (flat - flat.mean(0)).T).T
+        radius = np.sum(white**2, axis=1)
+        assert radius[starts].max() <= np.quantile(radius, 0.99) + 1e-9
+    # fewer distinct draws than chains: they are reused
+    assert sorted(_spread_starts(np.repeat(np.eye(2), 5, axis=0), np.eye(2), 4)) == [0, 0, 5, 5]
+
+
 def test_inference_data_of_the_guide_works_with_arviz():
     d = dataset(1)
     idata = guide_inference_data(GaussianGuide(), GOOD, jax.random.PRNGKey(0), num_samples=500,

@@ -225,14 +225,34 @@ def _stack(dataset):
     return np.concatenate([np.ravel(v.values) for v in dataset.data_vars.values()])
 
 
+def _spread_starts(flat, cov, num_chains):
+    """Indices of ``num_chains`` distinct rows of ``flat`` (posterior draws) spread apart: the
+    first draw, then each time the draw farthest (in the metric of ``cov``) from those chosen,
+    the farthest 1% of draws from the mean left out. Chains that start apart expose modes the
+    draws hold through R-hat, where starts taken at random can all fall in one mode."""
+    _, first = np.unique(flat, axis=0, return_index=True)
+    rows = np.sort(first)
+    white = np.linalg.solve(np.linalg.cholesky(cov), (flat[rows] - flat.mean(0)).T).T
+    radius = np.sum(white**2, axis=1)
+    keep = radius <= np.quantile(radius, 0.99)
+    rows, white = rows[keep], white[keep]
+    chosen = [0]
+    gap = np.sum((white - white[0]) ** 2, axis=1)
+    while len(chosen) < min(num_chains, len(rows)):
+        chosen.append(int(np.argmax(gap)))
+        gap = np.minimum(gap, np.sum((white - white[chosen[-1]]) ** 2, axis=1))
+    return np.resize(rows[chosen], num_chains)
+
+
 def warm_start_nuts(guide, params, rng_key, *args, num_warmup=100, num_samples=1000,
                     num_chains=4, dense_mass=True, adapt_mass_matrix=False,
                     num_guide_samples=2000, correct=True, **kwargs) -> NUTSResult:
     """NUTS started from the amortized posterior: a short warm-up instead of a long one.
 
-    Each chain starts at its own posterior draw, and the inverse mass matrix is the covariance
-    of the draws in NumPyro's unconstrained space (dense by default, its diagonal otherwise), so
-    warm-up only has to tune the step size. The draws are PSIS-corrected guide draws by
+    Each chain starts at its own posterior draw, the draws chosen far apart (so that R-hat sees
+    modes the draws hold), and the inverse mass matrix is the covariance of the draws in
+    NumPyro's unconstrained space (dense by default, its diagonal otherwise), so warm-up only
+    has to tune the step size. The draws are PSIS-corrected guide draws by
     default (:func:`~numpyro_amortized.compare.importance_resample`), so that mass the guide
     puts where the posterior has none (a spurious mode, a heavy tail) neither starts a chain
     nor inflates the mass matrix. Pass ``adapt_mass_matrix=True`` to keep adapting the mass
@@ -266,11 +286,7 @@ def warm_start_nuts(guide, params, rng_key, *args, num_warmup=100, num_samples=1
     cov = np.atleast_2d(np.cov(flat, rowvar=False))
     cov += 1e-6 * np.mean(np.diag(cov)) * np.eye(len(cov))
     imm = cov if dense_mass else np.diag(cov)
-    # distinct starting points, as far as the (resampled) draws allow
-    _, first = np.unique(flat, axis=0, return_index=True)
-    starts = np.sort(first)[:num_chains]
-    starts = np.resize(starts, num_chains)
-    init = {k: v[starts] for k, v in z.items()}
+    init = {k: v[_spread_starts(flat, cov, num_chains)] for k, v in z.items()}
     return run_nuts(guide.model, k_nuts, *args, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, dense_mass=dense_mass, init_params=init,
                     inverse_mass_matrix=np.asarray(imm, np.float32),

@@ -219,14 +219,15 @@ def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
     assert spy.restarts == [True] * 4
     val = stopped.validation_losses[1]
     # the best check is the one kept, and the returned parameters' loss on fresh simulations is
-    # that of a trained guide (seeds 0-3: 0.35 to 0.46; 0.25 with the numpy initializer; the
-    # first check, after 50 steps, was above 2, and 1.89 with it)
+    # that of a trained guide, more than a nat below the first check's (after 50 steps). Seeds
+    # 0-3 on an earlier machine: 0.35 to 0.46 against a first check above 2 (0.25 and 1.89 with
+    # the numpy initializer); seed 0 on the 2026-12-05 machine: -0.10 against 1.39
     assert stopped.best_validation_loss == pytest.approx(val.min())
     guide = runs[3][0]
     fresh = guide.simulate(jax.random.PRNGKey(99), 4096, x=Z, y=Z)
     nll = float(jnp.mean(NPE().simulation_losses(guide, stopped.params[guide.param_name], None,
                                                  fresh, x=Z, y=Z)))
-    assert val[0] > 1.5 and nll < 1.0, (val[0], nll)
+    assert nll < 1.0 and val[0] - nll > 1.0, (val[0], nll)
 
 
 def test_patience_needs_keep_best():

@@ -120,10 +120,12 @@ class AmortizedELBO(AmortizedLoss):
         return -jnp.mean(log_w, axis=0)
 
 
-def importance_log_weights(guide, params, rng_key, sims, num_draws, args, kwargs):
+def importance_log_weights(guide, params, rng_key, sims, num_draws, args, kwargs,
+                           return_draws=False):
     """``(num_draws, B)``: ``log p(theta, x_i) - log q(theta | x_i)`` for ``num_draws`` guide
     draws per simulation (reparameterized), with the model's exact density evaluated at each
-    simulation's data (and covariates, under a declared design)."""
+    simulation's data (and covariates, under a declared design); with ``return_draws``, also
+    the draws, unconstrained, ``(num_draws, B, D)``."""
     posterior = guide.posterior(params)
     u, log_q_u = posterior.sample_and_log_prob(rng_key, sims.data, (num_draws,))
     latents, log_det = guide.latent_layout.constrain(u)
@@ -140,4 +142,5 @@ def importance_log_weights(guide, params, rng_key, sims, num_draws, args, kwargs
                                               batched(group_mask)))
     log_p = jax.vmap(lambda th: per_draw(th, sims.observed, sims.num_obs, sims.design or {},
                                          group_mask))(latents)
-    return log_p - (log_q_u - log_det)
+    log_w = log_p - (log_q_u - log_det)
+    return (log_w, u) if return_draws else log_w

@@ -199,6 +199,23 @@ def test_psis_gives_high_k_hat_for_a_too_narrow_guide(datasets):
         assert good.pareto_k < 0.5 and good.ess_fraction > 0.95
 
 
+def test_raw_error_measures_how_far_the_raw_draws_are_off():
+    """Draws of N(0, I) (200 coordinates) weighed toward N(shift, I) on coordinate 7: the raw
+    error is the shift less the noise guard (4 / sqrt(ESS), roughly), and 0 for exact draws;
+    draws twice too wide are one sd off, less the guard."""
+    from numpyro_amortized.compare.importance import RAW_ERROR_Z, psis_weights, raw_error
+
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(20_000, 200))
+    assert raw_error(u, np.full(len(u), -np.log(len(u)))) < 1e-9
+    for shift in (0.1, 0.5, 1.0):
+        smoothed, _, ess = psis_weights(shift * u[:, 7])  # log N(u; shift, 1) - log N(u; 0, 1)
+        guard = RAW_ERROR_Z * np.sqrt(1 / ess - 1 / len(u))
+        assert abs(raw_error(u, smoothed) - max(shift - guard, 0)) < 0.05 + shift / 10, shift
+    smoothed, _, _ = psis_weights(-1.5 * np.sum(u[:, :2] ** 2, axis=1))  # N(0, 1) / N(0, 4) at 2u
+    assert 0.85 < raw_error(2 * u[:, :2], smoothed) < 1.0  # sd 2 against 1, less the guard
+
+
 def test_psis_correction_brings_a_mediocre_guide_closer(datasets):
     for i, d in enumerate(datasets):
         mean, cov = exact_posterior(d["A"], d["y"])

@@ -60,6 +60,7 @@ def test_a_good_guide_returns_its_own_draws(trained):
     guide, params = trained
     res = posterior(guide, params, jax.random.PRNGKey(1), y=Y)
     assert res.method == "amortized" and res.ess_fraction >= 0.9 and res.nuts is None
+    assert res.steps[0]["raw_error"] < 0.1, res.steps
     assert res.draws["mu"].shape == (1000, 2)
     assert c2st(np.asarray(res.draws["mu"]), exact_draws()) < 0.56
 
@@ -110,6 +111,7 @@ def test_a_too_wide_guide_is_caught_by_the_ess_rule_and_corrected(trained):
     res = posterior(wide, params, jax.random.PRNGKey(1), y=Y)
     assert res.method == "psis", res.steps  # k-hat is small: only the ESS says it is off
     assert res.steps[0]["pareto_k"] <= 0.7 and res.steps[0]["ess_fraction"] < 0.9
+    assert res.steps[0]["raw_error"] > 2.0  # the raw sd is 3 posterior sds off, and it says so
     assert c2st(np.asarray(res.draws["mu"]), exact_draws()) <= 0.6
     # 10,000 proposals gave an ESS of ~570, so the resampled draws would repeat most of them:
     # more proposals were drawn (toward an ESS of 4 x 1,000, capped at 50,000 proposals), and
@@ -197,14 +199,18 @@ def test_the_check_of_the_data_given_to_fit(trained, monkeypatch):
 
     guide, params = trained
     assert data_check(guide, params, jax.random.PRNGKey(2), (), {"y": jnp.zeros((N, 2))}) is None
-    k, ess = data_check(guide, params, jax.random.PRNGKey(2), (), {"y": Y})
-    assert k <= 0.7 and ess >= 0.9, (k, ess)
-    k, ess = data_check(scaled(guide, 0.15), params, jax.random.PRNGKey(2), (), {"y": Y})
+    k, ess, error = data_check(guide, params, jax.random.PRNGKey(2), (), {"y": Y})
+    assert k <= 0.7 and ess >= 0.9 and error < 0.1, (k, ess, error)
+    k, ess, error = data_check(scaled(guide, 0.15), params, jax.random.PRNGKey(2), (), {"y": Y})
     assert k > 0.7 and ess < 0.2, (k, ess)
+    # four times too wide: k-hat passes, and the raw draws' sd is three posterior sds off
+    k, ess, error = data_check(scaled(guide, 4.0), params, jax.random.PRNGKey(2), (), {"y": Y})
+    assert k <= 0.7 and error > 2.0, (k, ess, error)
+    assert check.HeldOutCheck(np.zeros(1), np.ones(1), data_raw_error=error).data_failed
     # fit runs it on its data (no warning for a good guide) and warns when it fails
     result = fit(guide, jax.random.PRNGKey(0), y=Y, num_steps=1000, progress_bar=False)
     assert result.check.data_pareto_k <= 0.7 and not result.check.data_failed, result.check
-    monkeypatch.setattr("numpyro_amortized.train.loop.data_check", lambda *a, **k: (2.0, 0.01))
+    monkeypatch.setattr("numpyro_amortized.train.loop.data_check", lambda *a, **k: (2.0, 0.01, 1.0))
     with pytest.warns(GuideCheckWarning, match="On the data given to fit"):
         result = fit(guide, jax.random.PRNGKey(0), y=Y, num_steps=200, progress_bar=False)
     assert result.check.data_failed and result.check.failed_share <= 0.25

@@ -164,6 +164,7 @@ def test_interrupted_fit_saves_and_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(resumed[k], fresh[k])
 
 
+@pytest.mark.filterwarnings("ignore::numpyro_amortized.train.GuideCheckWarning")  # trained badly
 @pytest.mark.slow
 def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     # a single spline flow, which memorizes this small bank (what keep-the-best is for)
@@ -180,6 +181,7 @@ def test_keep_best_returns_the_parameters_with_the_lowest_validation_loss():
     assert nll(result.params[guide.param_name]) < nll(result.state.params) - 0.1
 
 
+@pytest.mark.filterwarnings("ignore::numpyro_amortized.train.GuideCheckWarning")  # trained badly
 @pytest.mark.slow
 def test_plateau_halves_the_rate_from_the_best_and_ends_the_run():
     # a bank the spline flow over-fits, as above but of 1,000 simulations: with patience, each

@@ -21,8 +21,11 @@ from numpyro_amortized.compare.arviz_data import psislw
 from numpyro_amortized.compare.draws import log_joint
 from numpyro_amortized.guide_base import AmortizedGuideBase
 from numpyro_amortized.programs import log_joints, merge_static, split_static
+from numpyro_amortized.simulation import inspect_model
+from numpyro_amortized.transforms import LatentLayout
 
-__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "weigh", "which_draws"]
+__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "raw_error", "unconstrained",
+           "weigh", "which_draws"]
 
 PARETO_K_THRESHOLD = 0.7
 RAW_ESS_FRACTION = 0.9  # importance weights this close to uniform: the guide's own draws
@@ -212,3 +215,42 @@ def psis_weights(log_w):
     smoothed = np.where(finite, smoothed, -np.inf)
     smoothed = smoothed - logsumexp(smoothed)
     return smoothed, float(k), float(1.0 / np.sum(np.exp(2 * smoothed)))
+
+
+RAW_ERROR = 0.3  # posterior sds: raw draws off by more than this fail the check
+RAW_ERROR_Z = 4.0  # the noise guard, in standard errors (the largest of many latents)
+
+
+def raw_error(u, smoothed):
+    """How far the guide's own draws are from the posterior, as PSIS sees it: over every
+    coordinate of the draws ``u`` (``(m, ...)``, unconstrained), the larger of the raw mean's
+    and the raw sd's distance from the weighted ones (``smoothed``: normalized log weights),
+    each less ``RAW_ERROR_Z`` standard errors of that distance (self-normalized importance
+    sampling, the delta method), in weighted sds, and at least 0.
+
+    k-hat says whether the weights can correct the draws, not whether the draws needed it: a
+    guide can be a posterior sd off with k-hat under 0.5. A value above ``RAW_ERROR`` says the
+    raw draws (``sample_posterior``) are off by more than that, beyond noise."""
+    u = np.asarray(u, np.float64).reshape(len(smoothed), -1)
+    w = np.exp(np.asarray(smoothed, np.float64))
+    keep = np.isfinite(u).all(1) & (w > 0)
+    u, w = u[keep], w[keep] / w[keep].sum()
+    if len(u) < 2:
+        return float("inf")
+    d = w - 1.0 / len(u)  # raw and weighted estimates differ by sums weighted by d
+    dev = u - w @ u
+    var = w @ dev**2
+    spread = var > 0
+    u, dev, var = u[:, spread], dev[:, spread], var[spread]
+    sd = np.sqrt(var)
+    mean_off = np.abs(d @ dev) - RAW_ERROR_Z * np.sqrt(d**2 @ dev**2)
+    sd_off = (np.abs(u.std(0) - sd)
+              - RAW_ERROR_Z * np.sqrt(d**2 @ (dev**2 - var) ** 2) / (2 * sd))
+    return float(max(np.max(np.maximum(mean_off, sd_off) / sd, initial=0.0), 0.0))
+
+
+def unconstrained(model, draws, args, kwargs):
+    """``(m, D)``: the latent draws of ``model`` (by site, ``(m, ...)``) in NumPyro's
+    unconstrained space, for the data in ``args``/``kwargs`` (their shapes)."""
+    layout = LatentLayout(inspect_model(model, *args, **kwargs).latents)
+    return np.asarray(layout.unconstrain(draws))

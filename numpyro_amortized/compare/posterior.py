@@ -31,6 +31,8 @@ from numpyro_amortized.compare.importance import (
     MIN_ESS,
     RAW_ESS_FRACTION,
     psis_weights,
+    raw_error,
+    unconstrained,
     weigh,
     which_draws,
 )
@@ -49,7 +51,9 @@ class PosteriorResult(NamedTuple):
         ``"nuts"``.
     :param pareto_k: k-hat of the guide's draws (after refinement, if it ran).
     :param ess: importance ESS of the proposals; ``ess_fraction`` its share of them.
-    :param steps: one dict per check or step taken (name, k-hat, ESS, seconds).
+    :param steps: one dict per check or step taken (name, k-hat, ESS, seconds; for a check,
+        ``raw_error``: how many posterior sds the proposals' own means or sds are off, beyond
+        noise, see :func:`~numpyro_amortized.compare.importance.raw_error`).
     :param params: the guide's parameters behind the draws (refined ones after refinement).
     :param nuts: the :class:`~numpyro_amortized.compare.NUTSResult` when NUTS ran.
     :param seconds: wall time of the call.
@@ -142,9 +146,11 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
                         more)
             use = which_draws(res.pareto_k, res.ess, res.ess_fraction, raw_ess_fraction,
                               min_ess)
+        error = raw_error(unconstrained(guide.model, res.proposals, args, kwargs),
+                          res.log_weights)
         steps.append({"step": name, "pareto_k": res.pareto_k, "ess": res.ess,
-                      "ess_fraction": res.ess_fraction, "num_proposals": len(res.log_weights),
-                      "seconds": time.perf_counter() - t})
+                      "ess_fraction": res.ess_fraction, "raw_error": error,
+                      "num_proposals": len(res.log_weights), "seconds": time.perf_counter() - t})
         if use == "amortized" and len(proposal_params) == 1:
             return res, "", {k: v[:n] for k, v in res.proposals.items()}
         if use != "escalate":

@@ -2,8 +2,9 @@
 
 A NumPyro model has an exact joint density, so the guide's draws for a simulated dataset can be
 weighed by ``p(theta, x) / q(theta | x)``; the Pareto k-hat of those weights (PSIS) says whether
-the guide's posterior is usable for that dataset (k-hat <= 0.7) or not, and the importance ESS
-how close it is. :func:`fit` runs this
+the guide's posterior is usable for that dataset (k-hat <= 0.7) or not, the importance ESS
+how close it is, and the weighted moments against the raw ones how far the raw draws are off
+(:func:`~numpyro_amortized.compare.importance.raw_error`). :func:`fit` runs this
 check on held-out simulations at the end of training and warns when the guide fails it on many
 of them: the raw draws of ``sample_posterior`` are then unreliable for this model, before any
 real data is seen.
@@ -25,6 +26,7 @@ __all__ = ["GuideCheckWarning", "HeldOutCheck", "data_check", "held_out_check"]
 # only when the check runs), and importing from it would make an import circle
 PARETO_K_THRESHOLD = 0.7
 RAW_ESS_FRACTION = 0.9  # weights this close to uniform: the guide is right (k-hat is noise)
+RAW_ERROR = 0.3  # raw draws off by more than this many posterior sds (beyond noise) fail
 FAILED_SHARE = 0.25  # warn when the guide fails on more than this share of held-out simulations
 
 
@@ -33,27 +35,34 @@ class GuideCheckWarning(UserWarning):
 
 
 class HeldOutCheck(NamedTuple):
-    """Per held-out simulation: ``pareto_k`` of the guide's draws against the exact density and
-    the importance ESS as a share of the draws (``ess_fraction``, 1 for a perfect guide)."""
+    """Per held-out simulation: ``pareto_k`` of the guide's draws against the exact density,
+    the importance ESS as a share of the draws (``ess_fraction``, 1 for a perfect guide) and
+    ``raw_error``, how many posterior sds the raw draws' means or sds are off by at most, beyond
+    noise (:func:`~numpyro_amortized.compare.importance.raw_error`)."""
 
     pareto_k: np.ndarray
     ess_fraction: np.ndarray
-    #: the same two figures for the data given to ``fit`` (``nan`` when not checked: those data
+    #: the same figures for the data given to ``fit`` (``nan`` when not checked: those data
     #: were placeholders, e.g. zeros, or the run used several processes)
     data_pareto_k: float = float("nan")
     data_ess_fraction: float = float("nan")
+    raw_error: np.ndarray | None = None
+    data_raw_error: float = float("nan")
 
     @property
     def data_failed(self) -> bool:
         """The guide's draws are off for the data given to ``fit``."""
         return bool(self.data_ess_fraction < RAW_ESS_FRACTION
-                    and self.data_pareto_k > PARETO_K_THRESHOLD)
+                    and self.data_pareto_k > PARETO_K_THRESHOLD
+                    or self.data_raw_error > RAW_ERROR)
 
     @property
     def failed(self) -> np.ndarray:
-        """Per simulation: the guide's draws are off (k-hat > 0.7, with importance weights not
-        close to uniform: for nearly uniform weights k-hat is noise)."""
-        return (self.ess_fraction < RAW_ESS_FRACTION) & (self.pareto_k > PARETO_K_THRESHOLD)
+        """Per simulation: the guide's draws are off: k-hat > 0.7 with importance weights not
+        close to uniform (for nearly uniform weights k-hat is noise), or the raw draws off by
+        more than ``RAW_ERROR`` posterior sds."""
+        bad = (self.ess_fraction < RAW_ESS_FRACTION) & (self.pareto_k > PARETO_K_THRESHOLD)
+        return bad if self.raw_error is None else bad | (self.raw_error > RAW_ERROR)
 
     @property
     def failed_share(self) -> float:
@@ -64,8 +73,9 @@ class HeldOutCheck(NamedTuple):
         n, bad = self.pareto_k.size, int(np.sum(self.failed))
         return (
             f"The trained guide fails the exact-density check on {bad} of {n} held-out "
-            f"simulations (Pareto k-hat > 0.7; median k-hat {np.median(self.pareto_k):.2f}, median "
-            f"importance ESS {100 * np.median(self.ess_fraction):.0f}% of the draws): its "
+            f"simulations (Pareto k-hat > 0.7, or raw draws more than {RAW_ERROR} posterior sds "
+            f"off; median k-hat {np.median(self.pareto_k):.2f}, median importance ESS "
+            f"{100 * np.median(self.ess_fraction):.0f}% of the draws): its "
             "raw draws (sample_posterior) are unreliable for this model. Use "
             "numpyro_amortized.posterior(...), which checks each dataset and refines the guide "
             "or runs NUTS where needed; or train longer, or with a more flexible flow or "
@@ -75,8 +85,9 @@ class HeldOutCheck(NamedTuple):
         """The warning for a guide that fails on the data given to ``fit``."""
         return (
             "On the data given to fit, the trained guide fails the exact-density check "
-            f"(Pareto k-hat {self.data_pareto_k:.2f} > 0.7, importance ESS "
-            f"{100 * self.data_ess_fraction:.0f}% of the draws): its raw draws (sample_posterior) "
+            f"(Pareto k-hat {self.data_pareto_k:.2f}, importance ESS "
+            f"{100 * self.data_ess_fraction:.0f}% of the draws, raw draws up to "
+            f"{self.data_raw_error:.2f} posterior sds off): its raw draws (sample_posterior) "
             "for these data are unreliable, although it passes on most held-out simulations: "
             "these data lie where the model's simulations are rare. Use "
             "numpyro_amortized.posterior(...), which checks each dataset and refines the guide "
@@ -84,10 +95,11 @@ class HeldOutCheck(NamedTuple):
 
 
 def data_check(guide, params, rng_key, args, kwargs, num_draws=1000):
-    """``(k-hat, ESS share)`` of ``num_draws`` guide draws for the data in ``args``/``kwargs``
-    (the data given to ``fit``), or ``None`` when an observed site there is constant (a
-    placeholder, such as the zeros that set up a guide)."""
-    from numpyro_amortized.compare.importance import weigh  # ArviZ: loaded when used
+    """``(k-hat, ESS share, raw error)`` of ``num_draws`` guide draws for the data in
+    ``args``/``kwargs`` (the data given to ``fit``), or ``None`` when an observed site there is
+    constant (a placeholder, such as the zeros that set up a guide)."""
+    # ArviZ: loaded when used
+    from numpyro_amortized.compare.importance import raw_error, unconstrained, weigh
     from numpyro_amortized.simulation import observed_values
 
     values = observed_values(guide.model, *args, **kwargs)
@@ -96,30 +108,37 @@ def data_check(guide, params, rng_key, args, kwargs, num_draws=1000):
     try:
         res = weigh(guide, [params], rng_key, args, kwargs, num_draws, num_draws)
     except ValueError:  # no finite weight: the guide puts no mass where the model does
-        return float("inf"), 0.0
-    return float(res.pareto_k), float(res.ess) / num_draws
+        return float("inf"), 0.0, float("inf")
+    error = raw_error(unconstrained(guide.model, res.proposals, args, kwargs), res.log_weights)
+    return float(res.pareto_k), float(res.ess) / num_draws, error
 
 
 def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, num_draws=512,
                    out_sharding=None) -> HeldOutCheck:
     """k-hat and importance ESS of the guide's draws on the first ``num_datasets`` valid
     simulations of ``sims`` (``num_draws`` draws each)."""
-    from numpyro_amortized.compare.importance import psis_weights  # ArviZ: loaded when used
+    # ArviZ: loaded when used
+    from numpyro_amortized.compare.importance import psis_weights, raw_error
 
     m = min(int(num_datasets), len(sims.valid))
 
     def run(params, key, sims):
         first = jax.tree.map(lambda x: x[:m], sims)
-        return importance_log_weights(guide, params, key, first, num_draws, args, kwargs), \
-            first.valid
+        return importance_log_weights(guide, params, key, first, num_draws, args, kwargs,
+                                      return_draws=True), first.valid
 
-    log_w, valid = host_tree(jax.jit(run, out_shardings=out_sharding)(params, rng_key, sims))
-    ks, ess = [], []
-    for col in np.asarray(log_w, np.float64).T[np.asarray(valid, bool)]:
+    (log_w, u), valid = host_tree(jax.jit(run, out_shardings=out_sharding)(params, rng_key,
+                                                                           sims))
+    ks, ess, errors = [], [], []
+    valid = np.asarray(valid, bool)
+    for col, draws in zip(np.asarray(log_w, np.float64).T[valid],
+                          np.moveaxis(np.asarray(u), 1, 0)[valid], strict=True):
         try:
-            _, k, e = psis_weights(col)
+            smoothed, k, e = psis_weights(col)
+            error = raw_error(draws, smoothed)
         except ValueError:  # no finite weight: the guide puts no mass where the model does
-            k, e = np.inf, 0.0
+            k, e, error = np.inf, 0.0, np.inf
         ks.append(k)
         ess.append(e / num_draws)
-    return HeldOutCheck(np.asarray(ks), np.asarray(ess))
+        errors.append(error)
+    return HeldOutCheck(np.asarray(ks), np.asarray(ess), raw_error=np.asarray(errors))

@@ -103,8 +103,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         chunk, then 50 times the slowest chunk so far, at least a minute.
     :param check: at the end, weigh the guide's draws on 32 held-out simulations by the model's
         exact density (:func:`~numpyro_amortized.train.held_out_check`) and warn
-        (:class:`~numpyro_amortized.train.GuideCheckWarning`) when k-hat > 0.7 on more than a
-        quarter of them; the figures are in ``result.check``. The data given to ``fit`` are
+        (:class:`~numpyro_amortized.train.GuideCheckWarning`) when, on more than a quarter of
+        them, k-hat > 0.7 or the raw draws are more than 0.3 posterior sds off
+        (:func:`~numpyro_amortized.compare.importance.raw_error`); the figures are in
+        ``result.check``. The data given to ``fit`` are
         checked too, unless an observed site there is constant (placeholders such as zeros),
         with a warning when the guide fails on them. ``False`` skips both.
     :return: a :class:`FitResult`.
@@ -316,7 +318,8 @@ class _Program:
             self.guide, result.params, jax.random.PRNGKey(2), self.args, self.kwargs)
         if on_data is None:
             return check
-        return check._replace(data_pareto_k=on_data[0], data_ess_fraction=on_data[1])
+        return check._replace(data_pareto_k=on_data[0], data_ess_fraction=on_data[1],
+                              data_raw_error=on_data[2])
 
     def stall_message(self, run, n, limit, checkpoint, saved_step):
         sites = looping_sites(self.guide.model, *self.args, **self.kwargs)

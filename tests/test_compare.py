@@ -160,6 +160,7 @@ def test_report_of_a_good_guide(good_report):
     assert not lat.flagged.any()
     assert ds.pareto_k.max() < 0.5 and ds.trust.all()
     assert (ds.is_ess > 0.9 * 10_000).all()  # exact guide: weights all equal
+    assert ds.raw_error.max() < 0.05, ds.raw_error.tolist()
     assert ds.nuts_reliable.all()
     assert (ds.speedup > 0).all()
     t = good_report.totals
@@ -180,13 +181,15 @@ def test_report_flags_a_shifted_guide(datasets):
     assert sorted(flagged.dataset) == [0, 1, 2]
     assert (flagged.d_mean.abs() > 0.8).all()
     assert report.datasets.c2st_amortized.min() > 0.6
+    # the raw draws' error, as the weights see it: the shift, less the noise guard
+    assert report.datasets.raw_error.between(0.8, 1.05).all(), report.datasets.raw_error
     # the correction repairs a one-sd shift: the corrected draws are not flagged
     assert not report.flagged("corrected").any().any()
     assert report.datasets.c2st_corrected.max() < 0.58
     # the report says which draws to use, and never reads as reassurance about the raw ones
     assert (report.datasets.use == "psis").all()
     text = str(report)
-    assert "theta[1]" in text and "psis (PSIS-corrected" in text
+    assert "theta[1]" in text and "psis (PSIS-corrected" in text and "raw_error" in text
     assert "raw amortized draws of the flagged datasets are off: do not use them" in text
 
 
@@ -365,6 +368,7 @@ def test_trained_guide_against_nuts(trained_regression):
     assert (ds.pareto_k < 0.7).all(), ds.pareto_k.tolist()
     assert ds.c2st_corrected.max() < 0.6, ds.c2st_corrected.tolist()
     assert ds.c2st_amortized.max() < 0.7, ds.c2st_amortized.tolist()
+    assert (ds.raw_error >= 0).all(), ds.raw_error.tolist()  # posterior()'s first check
     corrected = report.latents[report.latents.method == "corrected"]
     assert corrected[["d_mean", "d_sd"]].abs().to_numpy().max() < 0.2
     # the same guide answering for the wrong data is caught by k-hat

@@ -22,6 +22,8 @@ from numpyro_amortized.compare.draws import flatten_draws
 from numpyro_amortized.compare.importance import (
     PARETO_K_THRESHOLD,
     importance_resample,
+    raw_error,
+    unconstrained,
     which_draws,
 )
 from numpyro_amortized.compare.nuts import NUTSRunner
@@ -63,7 +65,10 @@ class Comparison(NamedTuple):
         latent: standardized differences ``d_mean``, ``d_sd``, ``d_q05``, ``d_q95`` and
         ``flagged`` (any of them beyond the tolerance).
     :param datasets: one row per dataset: ``c2st`` and ``mmd`` of the amortized and corrected
-        draws against NUTS, ``pareto_k``, ``is_ess``, ``trust`` (k-hat <= 0.7), ``use``
+        draws against NUTS, ``pareto_k``, ``is_ess``, ``raw_error`` (how many posterior sds
+        the guide's own draws are off, as the importance weights see it, beyond noise:
+        :func:`~numpyro_amortized.compare.importance.raw_error`), ``trust`` (k-hat <= 0.7:
+        the PSIS correction is reliable), ``use``
         (which draws to use, as :func:`~numpyro_amortized.posterior` decides: ``amortized``,
         ``psis``, ``refined+psis``, or ``nuts`` when no check passes), NUTS
         ``rhat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``divergences``, ``nuts_reliable``,
@@ -176,11 +181,11 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
         names = list(draws)
         amortized, cols = flatten_draws(draws, names)
 
-        corrected, k_hat, is_ess, use, t_corrected = None, np.nan, np.nan, None, np.nan
+        corrected, k_hat, is_ess, error, use, t_corrected = (None, np.nan, np.nan, np.nan,
+                                                              None, np.nan)
         if correct:
-            res, use, t_corrected, warm = _checked_draws(guide, params, k_is, args, kwargs,
-                                                         num_samples, num_proposals, refine,
-                                                         warm)
+            res, use, t_corrected, warm, error = _checked_draws(
+                guide, params, k_is, args, kwargs, num_samples, num_proposals, refine, warm)
             corrected = flatten_draws(res.draws, names)[0]
             k_hat, is_ess = res.pareto_k, res.ess
 
@@ -214,8 +219,8 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
                 row[f"c2st_{method}"] = c2st(a, b, classifier_kwargs=c2st_kwargs)
                 row[f"mmd_{method}"] = mmd(a, b)
         row.update({
-            "pareto_k": k_hat, "is_ess": is_ess, "trust": bool(k_hat <= PARETO_K_THRESHOLD)
-            if correct else None,
+            "pareto_k": k_hat, "is_ess": is_ess, "raw_error": error,
+            "trust": bool(k_hat <= PARETO_K_THRESHOLD) if correct else None,
             "use": use,
             "rhat_max": diag["rhat_max"], "ess_bulk_min": diag["ess_bulk_min"],
             "ess_tail_min": diag["ess_tail_min"], "divergences": diag["divergences"],
@@ -248,7 +253,8 @@ def compare_with_nuts(guide, params, rng_key, datasets, *, num_samples=4000, cor
 
 def _checked_draws(guide, params, key, args, kwargs, num_samples, num_proposals, refine, warm):
     """The draws to use for one dataset, as :func:`~numpyro_amortized.posterior` decides
-    without NUTS (an ``"nuts"`` verdict when no check passes), and the time of the call. Each
+    without NUTS (an ``"nuts"`` verdict when no check passes), the time of the call and the
+    raw error of the guide's own draws (:func:`~numpyro_amortized.compare.importance.raw_error`). Each
     program (the check, the refinement) runs once untimed the first time it is needed."""
     def run():
         t0 = time.perf_counter()
@@ -260,19 +266,22 @@ def _checked_draws(guide, params, key, args, kwargs, num_samples, num_proposals,
                                 **kwargs)
             use = res.method if res.reliable else "nuts"
             ran = {"check"} | {s["step"] for s in res.steps if s["step"] == "refine"}
+            error = res.steps[0]["raw_error"]  # the first check: the guide's own draws
         else:  # any guide with sample_posterior and log_prob: the PSIS check only
             res = importance_resample(guide, params, key, *args, num_samples=num_samples,
                                       num_proposals=num_proposals, warn=False, **kwargs)
+            error = raw_error(unconstrained(guide.model, res.proposals, args, kwargs),
+                              res.log_weights)
             use = {"amortized": "amortized", "corrected": "psis", "escalate": "nuts"}[
                 which_draws(res.pareto_k, res.ess, res.ess_fraction)]
             ran = {"check"}
-        return res, use, time.perf_counter() - t0, ran
+        return res, use, time.perf_counter() - t0, ran, error
 
-    res, use, seconds, ran = run()
+    res, use, seconds, ran, error = run()
     if ran - warm:
         warm = warm | ran
-        res, use, seconds, _ = run()
-    return res, use, seconds, warm
+        res, use, seconds, _, error = run()
+    return res, use, seconds, warm, error
 
 
 def _subsample(reference, samples, n, key):
@@ -288,7 +297,7 @@ def format_comparison(report: Comparison) -> str:
     """The report as text: the per-dataset table, the flagged latents and the totals."""
     ds = report.datasets
     cols = [c for c in ("c2st_amortized", "c2st_corrected", "mmd_amortized", "pareto_k",
-                        "is_ess", "use", "rhat_max", "divergences", "time_nuts",
+                        "is_ess", "raw_error", "use", "rhat_max", "divergences", "time_nuts",
                         "time_amortized", "speedup") if c in ds and ds[c].notna().any()]
     lines = ["Amortized vs NUTS, per dataset (times in s, compilation excluded):",
              ds[["dataset"] + cols].to_string(index=False, float_format=lambda v: f"{v:.3g}")]

@@ -222,3 +222,56 @@ def test_repeated_layers_are_the_unrolled_chain():
     np.testing.assert_allclose(draws, unrolled.sample(jax.random.PRNGKey(5), c), atol=1e-5)
     with pytest.raises(ValueError, match="one structure"):
         Repeated(flow.layers()[:2])  # a coupling and an ActNorm
+
+
+def test_a_fitted_affine_end_learns_the_mean_and_sd_and_adds_its_gaussian_likelihood():
+    """A flow ending in a fitted conditional affine layer: its training objective is its log
+    density plus the layer's Gaussian likelihood of the standardized latents (exactly; an
+    ensemble's members likewise), and training on N(2c - 1, (0.2 + 0.3c)^2) latents fits the
+    layer's location and scale to that mean and sd, which the flow's likelihood alone leaves to
+    the splines (measured: the fitted layer within .033 of the mean and 4.6% of the sd; the
+    layer without fitting .76 and 230% off)."""
+    import optax
+
+    from numpyro_amortized.networks.flows import ensemble_flow
+
+    loc, scale = jnp.array([1.0, -2.0]), jnp.array([2.0, 0.5])
+    flow = coupling_flow(2, 1, hidden=(16, 16), num_layers=2, conditional_affine="fitted",
+                         loc=loc, scale=scale, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.PRNGKey(0), (6, 2)) * 3
+    c = jnp.linspace(0, 1, 6)[:, None]
+    ca = flow.layers()[-2]
+    m, s = ca._loc_scale(c)
+    gauss = jnp.sum(-0.5 * (((u - loc) / scale - m) / s) ** 2 - jnp.log(s) - 0.9189385, -1)
+    np.testing.assert_allclose(flow.training_log_prob(u, c) - flow.log_prob(u, c), gauss,
+                               rtol=1e-4, atol=1e-4)
+    plain = coupling_flow(2, 1, conditional_affine=True, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(plain.training_log_prob(u, c), plain.log_prob(u, c))
+    ens = ensemble_flow(2, 1, conditional_affine="fitted", rngs=nnx.Rngs(0))
+    assert not np.allclose(ens.training_log_prob(u, c),
+                           jnp.mean(ens.member_log_probs(u, c), 0))
+
+    def train(kind):
+        f = coupling_flow(1, 1, hidden=(16, 16), num_layers=2, conditional_affine=kind,
+                          rngs=nnx.Rngs(1))
+        opt = nnx.Optimizer(f, optax.adam(3e-3), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(f, opt, key):
+            c = jax.random.uniform(key, (256, 1))
+            x = 2 * c - 1 + (0.2 + 0.3 * c) * jax.random.normal(jax.random.fold_in(key, 1),
+                                                                  (256, 1))
+            loss, grads = nnx.value_and_grad(lambda f: -f.training_log_prob(x, c).mean())(f)
+            opt.update(f, grads)
+            return loss
+
+        for i in range(1500):
+            step(f, opt, jax.random.PRNGKey(i))
+        cs = jnp.array([[0.1], [0.5], [0.9]])
+        m, s = f.layers()[-2]._loc_scale(cs)
+        return np.abs(m[:, 0] - (2 * cs[:, 0] - 1)), np.abs(s[:, 0] / (0.2 + 0.3 * cs[:, 0]) - 1)
+
+    mean_err, sd_err = train("fitted")
+    assert mean_err.max() < 0.05 and sd_err.max() < 0.1, (mean_err, sd_err)
+    mean_err, sd_err = train(True)
+    assert max(mean_err.max() / 0.05, sd_err.max() / 0.1) > 2, (mean_err, sd_err)

@@ -3,6 +3,13 @@
 Placed on the data side of a coupling flow it gives every dataset its own location and scale,
 so the bounded splines work on a unit scale and the flow's tails contract with the posterior
 (without it, base draws beyond the spline interval land at the prior's scale).
+
+Trained with the flow alone, the layer need not do that: the splines can contract the bulk
+themselves, and then they stretch their outer bins, where a base draw in its tail lands many
+posterior sds out. With ``fitted=True`` the location and scale are also fitted to the latents
+by their own Gaussian likelihood (:meth:`ConditionalAffine.gaussian_log_prob`, which the flow
+adds to its training objective), so they follow the posterior's mean and sd and the splines
+shape a variable of unit scale.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ class ConditionalAffine(nnx.Module):
     :param dim: dimension of the flow.
     :param context_dim: length of the condition (summary) vector.
     :param hidden: MLP widths.
+    :param fitted: also fit the location and scale to the latents' mean and sd (module
+        docstring).
 
     **Example**::
 
@@ -33,9 +42,17 @@ class ConditionalAffine(nnx.Module):
         y, log_det = layer.transform_and_log_det(jnp.ones((2, 3)), jnp.ones((2, 8)))
     """
 
-    def __init__(self, dim, context_dim, *, hidden=(64, 64), rngs: nnx.Rngs):
+    def __init__(self, dim, context_dim, *, hidden=(64, 64), fitted=False, rngs: nnx.Rngs):
         self.net = MLP(context_dim, hidden, 2 * dim, zero_init=True, rngs=rngs)
         self.dim = dim
+        self.fitted = bool(fitted)
+
+    def gaussian_log_prob(self, y, condition):
+        """``log N(y; loc, diag(scale^2))`` of the layer's output ``y``: with it added to the
+        training objective, the location and scale fit the mean and sd of ``y``."""
+        loc, scale = self._loc_scale(condition)
+        z = (y - loc) / scale
+        return jnp.sum(-0.5 * z * z - jnp.log(scale) - 0.5 * math.log(2 * math.pi), axis=-1)
 
     def _loc_scale(self, condition):
         p = self.net(condition)

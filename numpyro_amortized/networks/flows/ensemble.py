@@ -55,6 +55,10 @@ class StackedFlows(nnx.Module):
         """``(K, ...)``: each member's ``log q_k(u | condition)``."""
         return self._vmap(lambda f: f.log_prob(u, condition))
 
+    def training_log_probs(self, u, condition):
+        """``(K, ...)``: each member's training objective (its ``training_log_prob``)."""
+        return self._vmap(lambda f: f.training_log_prob(u, condition))
+
     def sample_and_log_probs(self, rng_keys, condition, sample_shape=()):
         """Member ``k`` draws with ``rng_keys[k]``: ``(K, *sample_shape, *batch, dim)`` draws and
         their ``(K, ...)`` log densities under the member that drew them."""
@@ -138,9 +142,10 @@ class FlowEnsemble(nnx.Module):
         return jax.nn.logsumexp(jnp.reshape(lw, (-1,) + (1,) * (lps.ndim - 1)) + lps, axis=0)
 
     def training_log_prob(self, u, condition, rng_key=None):
-        """The mean of the members' ``log q_k``: what NPE maximizes, each member on its own
-        (``rng_key`` is not used)."""
-        return jnp.mean(self.member_log_probs(u, condition), axis=0)
+        """The mean of the members' training objectives (``log q_k``): what NPE maximizes,
+        each member on its own (``rng_key`` is not used)."""
+        return jnp.mean(self._in_member_order([g.training_log_probs(u, condition)
+                                               for g in self.groups]), axis=0)
 
     def sample_and_log_prob(self, rng_key, condition, sample_shape=()):
         """Draws from the mixture, shape ``sample_shape + cond_batch + (dim,)``, and their

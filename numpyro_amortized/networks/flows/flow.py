@@ -110,9 +110,24 @@ class ConditionalFlow(nnx.Module):
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
     def training_log_prob(self, u, condition, rng_key=None):
-        """What NPE maximizes: for one flow, its ``log q(u | condition)`` (``rng_key`` is not
-        used; a density trained by a stochastic objective draws from it)."""
-        return self.log_prob(u, condition)
+        """What NPE maximizes: for one flow, its ``log q(u | condition)``, plus the Gaussian
+        likelihood of a fitted :class:`ConditionalAffine` end (``rng_key`` is not used; a
+        density trained by a stochastic objective draws from it)."""
+        x, c, batch = flatten_batch(u, condition)
+        z, ld = self._inverse(x, c)
+        return jnp.reshape(standard_normal_log_prob(z) + ld + self._fitted_affine(x, c), batch)
+
+    def _fitted_affine(self, x, c):
+        """The Gaussian log-likelihood of the fitted conditional affine layer at the data end
+        of the flow (behind fixed standardizations), or 0."""
+        for b in reversed(self.bijections):
+            if isinstance(b, Standardize):
+                x = b.inverse_and_log_det(x)[0]
+            elif isinstance(b, ConditionalAffine) and b.fitted:
+                return b.gaussian_log_prob(x, c)
+            else:
+                break
+        return jnp.zeros(x.shape[:-1], x.dtype)
 
     def member_log_probs(self, u, condition):
         """One flow has no members to weight on held-out data: ``None``."""
@@ -136,7 +151,9 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     :param hidden: conditioner widths.
     :param num_bins: spline bins; :param bound: spline interval ``[-bound, bound]``.
     :param conditional_affine: end with a :class:`ConditionalAffine` layer (a per-dataset
-        location and scale), so the flow's tails contract with the posterior.
+        location and scale), so the flow's tails contract with the posterior; ``"fitted"``:
+        one whose location and scale also fit the latents' mean and sd (see
+        :class:`ConditionalAffine`).
     :param loc: prior mean of the unconstrained latents; :param scale: their sd.
 
     **Example**::
@@ -167,7 +184,8 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     for rest in blocks[len(full):]:  # an incomplete last period
         layers += rest
     if conditional_affine:
-        layers.append(ConditionalAffine(dim, context_dim, hidden=hidden, rngs=rngs))
+        layers.append(ConditionalAffine(dim, context_dim, hidden=hidden,
+                                        fitted=conditional_affine == "fitted", rngs=rngs))
     loc = jnp.zeros(dim) if loc is None else loc
     scale = jnp.ones(dim) if scale is None else scale
     layers.append(Standardize(loc, scale))

@@ -352,17 +352,11 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     the local flow from it too, except for the defaults (a spline flow or a flow ensemble),
     whose local part is one spline flow ending in a conditional affine layer (the ensemble's
     mixture over the globals stays one mixture; the affine end keeps rare draws out of the
-    splines' identity tails), and whose global flow (each member of an ensemble) ends in a
-    fitted conditional affine layer (its location and scale fit the globals' posterior mean
-    and sd, see :class:`~numpyro_amortized.networks.flows.ConditionalAffine`), so that a base
-    draw in its tail lands a few posterior sds out, not tens."""
+    splines' identity tails)."""
     layout, gidx, lidx = groups.layout, groups.global_idx, groups.local_idx
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim
-    glob_factory = flow_factory
-    if flow_factory in (ensemble_flow, spline_flow):
-        glob_factory = functools.partial(flow_factory, conditional_affine="fitted")
-    glob = glob_factory(len(gidx), s_dim, loc=u_loc[gidx], scale=u_scale[gidx], rngs=rngs)
+    glob = flow_factory(len(gidx), s_dim, loc=u_loc[gidx], scale=u_scale[gidx], rngs=rngs)
     encoder = GroupEncoder(layout.row_features, layout.num_groups,
                            responses=layout.response_features,
                            covariates=layout.covariate_features, rngs=rngs)

@@ -144,6 +144,8 @@ class FlowEnsemble(nnx.Module):
     def training_log_prob(self, u, condition, rng_key=None):
         """The mean of the members' training objectives (``log q_k``): what NPE maximizes,
         each member on its own (``rng_key`` is not used)."""
+        if all(g.flow.fitted_end() is None for g in self.groups):
+            return jnp.mean(self.member_log_probs(u, condition), axis=0)
         return jnp.mean(self._in_member_order([g.training_log_probs(u, condition)
                                                for g in self.groups]), axis=0)
 

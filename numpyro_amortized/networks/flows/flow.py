@@ -113,21 +113,26 @@ class ConditionalFlow(nnx.Module):
         """What NPE maximizes: for one flow, its ``log q(u | condition)``, plus the Gaussian
         likelihood of a fitted :class:`ConditionalAffine` end (``rng_key`` is not used; a
         density trained by a stochastic objective draws from it)."""
+        end = self.fitted_end()
+        if end is None:
+            return self.log_prob(u, condition)
         x, c, batch = flatten_batch(u, condition)
         z, ld = self._inverse(x, c)
-        return jnp.reshape(standard_normal_log_prob(z) + ld + self._fitted_affine(x, c), batch)
+        for b in self.bijections[end + 1:][::-1]:  # fixed standardizations behind the layer
+            x = b.inverse_and_log_det(x)[0]
+        fit = self.bijections[end].gaussian_log_prob(x, c)
+        return jnp.reshape(standard_normal_log_prob(z) + ld + fit, batch)
 
-    def _fitted_affine(self, x, c):
-        """The Gaussian log-likelihood of the fitted conditional affine layer at the data end
-        of the flow (behind fixed standardizations), or 0."""
-        for b in reversed(self.bijections):
-            if isinstance(b, Standardize):
-                x = b.inverse_and_log_det(x)[0]
-            elif isinstance(b, ConditionalAffine) and b.fitted:
-                return b.gaussian_log_prob(x, c)
-            else:
-                break
-        return jnp.zeros(x.shape[:-1], x.dtype)
+    def fitted_end(self):
+        """The position of a fitted :class:`ConditionalAffine` at the data end of the flow
+        (behind fixed standardizations), or ``None``."""
+        for i in range(len(self.bijections) - 1, -1, -1):
+            b = self.bijections[i]
+            if isinstance(b, ConditionalAffine) and b.fitted:
+                return i
+            if not isinstance(b, Standardize):
+                return None
+        return None
 
     def member_log_probs(self, u, condition):
         """One flow has no members to weight on held-out data: ``None``."""

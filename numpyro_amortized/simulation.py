@@ -1,9 +1,8 @@
 """The NumPyro model as a simulator.
 
-Everything here is built from NumPyro's effect handlers: a trace of the model finds its latent
-and observed sample sites (:func:`inspect_model`), and ``trace(seed(uncondition(model)))``
-vectorized with :func:`jax.vmap` draws (latents, observations) from the prior predictive
-(:func:`simulate`).
+Built from NumPyro's effect handlers: a trace of the model finds its latent and observed sample
+sites (:func:`inspect_model`), and ``trace(seed(uncondition(model)))`` vectorized with
+:func:`jax.vmap` draws (latents, observations) from the prior predictive (:func:`simulate`).
 """
 
 from __future__ import annotations
@@ -305,7 +304,7 @@ def simulate(model, rng_key, num_simulations, *args, **kwargs) -> dict:
     ``numpyro.contrib.control_flow.scan`` are set to ``None``, as ``Predictive`` does, so that
     simulated values flow through the scan's carry. Binomial sites are drawn with
     :func:`jax.random.binomial` (exact; NumPyro's sampler, vectorized and compiled for CPU,
-    can fail to return for some parameter values).
+    can fail to return for some parameter values), whether or not observations are given.
 
     :return: every sample site's values by name, with a leading axis of ``num_simulations``.
 
@@ -323,7 +322,8 @@ def simulate_designs(model, rng_key, num_simulations, args, kwargs, designs=None
 
     def one(key, values):
         a, kw = with_arguments(model, args, kwargs, values) if values else (args, kwargs)
-        tr = trace(seed(uncondition(LoopSafe(model)), key)).get_trace(*a, **kw)
+        # LoopSafe outside uncondition, so observed sites reach it unconditioned (value None)
+        tr = trace(seed(LoopSafe(uncondition(model)), key)).get_trace(*a, **kw)
         return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
 
     with block():

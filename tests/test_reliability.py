@@ -35,14 +35,18 @@ def admissions(admit=None):
         numpyro.sample("admit", dist.Binomial(COUNTS, logits=a[DEPT] + b * MALE), obs=admit)
 
 
-def test_binomial_simulations_return_where_numpyros_sampler_hangs():
+@pytest.mark.parametrize("observed", ["", ", admit=jax.numpy.zeros(12, 'int32')"])
+def test_binomial_simulations_return_where_numpyros_sampler_hangs(observed):
     # batch 3908 of 256 keys, vmapped and compiled for CPU, never returns from NumPyro's
-    # Binomial sampler (checked by hand: > 45 s, twice); the simulator draws it in milliseconds
+    # Binomial sampler (checked by hand: > 45 s, twice); the simulator draws it in milliseconds,
+    # also when the observations are given, as fit gives them (with LoopSafe inside uncondition
+    # they reached it observed and kept NumPyro's sampler: no return within 60 s, and the
+    # multilevel binomial's training stalled at step 5,300)
     code = (
         f"import jax, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
         "from test_reliability import admissions\n"
         "from numpyro_amortized.simulation import simulate\n"
-        "f = jax.jit(lambda k: simulate(admissions, k, 256))\n"
+        f"f = jax.jit(lambda k: simulate(admissions, k, 256{observed}))\n"
         "for i in (3907, 3908, 3909):\n"
         "    keys = jax.random.fold_in(jax.random.PRNGKey(0), i)\n"
         "    jax.block_until_ready(f(keys))\n"
@@ -68,6 +72,8 @@ def test_simulated_binomials_have_the_binomial_distribution(wrap):
         numpyro.sample("y", d, obs=y)
 
     y = simulate(model, KEY, 40_000)["y"]
+    given = simulate(model, KEY, 40_000, y=jnp.zeros(np.shape(y)[1:], y.dtype))["y"]
+    np.testing.assert_array_equal(y, given)  # the same sampler whether observations are given
     assert y.dtype == jnp.asarray(n).dtype
     y = np.asarray(y).reshape(40_000, 3, -1)[:, :, 0]
     mean, var = np.asarray(n * p), np.asarray(n * p * (1 - p))

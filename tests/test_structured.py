@@ -7,6 +7,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from conftest import jit_call
 from flax import nnx
 
 from numpyro_amortized import AutoAmortizedFlow, fit
@@ -28,11 +29,11 @@ def test_padding_never_changes_the_summary(net):
     module = net(SPEC, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 12, 2))
     n = jnp.array([3, 7, 12])
-    a = module(batch(x, n, 0.0))
-    b = module(batch(x, n, 1e3))  # garbage in the padding
+    a = jit_call(module)(batch(x, n, 0.0))
+    b = jit_call(module)(batch(x, n, 1e3))  # garbage in the padding
     short = net(DataSpec(2, 7, 1), rngs=nnx.Rngs(0))  # same weights, smaller padded size
     nnx.update(short, nnx.state(module))
-    c = short(batch(x[:2, :7], n[:2]))
+    c = jit_call(short)(batch(x[:2, :7], n[:2]))
     assert a.shape == (3, module.summary_dim)
     np.testing.assert_allclose(a, b, atol=1e-5)
     if net is SetTransformer:  # the series net reads time on the scale of the largest size
@@ -43,7 +44,7 @@ def test_set_transformer_is_permutation_invariant_and_series_net_is_not():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, 2))
     n = jnp.array([12, 12])
     perm = jax.random.permutation(jax.random.PRNGKey(3), 12)
-    st, ts = SetTransformer(SPEC, rngs=nnx.Rngs(0)), TimeSeriesNet(SPEC, rngs=nnx.Rngs(0))
+    st, ts = (jit_call(net(SPEC, rngs=nnx.Rngs(0))) for net in (SetTransformer, TimeSeriesNet))
     np.testing.assert_allclose(st(batch(x, n)), st(batch(x[:, perm], n)), atol=1e-5)
     assert float(jnp.abs(ts(batch(x, n)) - ts(batch(x[:, perm], n))).max()) > 1e-3
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_call
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
@@ -29,9 +30,10 @@ def batch(n_set=6, features=2, flat=3, seed=0, sizes=(6, 4)):
 @pytest.mark.parametrize("moments,covariates", [(True, 0), (False, 0), (True, 1)])
 def test_deepset_is_permutation_invariant_and_ignores_padding(moments, covariates):
     data = batch()
-    net = DeepSet(DataSpec(2, 6, 3, covariates), summary_dim=5, hidden=8, moments=moments,
-                  rngs=nnx.Rngs(0))
-    assert bool(net.responses) == bool(covariates)
+    module = DeepSet(DataSpec(2, 6, 3, covariates), summary_dim=5, hidden=8, moments=moments,
+                     rngs=nnx.Rngs(0))
+    assert bool(module.responses) == bool(covariates)
+    net = jit_call(module)
     out = net(data)
     assert out.shape == (2, 5)
     perm = jnp.array([3, 0, 1, 2, 5, 4])  # dataset 1 has 4 real rows: keep padding at the end

@@ -48,8 +48,8 @@ def small_networks():
 
 def jit_call(module):
     """``module(*args)`` compiled as one program per input shape. Called eagerly, a network
-    compiles each operation on its own: a set transformer's first call took 35 s so, 6 s
-    jitted (2 busy cores, empty compilation cache)."""
+    compiles each operation on its own: a set transformer's first call took 35 s eagerly and
+    6 s jitted (2 busy cores, empty compilation cache)."""
     call = nnx.jit(lambda m, *args: m(*args))
     return lambda *args: call(module, *args)
 

@@ -9,6 +9,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from conftest import jit_call, jitter
 from flax import nnx
 from numpyro.handlers import reparam
 from numpyro.infer.reparam import LocScaleReparam
@@ -73,8 +74,8 @@ def test_group_embeddings_are_equivariant():
     """A group's embedding reads that group's rows only: changing school 3's data (or one row of
     group 2 in an index-linked plate) changes that group's embedding and no other's."""
     guide, params = _setup(eight_schools, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)
-    post = guide.posterior(params)
-    e = lambda y: np.asarray(post.group_embed(_batch(guide, y=y, sigma=EIGHT_SCHOOLS_SIGMA)))[0]
+    embed = jit_call(guide.posterior(params), "group_embed")
+    e = lambda y: np.asarray(embed(_batch(guide, y=y, sigma=EIGHT_SCHOOLS_SIGMA)))[0]
     diff = np.abs(e(EIGHT_SCHOOLS_Y) - e(EIGHT_SCHOOLS_Y.at[3].add(10.0))).max(-1)
     assert diff[3] > 1e-3 and np.all(diff[np.arange(8) != 3] == 0)
 
@@ -82,7 +83,8 @@ def test_group_embeddings_are_equivariant():
     guide, params = _setup(varying_intercepts, GROUP, 6, y=y)
     post = guide.posterior(params)
     assert post.local_idx == tuple((2 + j,) for j in range(6)) and post.global_idx == (0, 1, 8)
-    e = lambda y: np.asarray(post.group_embed(_batch(guide, y=y, group=GROUP)))[0]
+    embed = jit_call(post, "group_embed")
+    e = lambda y: np.asarray(embed(_batch(guide, y=y, group=GROUP)))[0]
     row = int(np.flatnonzero(np.asarray(GROUP) == 2)[0])
     diff = np.abs(e(y) - e(y.at[row].set(3.0))).max(-1)
     assert diff[2] > 1e-3 and np.all(diff[np.arange(6) != 2] == 0)
@@ -139,7 +141,7 @@ def test_the_encoder_fits_shared_coefficients_over_all_rows_and_within_groups():
     y = 0.5 * x - 2.0 * group + 0.1 * rng.normal(size=(2, 60))
     mask = rng.random((2, 60)) < 0.9
     rows = jnp.asarray(np.stack([y, x], -1), jnp.float32)
-    *_, panel = encoder(rows, jnp.asarray(group, jnp.int32), jnp.asarray(mask))
+    *_, panel = jit_call(encoder)(rows, jnp.asarray(group, jnp.int32), jnp.asarray(mask))
     panel = np.asarray(panel)
     assert panel.shape == (2, encoder.panel_dim) == (2, 10)
 
@@ -171,8 +173,8 @@ def test_group_statistics_are_each_groups_least_squares_fit():
     rows = rng.normal(size=(2, 40, 3))
     rows[..., 0] = 1.0 + rows[..., 1] - 2.0 * rows[..., 2] + 0.3 * rows[..., 0] * (group + 1)
     mask = rng.random((2, 40)) < 0.9
-    _, count, stats, _ = encoder(jnp.asarray(rows, jnp.float32), jnp.asarray(group, jnp.int32),
-                              jnp.asarray(mask))
+    _, count, stats, _ = jit_call(encoder)(jnp.asarray(rows, jnp.float32),
+                                           jnp.asarray(group, jnp.int32), jnp.asarray(mask))
     stats = np.asarray(stats)
     start = 2 * 3 + 1 + 3  # means, log-sds, log(1 + n), products of the 3 features
     for b in range(2):
@@ -202,8 +204,9 @@ def test_group_statistics_of_degenerate_groups_are_finite():
     x = np.where(group == 1, 0.0, rng.integers(0, 2, group.size)).astype(float)
     x[group == 2] = [0.0, 1.0]
     rows = np.stack([1.0 + 0.5 * x + rng.normal(size=group.size), x], axis=-1)
-    _, count, stats, _ = encoder(jnp.asarray(rows[None], jnp.float32),
-                              jnp.asarray(group[None], jnp.int32), jnp.ones((1, group.size), bool))
+    _, count, stats, _ = jit_call(encoder)(jnp.asarray(rows[None], jnp.float32),
+                                           jnp.asarray(group[None], jnp.int32),
+                                           jnp.ones((1, group.size), bool))
     stats = np.asarray(stats)[0]
     assert np.isfinite(stats).all() and np.asarray(count)[0, :, 0].tolist() == [1, 5, 2, 10]
     start = 2 * 2 + 1 + 1  # means, log-sds, log(1 + n), the product of the 2 features
@@ -222,7 +225,8 @@ def test_collapsed_varying_slopes_is_the_exact_marginal_and_conditional():
     group = np.array([0] * 4 + [1] * 7 + [3] * 2)  # group 2 has no rows
     x, y = rng.normal(size=group.size), rng.normal(size=group.size)
     glob = {"mu_a": 0.3, "mu_b": -0.8, "tau_a": 0.7, "tau_b": 1.3, "sigma": 0.4}
-    lp, _ = log_density(varying_slopes_collapsed, (group, x, 4, y), {}, glob)
+    lp = jax.jit(lambda g: log_density(varying_slopes_collapsed, (group, x, 4, y), {}, g)[0])(
+        glob)
     prior = sum(float(d.log_prob(glob[k])) for k, d in (
         ("mu_a", dist.Normal(0, 2.0)), ("mu_b", dist.Normal(0, 2.0)),
         ("tau_a", dist.HalfNormal(1.0)), ("tau_b", dist.HalfNormal(1.0)),
@@ -286,21 +290,26 @@ def test_locals_are_standardized_by_their_prior_given_the_globals():
     out = post.precision_net.out
     out.bias[...] = jnp.asarray([0.3, 1.0])
     batch = _batch(guide, y=EIGHT_SCHOOLS_Y, sigma=EIGHT_SCHOOLS_SIGMA)
-    u = post.sample(KEY, batch, (6,))[:, 0]  # (6, 2 + 8)
+    u = nnx.jit(lambda p, k, b: p.sample(k, b, (6,)))(post, KEY, batch)[:, 0]  # (6, 2 + 8)
     u = u.at[:, 1].set(jnp.asarray([-9.0, -8.0, 0.0, 2.0, 8.0, 9.0]))  # log tau
-    ug, _, cg, cl = post._conditions(u[None], batch)
-    loc, log_scale = post._affine(ug, cl)  # (1, 6, 8, 1)
-    loc, log_scale = loc[0, ..., 0], log_scale[0, ..., 0]
+
+    @nnx.jit  # one program, not each operation compiled on its own
+    def parts(post, u, batch):
+        ug, _, cg, cl = post._conditions(u[None], batch)
+        loc, log_scale = post._affine(ug, cl)  # (1, 6, 8, 1)
+        loc, log_scale = loc[0, ..., 0], log_scale[0, ..., 0]
+        local = post.local_flow.log_prob(
+            ((u[:, 2:] - loc) * jnp.exp(-log_scale))[None, ..., None], cl).sum(-1)
+        want = (post.flow.log_prob(ug, cg) + local)[0] - log_scale.sum(-1)
+        return loc, log_scale, post.log_prob(u[None], batch)[0], want
+
+    loc, log_scale, lp, want = parts(post, u, batch)
     np.testing.assert_allclose(loc[:2], jnp.broadcast_to(u[:2, :1], (2, 8)), rtol=1e-4)
     np.testing.assert_allclose(log_scale[:2], jnp.broadcast_to(u[:2, 1:2], (2, 8)), atol=1e-4)
     m, s = post.local_loc[...], post.local_scale[...]  # the data's estimate and precision
     np.testing.assert_allclose(loc[4:], jnp.broadcast_to(m + 0.3 * s, (2, 8)), rtol=1e-3)
     np.testing.assert_allclose(log_scale[4:], jnp.broadcast_to(jnp.log(s) - 0.5, (2, 8)),
                                atol=1e-3)
-    lp = post.log_prob(u[None], batch)[0]
-    local = post.local_flow.log_prob(((u[:, 2:] - loc) * jnp.exp(-log_scale))[None, ..., None],
-                                     cl).sum(-1)
-    want = (post.flow.log_prob(ug, cg) + local)[0] - log_scale.sum(-1)
     np.testing.assert_allclose(np.asarray(lp), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
@@ -310,9 +319,14 @@ def test_density_matches_its_draws():
     guide, params = _setup(varying_intercepts, GROUP, 6, y=jnp.zeros(30))
     post = guide.posterior(params)
     batch = _batch(guide, y=jnp.linspace(-2, 2, 30), group=GROUP)
-    u, lq = post.sample_and_log_prob(KEY, batch, (7,))
+
+    @nnx.jit
+    def draw_and_score(post, batch):
+        u, lq = post.sample_and_log_prob(KEY, batch, (7,))
+        return u, lq, post.log_prob(jnp.moveaxis(u, 0, 1), batch)
+
+    u, lq, lp = draw_and_score(post, batch)
     assert u.shape == (7, 1, guide.latent_layout.dim)
-    lp = post.log_prob(jnp.moveaxis(u, 0, 1), batch)
     np.testing.assert_allclose(np.asarray(lp).T, np.asarray(lq), rtol=1e-4, atol=1e-3)
     draws = guide.sample_posterior(KEY, params, GROUP, 6, y=jnp.linspace(-2, 2, 30),
                                    sample_shape=(5,))
@@ -345,10 +359,7 @@ def test_batches_take_the_group_arguments():
     draws, truths, _, _ = calibration_draws(guide, params, KEY, EIGHT_SCHOOLS_SIGMA,
                                             y=EIGHT_SCHOOLS_Y, num_simulations=6, num_samples=5)
     assert draws.shape == (6, 5, 10) and truths.shape == (6, 10)
-    leaves, tree = jax.tree.flatten(params)  # away from the initialization, which ignores data
-    keys = jax.random.split(KEY, len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                       for x, k in zip(leaves, keys, strict=True)])
+    params = jitter(params, 0.1)  # away from the initialization, which ignores data
     y = jnp.stack([EIGHT_SCHOOLS_Y] * 2)
     with pytest.raises(ValueError, match=r"No value for the covariates \['sigma'\]"):
         guide.sample_posterior_batch(KEY, params, {"y": y}, sample_shape=(3,))
@@ -433,16 +444,13 @@ def test_log_prob_of_fewer_groups_is_the_marginal():
     group = jnp.repeat(jnp.arange(4), 5)
     guide = AutoAmortizedFlow(_group_scales, num_groups=(2, 4), num_pilot_simulations=256)
     params = guide.setup(KEY, group, 4, y=jnp.ones(20))
-    leaves, tree = jax.tree.flatten(params)  # away from the initialization, which ignores data
-    keys = jax.random.split(KEY, len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                       for x, k in zip(leaves, keys, strict=True)])
+    params = jitter(params, 0.05)  # away from the initialization, which ignores data
     data = (group[:15], 3)
     y = jnp.asarray(np.random.default_rng(1).normal(size=15) * np.repeat([1.0, 3.0, 0.3], 5))
     draws = guide.sample_posterior(KEY, params, *data, y=y, sample_shape=(3,))
     assert draws["s"].shape == (3, 3)
     lq = guide.log_prob(params, draws, *data, y=y)
-    grid = jnp.linspace(-14.0, 14.0, 7001)  # log s of the fourth group
+    grid = jnp.linspace(-14.0, 14.0, 28001)  # log s of the fourth group
     for i in range(3):
         full = {"mu": jnp.full(grid.shape, draws["mu"][i]),
                 "s": jnp.concatenate([jnp.broadcast_to(draws["s"][i], (grid.size, 3)),
@@ -466,10 +474,7 @@ def test_proposals_carry_their_exact_densities(monkeypatch):
     group = jnp.repeat(jnp.arange(4), 5)
     guide = AutoAmortizedFlow(_group_scales, num_groups=(2, 4), num_pilot_simulations=256)
     params = guide.setup(KEY, group, 4, y=jnp.ones(20))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(KEY, len(leaves))
-    other = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys, strict=True)])
+    other = jitter(params, 0.05)
     y = jnp.asarray(np.random.default_rng(1).normal(size=15))
     args = (group[:15], 3)
     for n in (200, 50):

@@ -126,7 +126,7 @@ def _check_probe(guide, params, probe, path):
                        for k in DataBatch._fields))
     sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
                        data, None, jax.numpy.asarray(probe["valid"]))
-    got = np.asarray(guide.log_prob_simulations(params, sims))
+    got = np.asarray(jax.jit(guide.log_prob_simulations)(params, sims))  # one program
     want = np.asarray(probe["log_q"])
     ok = np.asarray(probe["valid"], bool)
     err = float(np.max(np.abs(got[ok] - want[ok]) / (1.0 + np.abs(want[ok])), initial=0.0))

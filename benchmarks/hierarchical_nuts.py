@@ -25,8 +25,9 @@ largest theta mean and sd errors in exact posterior sds (EIGHT_SCHOOLS markers).
 
 With ``--binomial``: the multilevel binomial, one guide for 5 to ``--max-groups`` groups of 5 to
 50 trials, against non-centered NUTS run twice (two seeds: the second run's C2ST against the
-first is the reference's own noise): the globals' C2ST and the shares of groups' log-odds whose
-mean and sd are within 0.2 NUTS sds (HIERARCHICAL_BINOMIAL markers).
+first is the reference's own noise): the globals' C2ST, the shares of groups' log-odds whose
+mean and sd (and sd of the central 99%) are within 0.2 NUTS sds, and the share of draws of
+``log sigma`` beyond NUTS's 0.1% and 99.9% quantiles (HIERARCHICAL_BINOMIAL markers).
 
     python benchmarks/hierarchical_nuts.py                  # 5 to 50 groups
     python benchmarks/hierarchical_nuts.py --max-groups 20  # a shorter run
@@ -257,15 +258,30 @@ def run_binomial(max_groups, num_steps, counts, path=None):
         a, ra = np.asarray(draws["a"]), ref["a"]
         mean_err = np.abs(a.mean(0) - ra.mean(0)) / ra.std(0)
         sd_err = np.abs(a.std(0) - ra.std(0)) / ra.std(0)
+        # the sds of the central 99%, and the share of draws of log sigma beyond NUTS's 0.1% and
+        # 99.9% quantiles (0.2% expected): a few draws far in a tail can set a group's sd alone
+        central_err = np.abs(_central_sd(a) - _central_sd(ra)) / _central_sd(ra)
+        lo, hi = np.quantile(np.log(ref["sigma"]), [0.001, 0.999])
+        log_sigma = np.log(np.asarray(draws["sigma"]))
         row = {"groups": j, "c2st_globals": float(c2st(glob(ref)[:1000], glob(draws)[:1000])),
                "nuts_c2st_globals": float(c2st(glob(ref)[:1000], glob(again)[:1000])),
                "mean_within_02": float(np.mean(mean_err <= 0.2)),
                "sd_within_02": float(np.mean(sd_err <= 0.2)),
                "max_mean_err": float(mean_err.max()), "max_sd_err": float(sd_err.max()),
+               "central_sd_within_02": float(np.mean(central_err <= 0.2)),
+               "max_central_sd_err": float(central_err.max()),
+               "sigma_beyond": float(np.mean((log_sigma < lo) | (log_sigma > hi))),
                "nuts_reliable": all(bool(r.diagnostics["reliable"]) for r in refs)}
         print(row, flush=True)
         rows.append(row)
     return {"max_groups": max_groups, **record, "datasets": rows}
+
+
+def _central_sd(x, mass=0.99):
+    """Each column's sd over its draws within its central ``mass``."""
+    lo, hi = np.quantile(x, [(1 - mass) / 2, (1 + mass) / 2], axis=0)
+    inside = (x >= lo) & (x <= hi)
+    return np.array([x[inside[:, j], j].std() for j in range(x.shape[1])])
 
 
 def markdown_binomial(res, info):
@@ -277,12 +293,15 @@ def markdown_binomial(res, info):
               "of another seed gives the reference's own C2ST "
               "(`python benchmarks/hierarchical_nuts.py --binomial`)."), "",
              ("| groups | (a_bar, log sigma) C2ST | NUTS against NUTS | groups' means within "
-              "0.2 NUTS sds (largest) | groups' sds within 0.2 NUTS sds (largest) | NUTS passed "
-              "its checks |"), "| --- | --- | --- | --- | --- | --- |"]
+              "0.2 NUTS sds (largest) | groups' sds within 0.2 NUTS sds (largest) | the same, "
+              "central 99% | log sigma beyond NUTS's 0.1/99.9% | NUTS passed its checks |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["datasets"]:
         lines.append(f"| {r['groups']} | {r['c2st_globals']:.3f} | {r['nuts_c2st_globals']:.3f} "
                      f"| {100 * r['mean_within_02']:.0f}% ({r['max_mean_err']:.2f}) | "
                      f"{100 * r['sd_within_02']:.0f}% ({r['max_sd_err']:.2f}) | "
+                     f"{100 * r['central_sd_within_02']:.0f}% ({r['max_central_sd_err']:.2f}) | "
+                     f"{100 * r['sigma_beyond']:.2f}% | "
                      f"{'yes' if r['nuts_reliable'] else 'no'} |")
     n = sum(r["groups"] for r in res["datasets"])
     share = lambda key: sum(r[key] * r["groups"] for r in res["datasets"]) / n

@@ -65,6 +65,22 @@ def test_a_good_guide_returns_its_own_draws(trained):
     assert c2st(np.asarray(res.draws["mu"]), exact_draws()) < 0.56
 
 
+def test_a_slightly_wide_guide_returns_its_own_draws_thinned_to_the_posterior(trained):
+    """A guide 10% too wide passes the ESS rule (weights close to uniform): the guide's own
+    draws come back, all distinct, thinned by rejection against their weights, so their spread
+    is the posterior's, not the guide's."""
+    guide, params = trained
+    wide = scaled(guide, 1.1)
+    res = posterior(wide, params, jax.random.PRNGKey(1), y=Y, num_samples=4000)
+    assert res.method == "amortized" and res.ess_fraction >= 0.9, res.steps
+    mu = np.asarray(res.draws["mu"])
+    assert len(np.unique(mu, axis=0)) == 4000
+    sd = 1 / np.sqrt(N + 1 / 4)
+    raw = wide.sample_posterior(jax.random.PRNGKey(3), params, y=Y, sample_shape=(4000,))
+    assert np.all(np.asarray(raw["mu"]).std(0) / sd > 1.07)  # the guide's draws are too wide
+    np.testing.assert_allclose(mu.std(0) / sd, 1.0, atol=0.04)
+
+
 def test_a_too_narrow_guide_is_caught_and_repaired_by_refinement(trained):
     guide, params = trained
     narrow = scaled(guide, 0.15)

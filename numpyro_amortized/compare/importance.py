@@ -24,8 +24,8 @@ from numpyro_amortized.programs import log_joints, merge_static, split_static
 from numpyro_amortized.simulation import inspect_model
 from numpyro_amortized.transforms import LatentLayout
 
-__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "raw_error", "unconstrained",
-           "weigh", "which_draws"]
+__all__ = ["ImportanceResult", "importance_resample", "psis_weights", "raw_error", "thin",
+           "unconstrained", "weigh", "which_draws"]
 
 PARETO_K_THRESHOLD = 0.7
 RAW_ESS_FRACTION = 0.9  # importance weights this close to uniform: the guide's own draws
@@ -219,6 +219,30 @@ def psis_weights(log_w):
 
 RAW_ERROR = 0.3  # posterior sds: raw draws off by more than this fail the check
 RAW_ERROR_Z = 4.0  # the noise guard, in standard errors (the largest of many latents)
+
+
+MAX_THINNING = 5.0  # the guide's own draws are thinned keeping at least one in this many
+
+
+def thin(log_weights, num_samples, seed=0) -> np.ndarray:
+    """Indices of ``num_samples`` distinct proposals kept by rejection against their importance
+    weights: proposal i is kept with probability ``min(1, w_i / K)`` (weights of mean 1; ``K``
+    the largest weight, at most ``MAX_THINNING``), in proposal order.
+
+    Where every ``w_i <= K`` the kept draws are draws of the weighted posterior; above ``K`` a
+    draw is kept but not repeated. Draws where the guide is far heavier than the posterior
+    (weights near 0) are dropped: a long tail of the guide that k-hat and the ESS read as
+    harmless, but that can set an sd alone. When fewer than ``num_samples`` pass, the rest are
+    the proposals nearest to passing.
+    """
+    log_weights = np.asarray(log_weights, np.float64)
+    w = np.exp(log_weights - logsumexp(log_weights)) * len(log_weights)
+    keep = np.minimum(1.0, w / min(float(w.max()), MAX_THINNING))
+    ratio = np.random.default_rng(seed).random(len(w)) / np.maximum(keep, 1e-300)
+    passed = np.flatnonzero(ratio < 1.0)
+    if len(passed) >= num_samples:
+        return passed[:num_samples]
+    return np.sort(np.argsort(ratio, kind="stable")[:num_samples])
 
 
 def raw_error(u, smoothed):

@@ -4,7 +4,9 @@ A NumPyro model has an exact log density, so the guide's draws for one dataset c
 against it (Pareto k-hat and the importance ESS of ``p(theta, x) / q(theta | x)``). The
 answer goes only as far as it needs:
 
-1. ``"amortized"``: the guide's own draws, when the importance weights are close to uniform;
+1. ``"amortized"``: the guide's own draws, when the importance weights are close to uniform,
+   thinned by rejection against those weights (:func:`~numpyro_amortized.compare.importance.thin`:
+   distinct draws, without the far tail where the guide is heavier than the posterior);
 2. ``"psis"``: the draws resampled with Pareto-smoothed weights, when k-hat <= 0.7 and the
    importance ESS is large enough;
 3. ``"refined+psis"``: otherwise the guide is fine-tuned on this one dataset (its ELBO with
@@ -32,6 +34,7 @@ from numpyro_amortized.compare.importance import (
     RAW_ESS_FRACTION,
     psis_weights,
     raw_error,
+    thin,
     unconstrained,
     weigh,
     which_draws,
@@ -111,8 +114,9 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
         the ESS about ``target_ess``, up to this many.
     :param target_ess: importance ESS wanted under PSIS-resampled draws (default
         ``4 * num_samples``: about 90% of the returned draws distinct).
-    :param raw_ess_fraction: the guide's own draws are returned when the importance ESS is
-        at least this share of the proposals (weights close to uniform).
+    :param raw_ess_fraction: the guide's own draws (thinned by rejection against their
+        weights) are returned when the importance ESS is at least this share of the
+        proposals (weights close to uniform).
     :param min_ess: PSIS-resampled draws are returned when k-hat <= 0.7 and the importance
         ESS is at least this.
     :param refine: fine-tune the guide on this dataset when the checks fail;
@@ -152,7 +156,8 @@ def posterior(guide, params, rng_key, *args, num_samples=1000, num_proposals=Non
                       "ess_fraction": res.ess_fraction, "raw_error": error,
                       "num_proposals": len(res.log_weights), "seconds": time.perf_counter() - t})
         if use == "amortized" and len(proposal_params) == 1:
-            return res, "", {k: v[:n] for k, v in res.proposals.items()}
+            kept = thin(res.log_weights, n, int(jax.random.randint(key, (), 0, 2**31 - 1)))
+            return res, "", {k: v[kept] for k, v in res.proposals.items()}
         if use != "escalate":
             return res, "psis", res.draws
         return res, None, None
@@ -316,7 +321,8 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
                     "seconds": seconds}
             use = which_draws(k, ess, ess / m, raw_ess_fraction, min_ess)
             if use == "amortized":
-                method, take = "amortized", np.arange(n)
+                seed = int(jax.random.randint(jax.random.fold_in(k_resample, i), (), 0, 2**31 - 1))
+                method, take = "amortized", thin(smoothed, n, seed)
             elif use == "corrected" and (ess >= target or m >= max_proposals):
                 method = "psis"
                 take = np.asarray(jax.random.choice(jax.random.fold_in(k_resample, i), m, (n,),

@@ -65,7 +65,7 @@ def _add_noise(tree, noise):
 def jitter(tree, scale=0.1, seed=0):
     """Every array of ``tree`` (a guide's parameters) moved by N(0, scale^2) noise. The noise
     is numpy's, added in one program: JAX's sampler compiles once per array shape (27 shapes:
-    7.7 s), or once per tree if drawn in one program (9 s)."""
+    7.7 s), and drawn inside one program its compilation took longer still."""
     size = sum(np.size(x) for x in jax.tree.leaves(tree))
     return _add_noise(tree, scale * np.random.default_rng(seed).normal(size=size))
 

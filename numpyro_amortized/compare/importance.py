@@ -233,7 +233,8 @@ def thin(log_weights, num_samples, seed=0) -> np.ndarray:
     draw is kept but not repeated. Draws where the guide is far heavier than the posterior
     (weights near 0) are dropped: a long tail of the guide that k-hat and the ESS read as
     harmless, but that can set an sd alone. When fewer than ``num_samples`` pass, the rest are
-    the proposals nearest to passing.
+    the proposals nearest to passing. ``seed`` seeds numpy's generator (an int or a tuple of
+    them).
     """
     log_weights = np.asarray(log_weights, np.float64)
     w = np.exp(log_weights - logsumexp(log_weights)) * len(log_weights)

@@ -295,6 +295,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
     n, m = int(num_samples), int(num_proposals or 10 * num_samples)
     target = int(target_ess or 4 * n)
     k_first, k_resample, k_rest = jax.random.split(rng_key, 3)
+    thin_seed = int(jax.random.randint(k_resample, (), 0, 2**31 - 1))  # numpy's, per dataset
     groups = {}
     for i, item in enumerate(items):
         dynamic, spec = split_static(item)
@@ -321,8 +322,7 @@ def posterior_batch(guide, params, rng_key, datasets, *, num_samples=1000, num_p
                     "seconds": seconds}
             use = which_draws(k, ess, ess / m, raw_ess_fraction, min_ess)
             if use == "amortized":
-                seed = int(jax.random.randint(jax.random.fold_in(k_resample, i), (), 0, 2**31 - 1))
-                method, take = "amortized", thin(smoothed, n, seed)
+                method, take = "amortized", thin(smoothed, n, (thin_seed, i))
             elif use == "corrected" and (ess >= target or m >= max_proposals):
                 method = "psis"
                 take = np.asarray(jax.random.choice(jax.random.fold_in(k_resample, i), m, (n,),

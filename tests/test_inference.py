@@ -93,7 +93,7 @@ def test_numpyro_svi_trains_the_guide(loss):
     assert_matches_exact(guide_draws(guide, run.params))
 
 
-def test_checks_fail_for_wrong_posteriors(npe_guide):
+def test_checks_fail_for_wrong_posteriors():
     """The thresholds used above are crossed by posteriors that are visibly wrong."""
 
     def exact(key, x, shift=0.0, scale=1.0):

@@ -1,6 +1,8 @@
 """Each bijection: invertible, and its log-det equals log|det| of jax.jacobian."""
 
+import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,10 @@ from numpyro_amortized.networks.flows import (
     coupling_flow,
     mixture_log_weights,
 )
-from numpyro_amortized.networks.flows.spline_coupling import rational_quadratic_spline
+from numpyro_amortized.networks.flows.spline_coupling import (
+    num_spline_params,
+    rational_quadratic_spline,
+)
 
 CONTEXT = 3
 
@@ -30,8 +35,9 @@ def make(name, dim):
     rngs = nnx.Rngs(0)
     if name == "affine":
         return AffineCoupling(dim, CONTEXT, hidden=(16, 16), rngs=rngs)
-    if name == "spline":
-        return SplineCoupling(dim, CONTEXT, num_bins=6, bound=3.0, hidden=(16, 16), rngs=rngs)
+    if name in ("spline", "spline_learned_interval"):
+        return SplineCoupling(dim, CONTEXT, num_bins=6, bound=3.0, hidden=(16, 16),
+                              learned_interval=name != "spline", rngs=rngs)
     if name == "conditional_affine":
         return ConditionalAffine(dim, CONTEXT, hidden=(16,), rngs=rngs)
     if name == "actnorm":
@@ -42,13 +48,16 @@ def make(name, dim):
         return Standardize(jnp.linspace(-1, 1, dim), jnp.linspace(0.5, 2.0, dim))
 
 
-BIJECTIONS = ["affine", "spline", "conditional_affine", "actnorm", "permutation", "standardize"]
+BIJECTIONS = ["affine", "spline", "spline_learned_interval", "conditional_affine", "actnorm",
+              "permutation", "standardize"]
 
 
 @pytest.mark.parametrize("name", BIJECTIONS)
 @pytest.mark.parametrize("dim", [1, 2, 5])
 def test_invertible_and_log_det_matches_jacobian(name, dim):
-    b = perturb(make(name, dim), scale=0.3)
+    # a learned interval's log half-widths scale every slope of the layer exponentially: at the
+    # others' noise one input of 40 met a slope near 1e-3, which float32 inverted only to 0.15
+    b = perturb(make(name, dim), scale=0.15 if name == "spline_learned_interval" else 0.3)
     key = jax.random.PRNGKey(1)
     # spread inputs over the spline interval and its tails
     x = 2.5 * jax.random.normal(key, (8, dim))
@@ -71,7 +80,8 @@ def test_invertible_and_log_det_matches_jacobian(name, dim):
 
 def test_perturbed_bijections_are_not_identity():
     """The test above would be vacuous on identity maps."""
-    for name in ["affine", "spline", "conditional_affine", "actnorm", "standardize"]:
+    for name in ["affine", "spline", "spline_learned_interval", "conditional_affine", "actnorm",
+                 "standardize"]:
         b = perturb(make(name, 3), scale=0.3)
         x = jnp.ones((2, 3))
         y, _ = b.transform_and_log_det(x, jnp.ones((2, CONTEXT)))
@@ -103,8 +113,42 @@ def test_spline_is_monotone_and_identity_in_tails():
     np.testing.assert_allclose(y[tails], x[tails])
 
 
+def test_a_learned_interval_contracts_bulk_and_tails_alike():
+    """A spline with a fixed interval that contracts its bulk stretches its outer bins; with a
+    learned interval the same contraction carries the tails along (lines with the end
+    derivatives), and zero parameters are the identity."""
+    k, bound = 8, 5.0
+    x = jnp.linspace(-9.0, 9.0, 1801)
+    zero = jnp.zeros((x.size, num_spline_params(k, True)))
+    y, ld = rational_quadratic_spline(x, zero, num_bins=k, bound=bound, learned_interval=True)
+    np.testing.assert_allclose(y, x, atol=1e-5)
+    np.testing.assert_allclose(ld, 0.0, atol=1e-5)
+    # output interval [-bound e^-2, bound e^-2], end derivatives e^-2: everything shrinks by e^-2
+    shrink = math.log(math.expm1(math.exp(-2.0) - 1e-3)) - math.log(math.expm1(1 - 1e-3))
+    p = zero.at[:, 2 * k:3 * k + 1].set(shrink).at[:, 3 * k + 1:].set(-2.0)
+    y, ld = rational_quadratic_spline(x, p, num_bins=k, bound=bound, learned_interval=True)
+    np.testing.assert_allclose(y, math.exp(-2.0) * x, atol=1e-4)
+    np.testing.assert_allclose(ld, -2.0, atol=1e-3)
+    x_back, _ = rational_quadratic_spline(y, p, num_bins=k, bound=bound, inverse=True,
+                                          learned_interval=True)
+    np.testing.assert_allclose(x_back, x, atol=1e-3)
+    # a fixed-interval spline whose middle bins map [-10/3, 10/3] onto [-5/8, 5/8] (bin slopes
+    # 3/16) must give its outer bins slopes of 21/8 to cover [-5, 5]: steeper than 3 in places
+    slopes = np.array([2.625] * 2 + [0.1875] * 4 + [2.625] * 2)
+    knots = np.sqrt(slopes[:-1] * slopes[1:])  # interior derivatives between adjacent bins
+    fixed = jnp.zeros((x.size, num_spline_params(k)))
+    fixed = (fixed.at[:, :k].set(jnp.log(jnp.asarray([1.0] * 2 + [2.0] * 4 + [1.0] * 2)))
+             .at[:, k:2 * k].set(jnp.log(jnp.asarray([7.0] * 2 + [1.0] * 4 + [7.0] * 2)))
+             .at[:, 2 * k:].set(jnp.asarray(np.log(np.expm1(knots - 1e-3))
+                                            - math.log(math.expm1(1 - 1e-3)), jnp.float32)))
+    y_fixed, ld_fixed = rational_quadratic_spline(x, fixed, num_bins=k, bound=bound)
+    assert abs(float(y_fixed[jnp.argmin(jnp.abs(x - 10 / 3))]) - 0.625) < 0.05
+    assert float(jnp.max(ld_fixed)) > math.log(3.0) and float(jnp.max(ld)) < -1.99
+
+
 def test_coupling_layers_start_as_identity():
-    for cls in (AffineCoupling, SplineCoupling):
+    for cls in (AffineCoupling, SplineCoupling,
+                functools.partial(SplineCoupling, learned_interval=True)):
         layer = cls(4, CONTEXT, rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
         y, _ld = layer.transform_and_log_det(x, jnp.ones((5, CONTEXT)))

@@ -140,8 +140,8 @@ class ConditionalFlow(nnx.Module):
 
 
 def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hidden=(64, 64),
-                  num_bins=8, bound=5.0, conditional_affine=False, loc=None, scale=None,
-                  rngs: nnx.Rngs):
+                  num_bins=8, bound=5.0, learned_interval=False, conditional_affine=False,
+                  loc=None, scale=None, rngs: nnx.Rngs):
     """Stack ``num_layers`` of [coupling, ActNorm, permutation], then a fixed standardization.
 
     The layers are one :class:`~numpyro_amortized.networks.flows.Repeated` block (their
@@ -155,6 +155,8 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
     :param num_layers: coupling layers (default 5 for splines, 6 for affine).
     :param hidden: conditioner widths.
     :param num_bins: spline bins; :param bound: spline interval ``[-bound, bound]``.
+    :param learned_interval: splines whose output interval and tail slopes the conditioner
+        sets (see :class:`~numpyro_amortized.networks.flows.SplineCoupling`).
     :param conditional_affine: end with a :class:`ConditionalAffine` layer (a per-dataset
         location and scale), so the flow's tails contract with the posterior; ``"fitted"``:
         one whose location and scale also fit the latents' mean and sd (see
@@ -166,7 +168,7 @@ def coupling_flow(dim, context_dim, *, transformer="spline", num_layers=None, hi
         flow = coupling_flow(3, 8, transformer="affine", num_layers=4, rngs=nnx.Rngs(0))
     """
     spline = lambda: SplineCoupling(dim, context_dim, num_bins=num_bins, bound=bound,
-                                    hidden=hidden, rngs=rngs)
+                                    hidden=hidden, learned_interval=learned_interval, rngs=rngs)
     affine = lambda: AffineCoupling(dim, context_dim, hidden=hidden, rngs=rngs)
     if transformer == "spline":
         makers, default_layers = [spline], 5

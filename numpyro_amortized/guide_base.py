@@ -69,7 +69,8 @@ class AmortizedGuideBase(GroupsMixin):
     @property
     def flow_factory(self):
         """The flow factory the networks were built with: ``flow`` when given, otherwise the
-        default chosen at set-up (:func:`default_flow`)."""
+        default chosen at set-up (:func:`default_flow`; with ``learned_interval=True`` for a
+        hierarchical guide)."""
         self._check_setup()
         return self._flow_factory
 
@@ -107,8 +108,7 @@ class AmortizedGuideBase(GroupsMixin):
     def state_dict(self) -> dict:
         """What rebuilds this guide's networks without pilot simulations (parameters apart):
         the set-up key, the standardization, the buffers, the model's structure fingerprint and
-        the chosen flow. Arrays, numbers and strings only (see :mod:`~numpyro_amortized.checkpoint`).
-        """
+        the chosen flow; arrays, numbers and strings only (:mod:`~numpyro_amortized.checkpoint`)."""
         self._check_setup()
         return {
             "setup_key": np.asarray(self._setup_key, np.uint32),
@@ -119,8 +119,7 @@ class AmortizedGuideBase(GroupsMixin):
         }
 
     def load_buffers(self, buffers):
-        """Set the networks' buffers (standardization constants) from a pure dict, as
-        :meth:`state_dict` gives them."""
+        """Set the networks' buffers (standardization constants) from a :meth:`state_dict`'s."""
         self._check_setup()
         nnx.replace_by_pure_dict(self._buffers, buffers)
 
@@ -167,7 +166,9 @@ class AmortizedGuideBase(GroupsMixin):
         self._setup_key = np.asarray(rng_key)
         k_pilot, k_net = jax.random.split(rng_key)
         self.programs = Programs()  # compiled programs on this guide (simulation, checks)
-        if stats is None:
+        if stats is None:  # a fresh set-up (not from a state dict)
+            if self.flow is None and self.groups is not None:  # the default, hierarchical
+                flow_factory = functools.partial(flow_factory, learned_interval=True)
             pilot = simulate_in_blocks(self.programs, self.simulate, k_pilot,
                                        self.num_pilot_simulations, args, kwargs)
             stats = pilot_statistics(pilot)
@@ -274,9 +275,8 @@ class AmortizedGuideBase(GroupsMixin):
             if x is not None:
                 finite.append(jnp.all(jnp.isfinite(x.reshape(num_simulations, -1)), axis=-1))
         valid = functools.reduce(jnp.logical_and, finite)
-        clean = lambda x: jnp.where(
-            jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)
-        )
+        clean = lambda x: jnp.where(jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x,
+                                    jnp.zeros((), x.dtype))
         u = clean(u)
         _, log_det = self.latent_layout.constrain(u)
         data = DataBatch(*(None if x is None else clean(x) for x in data))

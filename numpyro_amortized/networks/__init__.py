@@ -6,6 +6,7 @@ from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
     factory_from_description,
+    local_flow_factory,
 )
 from numpyro_amortized.networks.flows import (
     ConditionalFlow,
@@ -49,5 +50,6 @@ __all__ = [
     "ensemble_flow",
     "factory_from_description",
     "flow_matching",
+    "local_flow_factory",
     "spline_flow",
 ]

@@ -17,7 +17,7 @@ from numpyro_amortized.networks.structured import SetTransformer, TimeSeriesNet
 from numpyro_amortized.networks.summary import DeepSet, Identity, LinearSummary, MLPSummary
 
 __all__ = ["REGISTRY", "current_description", "default_flow", "describe_factory",
-           "factory_from_description"]
+           "factory_from_description", "local_flow_factory"]
 
 REGISTRY = {
     f.__name__: f
@@ -31,8 +31,23 @@ def default_flow(num_train_simulations=None):
     :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and an
     :func:`~numpyro_amortized.networks.ensemble_flow` for a fixed bank of
     ``num_train_simulations`` (which :func:`~numpyro_amortized.fit` trains with per-member
-    weight decay, :func:`~numpyro_amortized.train.fixed_budget_weight_decay`)."""
+    weight decay, :func:`~numpyro_amortized.train.fixed_budget_weight_decay`). A hierarchical
+    guide gets the same flow with ``learned_interval=True`` (set at set-up): splines whose
+    output interval and tail slopes follow the data, so a posterior much narrower than the
+    prior keeps thin tails (see :class:`~numpyro_amortized.networks.flows.SplineCoupling`)."""
     return spline_flow if num_train_simulations is None else ensemble_flow
+
+
+def local_flow_factory(flow_factory):
+    """The factory of a hierarchical guide's local flow: for the defaults (a spline flow or a
+    flow ensemble, with or without ``learned_interval``) one spline flow ending in a
+    conditional affine layer; any other factory is used as it is."""
+    func, kwargs = flow_factory, {}
+    if isinstance(flow_factory, functools.partial) and not flow_factory.args:
+        func, kwargs = flow_factory.func, dict(flow_factory.keywords)
+    if func not in (ensemble_flow, spline_flow) or set(kwargs) - {"learned_interval"}:
+        return flow_factory
+    return functools.partial(spline_flow, conditional_affine=True, **kwargs)
 
 
 def describe_factory(factory):

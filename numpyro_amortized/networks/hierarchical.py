@@ -12,15 +12,13 @@ group's data, which a summary pooled over all groups cannot tell apart.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch
-from numpyro_amortized.networks.flows import ensemble_flow, spline_flow
+from numpyro_amortized.networks.factories import local_flow_factory
 from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value, least_squares
 from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_tails
 
@@ -350,9 +348,9 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     """A :class:`HierarchicalPosterior` for ``groups``
     (:func:`~numpyro_amortized.group_data.group_setup`): the global flow from ``flow_factory``;
     the local flow from it too, except for the defaults (a spline flow or a flow ensemble),
-    whose local part is one spline flow ending in a conditional affine layer (the ensemble's
-    mixture over the globals stays one mixture; the affine end keeps rare draws out of the
-    splines' identity tails)."""
+    whose local part is one spline flow ending in a conditional affine layer
+    (:func:`~numpyro_amortized.networks.factories.local_flow_factory`: the ensemble's mixture
+    over the globals stays one mixture; the affine end keeps rare draws in the splines' bulk)."""
     layout, gidx, lidx = groups.layout, groups.global_idx, groups.local_idx
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim
@@ -360,9 +358,7 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     encoder = GroupEncoder(layout.row_features, layout.num_groups,
                            responses=layout.response_features,
                            covariates=layout.covariate_features, rngs=rngs)
-    local_factory = flow_factory
-    if flow_factory in (ensemble_flow, spline_flow):
-        local_factory = functools.partial(spline_flow, conditional_affine=True)
+    local_factory = local_flow_factory(flow_factory)
     cond = local_flow_condition_dim(s_dim, encoder, len(gidx))
     loc, scale = u_loc[lidx].mean(0), u_scale[lidx].mean(0)
     stats_local = (loc, scale)

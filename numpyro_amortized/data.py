@@ -4,7 +4,7 @@ Observed sites inside the data plate become a *set*: one feature row per observa
 ``(N, F)``, with a mask so that datasets of different sizes share one padded shape. Observed
 sites outside the plate are flattened into one *flat* vector ``(G,)``. Sites whose
 distribution has positive continuous support (LogNormal, Gamma, Exponential, ...) are read on the
-log scale.
+log scale, unbounded counts (Poisson, negative binomial) as ``log(1 + y)``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statistics"]
+__all__ = ["DataBatch", "DataLayout", "DataSpec", "Simulations", "pilot_statistics",
+           "raw_counts"]
 
 
 class DataSpec(NamedTuple):
@@ -122,6 +123,14 @@ class DataLayout:
                     "units and transformation, or model the site with a distribution on the "
                     "real line."
                 )
+            not_count = (value < 0) | (value != np.round(value)) if s.counts else None
+            if s.counts and not bad.any() and not_count.any():
+                first = tuple(int(i) for i in np.argwhere(not_count)[0])
+                raise ValueError(
+                    f"Observed site '{s.name}' has a value at index {first} that is not a "
+                    "count (an integer >= 0), which its distribution gives zero probability. "
+                    "Pass the counts themselves (not rates or transformed values), or model "
+                    "the site with a continuous distribution.")
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(
@@ -160,13 +169,22 @@ class DataLayout:
         return DataBatch(set_x, mask, flat)
 
 
+def raw_counts(structure):
+    """``structure`` with its counts read as they are: the rule of checkpoints written before
+    counts were read as ``log(1 + y)`` (their statistics have no ``"log_counts"``)."""
+    return structure._replace(observed=tuple(s._replace(counts=False) for s in structure.observed))
+
+
 def _read(site, value):
     """A site's values as the summary network sees them: positive data on the log scale
-    (spread over orders of magnitude, multiplicative noise), category indices one-hot,
-    others as they are."""
+    (spread over orders of magnitude, multiplicative noise), unbounded counts as
+    ``log(1 + y)`` (for the same reasons; a log-linear model's fit is linear there), category
+    indices one-hot, others as they are."""
     value = jnp.asarray(value)
     if site.categories:  # category indices: one-hot (an index beyond the categories: zeros)
         return jax.nn.one_hot(value, site.categories)
+    if site.counts:
+        return jnp.log1p(jnp.maximum(value.astype(jnp.result_type(float)), 0.0))
     if not site.log_scale:
         return value
     value = value.astype(jnp.result_type(float))
@@ -215,7 +233,8 @@ def pilot_statistics(pilot: Simulations):
     u_loc, u_scale = moments(pilot.u)
     set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
     flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
-    stats = {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats)}
+    stats = {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats),
+             "log_counts": True}  # the data were read by today's rules (raw_counts)
     if pilot.data.group_rows is not None:
         stats["group"] = moments(pilot.data.group_rows, pilot.data.group_mask)
     return stats

@@ -17,7 +17,7 @@ from flax import nnx
 from numpyro.handlers import condition
 from numpyro.infer.util import log_density
 
-from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics
+from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics, raw_counts
 from numpyro_amortized.design import (
     covariate_values,
     draw_designs,
@@ -130,10 +130,10 @@ class AmortizedGuideBase(GroupsMixin):
 
     def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None):
         """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
-        structure = inspect_model(
-            self.model, *args, observed=self.observed, data_plate=self.data_plate,
-            rng_key=rng_key, time_series=self.time_series, **kwargs
-        )
+        structure = inspect_model(self.model, *args, observed=self.observed, rng_key=rng_key,
+                                  data_plate=self.data_plate, time_series=self.time_series, **kwargs)
+        if stats is not None and not stats.get("log_counts"):  # a checkpoint that read counts raw
+            structure = raw_counts(structure)
         plate_size = structure.data_plate_size
         if self.set_sizes is not None:
             if plate_size is None:

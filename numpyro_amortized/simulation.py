@@ -42,9 +42,10 @@ class ObservedSite(NamedTuple):
     ``plate_axis`` is the axis of the site's value that runs over the data plate (the
     exchangeable observations), or ``None`` if the site is not inside it. ``log_scale`` is
     ``True`` when the site's distribution has positive continuous support (LogNormal, Gamma,
-    Exponential, HalfNormal, ...): the summary network then reads its logarithm.
-    ``categories`` > 0 marks a vector of category indices (a group-index covariate with values
-    ``0 .. categories - 1``): the summary network reads it one-hot.
+    Exponential, HalfNormal, ...): the summary network then reads its logarithm. ``counts``
+    is ``True`` for unbounded counts (Poisson, negative binomial, geometric): it reads
+    ``log(1 + y)``. ``categories`` > 0 marks a vector of category indices (a group-index
+    covariate with values ``0 .. categories - 1``): the summary network reads it one-hot.
     """
 
     name: str
@@ -52,6 +53,7 @@ class ObservedSite(NamedTuple):
     plate_axis: int | None
     log_scale: bool = False
     categories: int = 0
+    counts: bool = False
 
 
 class ModelStructure(NamedTuple):
@@ -165,10 +167,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
     names = {s["name"] for s in sites}
     unknown = observed - names
     if unknown:
-        raise ValueError(
-            f"observed={sorted(unknown)} names no sample site of the model; "
-            f"its sample sites are {sorted(names)}."
-        )
+        raise ValueError(f"observed={sorted(unknown)} names no sample site of the model; "
+                         f"its sample sites are {sorted(names)}.")
     factors = [s["name"] for s in sites if type(s["fn"]).__name__ == "Unit"]
     if factors:
         raise ValueError(
@@ -177,12 +177,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
             "it. Write the term as a distribution of observed data instead (for a marginalized "
             "discrete variable, e.g. dist.MixtureSameFamily), or drop it.")
     obs_sites = [s for s in sites if s["is_observed"] or s["name"] in observed]
-    lat_sites = [
-        s
-        for s in sites
-        if not (s["is_observed"] or s["name"] in observed)
-        and not s.get("infer", {}).get("is_auxiliary", False)
-    ]
+    lat_sites = [s for s in sites if not (s["is_observed"] or s["name"] in observed)
+                 and not s.get("infer", {}).get("is_auxiliary", False)]
     if not obs_sites:
         raise ValueError(
             "The model has no observed site, so there is nothing to condition the posterior on. "
@@ -209,10 +205,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
         data_plate = max(sorted(candidates), key=lambda p: plate_sizes[p], default=None)
     elif data_plate is not None:
         if data_plate not in plate_sizes:
-            raise ValueError(
-                f"data_plate='{data_plate}' is not a plate of the model; its plates are "
-                f"{sorted(plate_sizes)}."
-            )
+            raise ValueError(f"data_plate='{data_plate}' is not a plate of the model; its "
+                             f"plates are {sorted(plate_sizes)}.")
         if data_plate in latent_plates:
             bad = [s["name"] for s in lat_sites if data_plate in _plates(s)]
             raise ValueError(
@@ -241,7 +235,8 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
                         f"Observed site '{s['name']}' with shape {shape} does not have plate "
                         f"'{data_plate}' (size {f.size}) at dim {f.dim}; check the plate's dim."
                     )
-        obs.append(ObservedSite(s["name"], shape, axis, _positive_continuous(s["fn"].support)))
+        positive, counts = _reading(s["fn"].support)
+        obs.append(ObservedSite(s["name"], shape, axis, positive, counts=counts))
     if data_plate is not None and all(o.plate_axis is None for o in obs):
         data_plate = None
     size = plate_sizes[data_plate] if data_plate is not None else None
@@ -264,10 +259,12 @@ def inspect_model(model, *args, observed=None, data_plate="auto", rng_key=None,
                           deterministic)
 
 
-def _positive_continuous(support):
+def _reading(support):
+    """(positive continuous, unbounded counts): how the summary network reads the site."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return isinstance(support, type(constraints.positive)) and not support.is_discrete
+    return (isinstance(support, type(constraints.positive)) and not support.is_discrete,
+            isinstance(support, type(constraints.nonnegative_integer)))
 
 
 def _plates(site):

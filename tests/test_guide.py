@@ -238,6 +238,7 @@ def test_positive_data_is_read_on_the_log_scale_and_non_positive_data_is_refused
 
     obs = inspect_model(model, a=jnp.ones(3), b=1.0, c=0.0, d=1).observed
     assert {s.name: s.log_scale for s in obs} == {"a": True, "b": True, "c": False, "d": False}
+    assert {s.name: s.counts for s in obs} == {"a": False, "b": False, "c": False, "d": True}
 
     guide = AutoAmortizedFlow(lognormal_model)
     y = jnp.exp(jnp.linspace(-1.0, 1.0, 10))
@@ -246,6 +247,43 @@ def test_positive_data_is_read_on_the_log_scale_and_non_positive_data_is_refused
     np.testing.assert_allclose(batch.set[0, :, 0], np.log(y), rtol=1e-6)
     with pytest.raises(ValueError, match=r"'y' has 1 value\(s\) <= 0, the first at index \(3,\)"):
         guide.data_layout.check({"y": y.at[3].set(0.0)})
+
+
+def poisson_regression(x, y=None):
+    a = numpyro.sample("a", dist.Normal(1.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 0.5))
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(a + b * x)), obs=y)
+
+
+def test_counts_are_read_as_log1p_and_older_checkpoints_read_them_raw(tmp_path):
+    """Unbounded counts reach the summary network as log(1 + y); values that are not counts
+    are refused naming the site; a checkpoint written before that rule (its statistics have
+    no "log_counts") is rebuilt reading counts raw, as it was trained."""
+    from numpyro_amortized import load, save
+    from numpyro_amortized.checkpoint import read_file, write_file
+
+    x = jnp.linspace(-1.0, 1.0, 12)
+    y = jnp.asarray([0, 1, 3, 2, 7, 5, 12, 9, 30, 25, 60, 410], jnp.float32)
+    guide = AutoAmortizedFlow(poisson_regression, flow=affine_flow, num_pilot_simulations=256)
+    params = guide.setup(jax.random.PRNGKey(0), x, y=y)
+    assert guide._stats["log_counts"]
+    read = lambda g: np.asarray(g.data_layout.encode({"y": y[None], "x": x[None]}).set[0, :, 0])
+    np.testing.assert_allclose(read(guide), np.log1p(np.asarray(y)), rtol=1e-6)
+    for bad, where in ((y.at[4].set(-1.0), 4), (y.at[7].set(2.5), 7)):
+        with pytest.raises(ValueError, match=rf"'y' has a value at index \({where},\) that is "
+                                             "not a count"):
+            guide.data_layout.check({"y": bad, "x": x})
+
+    save(tmp_path / "new.ckpt", guide, params)
+    body = read_file(tmp_path / "new.ckpt")
+    loaded, _ = load(tmp_path / "new.ckpt", poisson_regression)
+    np.testing.assert_allclose(read(loaded), np.log1p(np.asarray(y)), rtol=1e-6)
+    older = {k: v for k, v in body["stats"].items() if k != "log_counts"}
+    write_file(tmp_path / "old.ckpt", {**body, "stats": older})
+    loaded, _ = load(tmp_path / "old.ckpt", poisson_regression)
+    assert not any(s.counts for s in loaded.structure.observed)
+    np.testing.assert_allclose(read(loaded), np.asarray(y), rtol=1e-6)
 
 
 @pytest.mark.slow

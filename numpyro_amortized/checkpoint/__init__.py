@@ -85,6 +85,7 @@ def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
             "data": {str(i): {"kind": "none"} if x is None else {"kind": "array", "value": x}
                      for i, x in enumerate(stats["data"])},
             **({"group": dict(zip(("loc", "scale"), stats["group"]))} if "group" in stats else {}),
+            **({"log_counts": True} if stats.get("log_counts") else {}),
         },
         "setup_key": state["setup_key"],
         "probe": _probe(guide, params, probe or probe_simulations(guide)),
@@ -261,6 +262,7 @@ def _state_of(body):
             "data": tuple(decode_value(stats_data[str(i)]) for i in range(len(stats_data))),
             **({"group": tuple(np.asarray(body["stats"]["group"][k]) for k in ("loc", "scale"))}
                if "group" in body["stats"] else {}),
+            **({"log_counts": True} if body["stats"].get("log_counts") else {}),  # see raw_counts
         },
         "flow": current_description(json.loads(body["flow"])),
     }

@@ -234,7 +234,7 @@ def pilot_statistics(pilot: Simulations):
     set_stats = moments(pilot.data.set, pilot.data.mask) if pilot.data.set is not None else (None,) * 2
     flat_stats = moments(pilot.data.flat) if pilot.data.flat is not None else (None,) * 2
     stats = {"u_loc": u_loc, "u_scale": u_scale, "data": (*set_stats, *flat_stats),
-             "log_counts": True}  # the data were read by today's rules (raw_counts)
+             "log_counts": True}  # counts were read as log(1 + y) (see raw_counts)
     if pilot.data.group_rows is not None:
         stats["group"] = moments(pilot.data.group_rows, pilot.data.group_mask)
     return stats

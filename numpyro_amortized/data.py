@@ -123,14 +123,15 @@ class DataLayout:
                     "units and transformation, or model the site with a distribution on the "
                     "real line."
                 )
-            not_count = (value < 0) | (value != np.round(value)) if s.counts else None
-            if s.counts and not bad.any() and not_count.any():
-                first = tuple(int(i) for i in np.argwhere(not_count)[0])
-                raise ValueError(
-                    f"Observed site '{s.name}' has a value at index {first} that is not a "
-                    "count (an integer >= 0), which its distribution gives zero probability. "
-                    "Pass the counts themselves (not rates or transformed values), or model "
-                    "the site with a continuous distribution.")
+            if s.counts and not bad.any():
+                not_count = (value < 0) | (value != np.round(value))
+                if not_count.any():
+                    first = tuple(int(i) for i in np.argwhere(not_count)[0])
+                    raise ValueError(
+                        f"Observed site '{s.name}' has a value at index {first} that is not "
+                        "a count (an integer >= 0), which its distribution gives zero "
+                        "probability. Pass the counts themselves (not rates or transformed "
+                        "values), or model the site with a continuous distribution.")
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(

@@ -94,7 +94,7 @@ def train(model, args, kwargs, max_groups, num_steps, path=None):
         return guide, params, json.loads(Path(path + ".json").read_text())
     t0 = time.perf_counter()
     result = fit(guide, jax.random.PRNGKey(0), *args, **kwargs, num_steps=num_steps,
-                 progress_bar=False)
+                 progress_bar=True)
     check = result.check
     record = {"train_s": time.perf_counter() - t0, "num_steps": len(result.losses),
               "check_failed_share": None if check is None else float(check.failed_share)}
@@ -224,7 +224,7 @@ def run_eight_schools():
         guide = AutoAmortizedFlow(model)
         t0 = time.perf_counter()
         result = fit(guide, jax.random.PRNGKey(0), EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y,
-                     progress_bar=False)
+                     progress_bar=True)
         rows = []
         for i, (y, ex) in enumerate(zip(data, exact, strict=True)):
             d = guide.sample_posterior(jax.random.PRNGKey(i), result.params, EIGHT_SCHOOLS_SIGMA,

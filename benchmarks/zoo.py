@@ -39,6 +39,7 @@ from numpyro_amortized.compare.draws import flatten_draws
 from numpyro_amortized.compare.report import standardized_differences
 from numpyro_amortized.diagnostics import c2st
 from numpyro_amortized.examples.hierarchical import eight_schools_noncentered
+from numpyro_amortized.train import GuideCheckWarning
 
 RESULTS = Path(__file__).parent / "results" / "zoo.json"
 
@@ -228,15 +229,22 @@ def bench_model(name, spec, key, num_prior=5, num_steps=None):
     data = _datasets(name, model, fixed, tail, k_data, num_prior)
     guide = AutoAmortizedFlow(model, **options)
     t0 = time.perf_counter()
-    result = fit(guide, k_fit, num_steps=num_steps, progress_bar=False, **data[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(guide, k_fit, num_steps=num_steps, progress_bar=False, **data[0])
     train_time = time.perf_counter() - t0
+    fit_warned = any(issubclass(w.category, GuideCheckWarning) for w in caught)
     names = [s.name for s in guide.latent_layout.sites]
     runner = NUTSRunner(REFERENCE_MODELS.get(name, model))
     rows = []
     for i, d in enumerate(data):
         k_nuts, k_raw, k_post, k_c1, k_c2 = jax.random.split(jax.random.fold_in(k_eval, i), 5)
         ref = runner.run(k_nuts, **d)
-        guide.sample_posterior(k_raw, result.params, sample_shape=(1000,), **d)  # compiled
+        with warnings.catch_warnings(record=True) as caught:  # compiles, and says if outside
+            warnings.simplefilter("always")
+            guide.sample_posterior(k_raw, result.params, sample_shape=(1000,), **d)
+        outside = any("outside the data the guide was trained" in str(w.message)
+                      for w in caught)
         t = time.perf_counter()
         raw = jax.block_until_ready(guide.sample_posterior(k_raw, result.params,
                                                            sample_shape=(1000,), **d))
@@ -249,24 +257,53 @@ def bench_model(name, spec, key, num_prior=5, num_steps=None):
             "c2st_raw": _c2st(ref.samples, raw, names, k_c1),
             "c2st_posterior": _c2st(ref.samples, post.draws, names, k_c2),
             **_errors(ref.samples, raw, names),
-            "method": post.method, "pareto_k": post.pareto_k, "ess": post.ess,
+            "outside": outside, "method": post.method, "pareto_k": post.pareto_k, "ess": post.ess,
             "num_proposals": post.steps[0].get("num_proposals"), "reliable": post.reliable,
             "time_raw": t_raw, "time_posterior": post.seconds, "time_nuts": ref.run_time,
             "nuts_compile": ref.compile_time, "nuts_reliable": ref.diagnostics["reliable"],
         })
         print(name, rows[-1], flush=True)
-    return {"train_time": train_time, "num_steps": len(result.losses),
+    check = result.check
+    return {"train_time": train_time, "num_steps": len(result.losses), "fit_warned": fit_warned,
+            "check_failed_share": None if check is None else check.failed_share,
             "latent_dim": guide.latent_layout.dim, "datasets": rows}
+
+
+def _warned(r):
+    """What the package said before any check of a dataset: whether ``fit`` warned that the
+    guide fails its held-out check (and on what share), and on how many datasets
+    ``sample_posterior`` warned that the data lie outside the training simulations."""
+    if "fit_warned" not in r:
+        return "not recorded"
+    share = r["check_failed_share"]
+    fit_part = ("yes" if r["fit_warned"] else "no") + (f" ({share:.0%})" if share is not None
+                                                       else "")
+    return f"{fit_part} / {sum(x['outside'] for x in r['datasets'])}"
+
+
+def _misses(misses):
+    """The datasets above 0.6 raw C2ST, each with the warnings it came with."""
+    if not misses:
+        return ""
+    said = []
+    for name, x, r in misses:
+        flags = [w for w, on in (("fit's check", r.get("fit_warned")),
+                                 ("outside", x.get("outside"))) if on]
+        known = "fit_warned" in r
+        said.append(f"{name} {x['dataset']} ({x['c2st_raw']:.2f}; "
+                    + (", ".join(flags) if flags else "no warning" if known else "not recorded")
+                    + ")")
+    return "Above 0.6 raw, with the warnings given: " + "; ".join(said) + ". "
 
 
 def markdown(results, info):
     lines = [
         ("| model | latents | steps | train s | raw C2ST median (max) | raw max error, NUTS sds: mean "
          "/ sd | `posterior` C2ST median (max) | paths (amortized/psis/refined/nuts) "
-         "| s per dataset: raw / `posterior` / NUTS |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "| s per dataset: raw / `posterior` / NUTS | warned: fit's check / datasets outside |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    share_ok, nuts_bad, raw_all = [], [], []
+    share_ok, nuts_bad, raw_all, misses = [], [], [], []
     for name, r in results.items():
         nuts_bad += [f"{name} {x['dataset']}" for x in r["datasets"] if not x["nuts_reliable"]]
         rows = r["datasets"]
@@ -274,6 +311,7 @@ def markdown(results, info):
         post = np.array([x["c2st_posterior"] for x in rows])
         share_ok += list(post <= 0.6)
         raw_all += list(raw)
+        misses += [(name, x, r) for x in rows if x["c2st_raw"] > 0.6]
         paths = [sum(x["method"] == m for x in rows)
                  for m in ("amortized", "psis", "refined+psis", "nuts")]
         lines.append(
@@ -285,12 +323,13 @@ def markdown(results, info):
             f"{'/'.join(map(str, paths))} | "
             f"{np.median([x['time_raw'] for x in rows]):.3f} / "
             f"{np.median([x['time_posterior'] for x in rows]):.2f} / "
-            f"{np.median([x['time_nuts'] for x in rows]):.2f} |")
+            f"{np.median([x['time_nuts'] for x in rows]):.2f} | {_warned(r)} |")
     lines.append("")
     raw_all = np.array(raw_all)
     lines.append(f"Raw C2ST <= 0.6 on {np.sum(raw_all <= 0.6)} of {len(raw_all)} datasets, "
                  f"<= 0.7 on {np.sum(raw_all <= 0.7)}; "
                  f"`posterior` C2ST <= 0.6 on {sum(share_ok)} of {len(share_ok)}. "
+                 + _misses(misses) +
                  "NUTS failed its own checks (R-hat, ESS, divergences) on "
                  + (", ".join(nuts_bad) if nuts_bad else "none")
                  + f". Machine: {info['cpu_count']} cores, {info['devices'][0]}, "

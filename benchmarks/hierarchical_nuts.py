@@ -87,16 +87,21 @@ def _globals(draws, n=1000):
 def train(model, args, kwargs, max_groups, num_steps, path=None):
     """A guide of ``model`` for 5 to ``max_groups`` groups and its training record; with
     ``path``, loaded from there if it exists (its record from ``path + ".json"``), else trained
-    and saved there."""
+    and saved there (checkpointed on the way to ``path + ".run"``, from which a run stopped
+    before its end continues)."""
     guide = AutoAmortizedFlow(model, num_groups=(5, max_groups))
     if path is not None and Path(path).exists():
         guide, params = load(path, model, guide=guide)
         return guide, params, json.loads(Path(path + ".json").read_text())
+    # a run stopped before its end is continued from its last checkpoint
+    run_path = None if path is None else path + ".run"
+    resume = run_path if run_path is not None and Path(run_path).exists() else None
     t0 = time.perf_counter()
     result = fit(guide, jax.random.PRNGKey(0), *args, **kwargs, num_steps=num_steps,
-                 progress_bar=True)
+                 progress_bar=True, checkpoint=run_path, resume=resume)
     check = result.check
-    record = {"train_s": time.perf_counter() - t0, "num_steps": len(result.losses),
+    record = {"train_s": time.perf_counter() - t0 if resume is None else result.train_time,
+              "resumed": resume is not None, "num_steps": len(result.losses),
               "check_failed_share": None if check is None else float(check.failed_share)}
     if check is not None and check.raw_error is not None:
         record.update(check_khat_share=float(np.mean(check.pareto_k > 0.7)),

@@ -333,8 +333,9 @@ def _check_text(res):
     if "check_raw_error" not in res:
         return text + "."
     med, top = res["check_raw_error"]
+    largest = f"{top:,.0f}" if top >= 100 else f"{top:.2f}"
     return (f"{text} (k-hat > 0.7 on {100 * res['check_khat_share']:.0f}%; raw draws' error "
-            f"median {med:.2f}, largest {top:.2f} posterior sds).")
+            f"median {med:.2f}, largest {largest} posterior sds).")
 
 
 def markdown_eight_schools(res, info):

@@ -389,6 +389,83 @@ def test_converge_keeps_the_rate_while_the_loss_falls_then_cools_down_and_stops(
     assert run.stop == "converged" and scales[-1] == 0.01
 
 
+def test_time_budget_decays_the_rate_in_time_and_stops_before_the_budget():
+    from numpyro_amortized.train import Chunk, Run, TimeBudget
+
+    clock = {"t": 0.0}
+
+    def drive(seconds, setup, chunk_seconds, plateau=None, used_before=0.0):
+        clock["t"] = 100.0
+        run = Run(state=None, step=0, num_steps=10**8)
+        run.plateau.update(plateau or {})
+        cb = TimeBudget(seconds, started=100.0 - 0.0)
+        cb.now = lambda: clock["t"]
+        cb.train_start = cb.last = 100.0 + setup
+        clock["t"] = cb.train_start
+        scales, times = [], []
+        while not run.stop:
+            clock["t"] += chunk_seconds
+            run.step += 50
+            cb.on_chunk(run, Chunk(None, None, 0.0, 50))
+            scales.append(run.scale)
+            times.append(clock["t"] - 100.0 + used_before)
+        return run, np.asarray(scales), np.asarray(times)
+
+    # 4 s of set-up, 0.5 s chunks, a 15 s budget: training stops at 15 s (the next chunk would
+    # end past it), the rate follows a half cosine over the 11 s of training, from 1 to 1%
+    run, scales, times = drive(15.0, setup=4.0, chunk_seconds=0.5)
+    assert run.stop == "time budget" and times[-1] == 15.0 and len(scales) == 22
+    done = (times - 4.0) / 11.0
+    np.testing.assert_allclose(scales, 0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * done)), atol=1e-12)
+    assert scales[-1] == pytest.approx(0.01) and np.all(np.diff(scales) < 0)
+    assert run.plateau["setup_time"] == 4.0 and run.plateau["time_used"] == 15.0
+    # a resumed run: 9 s used before (4 of them set-up); this process's 1 s of set-up counts
+    run, scales, times = drive(15.0, setup=1.0, chunk_seconds=0.5, used_before=9.0,
+                               plateau={"time_used": 9.0, "setup_time": 4.0})
+    assert run.stop == "time budget" and run.plateau["time_used"] == 15.0 and len(scales) == 10
+    np.testing.assert_allclose(scales[-1], 0.01, atol=1e-12)
+    # set-up longer than the budget: one chunk, and a warning that says so
+    with pytest.warns(UserWarning, match="used up before training started"):
+        run, scales, _ = drive(3.0, setup=4.0, chunk_seconds=0.5)
+    assert run.stop == "time budget" and len(scales) == 1 and scales[0] == 0.01
+
+
+def test_fit_with_a_time_budget_trains_online_until_the_time_is_up(tmp_path):
+    import time
+
+    from numpyro_amortized.train import Callback
+
+    with pytest.raises(ValueError, match="time_budget=0"):
+        fit(small_guide(), KEY, x=X, time_budget=0)
+    with pytest.raises(ValueError, match="with num_simulations, the budget is the bank"):
+        fit(small_guide(), KEY, x=X, time_budget=5.0, num_simulations=1000)
+
+    class StopAfter(Callback):  # Ctrl-C after 100 steps
+        def on_chunk(self, run, chunk):
+            if run.step == 100:
+                raise KeyboardInterrupt
+
+    budget, ckpt = 8.0, tmp_path / "run.ckpt"  # set-up and compilation: 2-3 s of 2 quiet cores
+    settings = {"x": X, "time_budget": budget, "batch_size": 64, "progress_bar": False,
+                "check": False, "checkpoint": ckpt}
+    with pytest.warns(UserWarning, match="interrupted at step 100"):
+        first = fit(small_guide(), KEY, callbacks=[StopAfter()], **settings)
+    used_first = first.config["plateau"]["time_used"]
+    t0 = time.perf_counter()
+    result = fit(small_guide(), KEY, resume=ckpt, **settings)  # the rest of the budget
+    wall = time.perf_counter() - t0
+    plateau = result.config["plateau"]
+    steps = len(result.losses)
+    assert plateau["stopped"] == "time budget" and result.stopped_early
+    assert steps > 100 and steps % 50 == 0 and result.validation_losses[0][0] == 50
+    # both processes count; stopped within a chunk of the budget; the end comes on top
+    assert plateau["setup_time"] == first.config["plateau"]["setup_time"]
+    assert used_first < plateau["time_used"] <= budget + 2
+    assert wall < budget - used_first + 5
+    assert plateau["scale"] < 0.1  # the rate decayed with the time
+    assert result.losses[-50:].mean() < result.losses[:50].mean()
+
+
 @pytest.mark.slow  # trains until the validation loss stops improving
 def test_online_default_length_follows_the_validation_loss_and_resumes_exactly(tmp_path):
     from numpyro_amortized.train import Callback

@@ -6,7 +6,8 @@
 - :func:`held_out_check`, :func:`data_check`: the guide against the model's exact density on
   held-out simulations and on the data given to :func:`fit` (what it checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
-  (:class:`Converge`, :class:`Plateau`, :class:`Checkpointer`, :class:`ProgressBar`, or your own).
+  (:class:`Converge`, :class:`Plateau`, :class:`TimeBudget`, :class:`Checkpointer`,
+  :class:`ProgressBar`, or your own).
 """
 
 from numpyro_amortized.train.callbacks import (
@@ -16,6 +17,7 @@ from numpyro_amortized.train.callbacks import (
     Plateau,
     ProgressBar,
     Run,
+    TimeBudget,
 )
 from numpyro_amortized.train.check import (
     GuideCheckWarning,
@@ -48,6 +50,7 @@ __all__ = [
     "ProgressBar",
     "Run",
     "StepInfo",
+    "TimeBudget",
     "TrainState",
     "Trainer",
     "TrainingStalled",

@@ -10,6 +10,8 @@ chunk)`` in order. A callback may change ``run.state`` (e.g. go back to the best
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from numpyro_amortized.train.sharding import host_value
 
-__all__ = ["Callback", "Chunk", "Converge", "Plateau", "ProgressBar", "Run"]
+__all__ = ["Callback", "Chunk", "Converge", "Plateau", "ProgressBar", "Run", "TimeBudget"]
 
 
 class Chunk(NamedTuple):
@@ -139,6 +141,43 @@ class Converge(Callback):
         if done >= 1:
             run.stop = "converged"
         run.scale = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+class TimeBudget(Callback):
+    """Train for a length of time: ``seconds`` of the :func:`~numpyro_amortized.fit` call
+    (``started``, a ``time.perf_counter()`` reading, is when it began, so set-up and
+    compilation count against them) until training ends.
+
+    Built when training starts, it decays the learning rate to 1% along a half cosine over the
+    time left for training (a cosine schedule in time rather than steps) and stops training
+    when the next chunk, as long as the last one, would end past the budget. Seconds used by
+    earlier processes of a resumed run are kept in ``run.plateau["time_used"]``.
+    """
+
+    def __init__(self, seconds, started):
+        self.now = time.perf_counter
+        self.seconds, self.started = float(seconds), started
+        self.train_start = self.last = self.now()
+        self.used_before = None
+
+    def on_chunk(self, run, chunk):
+        now, p = self.now(), run.plateau
+        if self.used_before is None:  # the first chunk of this process
+            self.used_before = float(p.get("time_used", 0.0))
+            p.setdefault("setup_time", self.train_start - self.started)
+            if self.used_before + self.train_start - self.started >= self.seconds:
+                warnings.warn(f"time_budget={self.seconds:g} s was used up before training "
+                              f"started (set-up and compilation took "
+                              f"{self.train_start - self.started:.1f} s): trained one chunk of "
+                              f"{chunk.num_steps} steps. Give a larger budget.", UserWarning,
+                              stacklevel=2)
+        used = p["time_used"] = self.used_before + now - self.started
+        if used + (now - self.last) > self.seconds:
+            run.stop = "time budget"
+        self.last = now
+        setup = p["setup_time"]
+        done = (used - setup) / (self.seconds - setup) if self.seconds > setup else 1.0
+        run.scale = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
 
 class ProgressBar(Callback):

@@ -92,7 +92,9 @@ def resume_run(path, guide, optimizer, args, kwargs, run_config):
             "with the same rng_key, num_steps, batch_size, num_simulations, validation_size, "
             "num_chunks, keep_best and patience to continue that run."
         )
-    legacy = ((saved.get("flow") or {}).get("kwargs") or {}).get("weight_decay", 0.0)
+    flow = saved.get("flow")  # a description, or the repr of a factory of the user's own
+    legacy = ((flow.get("kwargs") or {}) if isinstance(flow, dict) else {}).get("weight_decay",
+                                                                               0.0)
     if "weight_decay" not in saved and "weight_decay" in run_config and \
             [float(w) for w in np.atleast_1d(legacy)] != run_config["weight_decay"]:
         raise CheckpointError(  # written when the decay was an option of the flow

@@ -19,7 +19,14 @@ from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.programs import simulate_in_blocks, take_rows
 from numpyro_amortized.samplers import looping_sites
-from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run
+from numpyro_amortized.train.callbacks import (
+    Chunk,
+    Converge,
+    Plateau,
+    ProgressBar,
+    Run,
+    TimeBudget,
+)
 from numpyro_amortized.train.check import (
     FAILED_SHARE,
     GuideCheckWarning,
@@ -36,7 +43,7 @@ from numpyro_amortized.train.result import FitResult
 from numpyro_amortized.train.settings import resolve_settings
 from numpyro_amortized.train.sharding import data_mesh, host_tree, host_value, replicate
 from numpyro_amortized.train.step import trainer
-from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled
+from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled, stall_message
 
 __all__ = ["FitResult", "fit"]
 
@@ -47,7 +54,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None, check=True,
-        weight_decay=None, **kwargs) -> FitResult:
+        weight_decay=None, time_budget=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`. It is set up here if it is
@@ -63,7 +70,13 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         then a decay of the learning rate over half as many steps again, at most 20,000
         steps (:class:`~numpyro_amortized.train.Converge`; a given ``num_steps`` trains that
         many steps on a cosine schedule). With a fixed budget: 30 passes over the training
-        simulations, at least 5,000 and at most 20,000 steps.
+        simulations, at least 5,000 and at most 20,000 steps. With ``time_budget``: as many
+        as the time allows (``num_steps``, if given, is a cap).
+    :param time_budget: seconds: train online for as long as this call may take, set-up and
+        compilation included (:class:`~numpyro_amortized.train.TimeBudget`: a cosine decay of
+        the learning rate over the time left, validation every 50 steps). The check after
+        training (``check``) comes on top. How many steps that is depends on the machine
+        and its load, so a run is not reproducible step for step.
     :param batch_size: simulations per step (the global batch, over all devices). Default:
         the loss's ``batch_size`` if it has one, else 256.
     :param loss: :class:`~numpyro_amortized.NPE` (default) or
@@ -124,12 +137,14 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         result = fit(guide, jax.random.PRNGKey(0), x=x, y=y, num_steps=3000)
         result.params, result.losses[-1]
     """
+    t_call = time.perf_counter()
     cfg = resolve_settings(rng_key, num_steps=num_steps,
                            batch_size=resolve_batch_size(loss, batch_size),
                            learning_rate=learning_rate, num_simulations=num_simulations,
                            validation_size=validation_size, num_chunks=num_chunks,
                            keep_best=keep_best, patience=patience, checkpoint=checkpoint,
-                           checkpoint_every=checkpoint_every, resume=resume)
+                           checkpoint_every=checkpoint_every, resume=resume,
+                           time_budget=time_budget)
     watch = StallWatch(stall_timeout)
     mesh = data_mesh(devices)
     if cfg.batch_size % mesh.devices.size:
@@ -148,8 +163,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
                                   resuming=resuming))
     run = program.start(resume)
     compiled, compile_time = program.compile(run.state)
-    hooks += [ProgressBar(cfg.num_steps, run.step, not progress_bar or not is_writer),
-              *callbacks]
+    if cfg.time_budget:
+        hooks.append(TimeBudget(cfg.time_budget, t_call))
+    hooks += [ProgressBar(None if cfg.time_budget else cfg.num_steps, run.step,
+                          not progress_bar or not is_writer), *callbacks]
     t0 = time.perf_counter()
     try:
         while run.step < cfg.num_steps and not run.stop:
@@ -160,8 +177,9 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
             if not watch.wait(v, started):  # no device work from here: it would queue behind
                 run.stop = "stalled"
                 saved = [h.last_saved for h in hooks if isinstance(h, Checkpointer)]
-                stalled = TrainingStalled(program.stall_message(run, n, watch.limit, checkpoint,
-                                                                saved[0] if saved else None))
+                stalled = TrainingStalled(stall_message(
+                    looping_sites(guide.model, *args, **kwargs), run.step, n, watch.limit,
+                    checkpoint, saved[0] if saved else None))
                 stalled.state = jax.device_get(run.state)  # ready: a copy, not a computation
                 raise stalled
             losses, dropped, v = host_tree((losses, dropped, v))
@@ -232,7 +250,8 @@ class _Program:
                 decay = (fixed_budget_weight_decay(cfg.num_train or 10_000)
                          if getattr(default, "member_kinds", None) == DEFAULT_MEMBERS else 0.0)
             cfg.record["weight_decay"] = [float(w) for w in np.atleast_1d(decay)]
-            optimizer = default_optimizer(None if cfg.converge else cfg.num_steps,
+            optimizer = default_optimizer(None if cfg.converge or cfg.time_budget
+                                          else cfg.num_steps,
                                           cfg.learning_rate,
                                           weight_decay=flow_weight_decay(guide, decay))
         elif self.weight_decay is not None:
@@ -293,7 +312,7 @@ class _Program:
                     sims = jax.tree.map(lambda x: x[idx], bank)
                 new_state, info = tr.update(state, *args, simulations=sims,
                                             update_scale=scale if cfg.patience or cfg.converge
-                                            else None,
+                                            or cfg.time_budget else None,
                                             **kwargs)
                 active = state.step < cfg.num_steps
                 new_state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
@@ -321,24 +340,6 @@ class _Program:
         return check._replace(data_pareto_k=on_data[0], data_ess_fraction=on_data[1],
                               data_raw_error=on_data[2])
 
-    def stall_message(self, run, n, limit, checkpoint, saved_step):
-        sites = looping_sites(self.guide.model, *self.args, **self.kwargs)
-        return (
-            f"Training stalled: steps {run.step + 1}-{run.step + n} have not finished after "
-            f"{limit:.0f} s. "
-            + (f"The model's simulations sample with data-dependent loops at "
-               f"{', '.join(f'{name!r} ({d})' for name, d in sites)}; one of them may not end "
-               "for some simulated parameters (check those sites' parameters over the prior). "
-               if sites else "")
-            + "The stalled computation cannot be stopped from Python and keeps a CPU busy: "
-            "restart the process. "
-            + (f"The checkpoint {os.fspath(checkpoint)} holds the run as last saved"
-               + (f" (step {saved_step})" if saved_step is not None else "")
-               + f": continue with fit(..., resume={os.fspath(checkpoint)!r}) in a new process. "
-               if checkpoint is not None and os.path.exists(os.fspath(checkpoint)) else "")
-            + f"The error's .state holds the training state of step {run.step}. "
-            + "Use fit(..., stall_timeout=seconds) if a chunk can legitimately take longer.")
-
     def check_dropped(self, dropped, n):
         if dropped.sum() > 0.5 * n * self.cfg.batch_size:
             raise RuntimeError(
@@ -359,8 +360,8 @@ class _Program:
         guide.set_summary_range(params, self.val, out_sharding=self.replicated)
         config = dict(cfg.record, flow=_describe(guide),
                       plateau={**run.plateau, "scale": run.scale,
-                               "stopped": run.stop if run.stop in ("validation plateau",
-                                                                   "converged") else False})
+                               "stopped": run.stop if run.stop in (
+                                   "validation plateau", "converged", "time budget") else False})
         return FitResult(
             params={guide.param_name: params},
             losses=np.concatenate(run.losses) if run.losses else np.zeros(0),

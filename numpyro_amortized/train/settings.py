@@ -21,6 +21,7 @@ __all__ = ["MAX_STEPS", "Settings", "num_held_out", "resolve_settings"]
 
 MAX_STEPS = 20_000  # the longest default run, online or on a fixed budget
 CONVERGE_CHUNK = 100  # steps between validation checks when the length follows the loss
+TIME_BUDGET_CHUNK = 50  # ... and when it follows a time budget (a finer stop)
 
 
 class Settings(NamedTuple):
@@ -39,6 +40,7 @@ class Settings(NamedTuple):
     checkpoint_every: int
     record: dict  # what a resumed run must agree on
     converge: bool = False  # online, num_steps not given: train until converged, up to num_steps
+    time_budget: float | None = None  # online: seconds of fit until training ends
 
 
 def num_held_out(num_simulations, validation_size):
@@ -54,7 +56,7 @@ def _integer(name, value, low=1):
 
 def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simulations,
                      validation_size, num_chunks, keep_best, patience, checkpoint,
-                     checkpoint_every, resume) -> Settings:
+                     checkpoint_every, resume, time_budget=None) -> Settings:
     batch_size = _integer("batch_size", batch_size)
     validation_size = _integer("validation_size", validation_size)
     lr = float(learning_rate) if np.ndim(learning_rate) == 0 else math.nan
@@ -70,6 +72,17 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
                 f"batch_size={batch_size} is larger than the {num_train} training simulations "
                 f"of num_simulations={num_simulations} ({held_out} held out): use a smaller "
                 "batch or a larger budget.")
+    if time_budget is not None:
+        budget = float(time_budget) if np.ndim(time_budget) == 0 else math.nan
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"time_budget={time_budget!r}: need a number of seconds > 0.")
+        if num_simulations is not None:
+            raise ValueError("time_budget trains online (fresh simulations every step) for a "
+                             "length of time; with num_simulations, the budget is the bank: "
+                             "give one of the two.")
+        time_budget = budget
+        if num_steps is None:
+            num_steps = 10**8  # the time decides
     converge = num_steps is None and num_train is None
     if num_steps is None:
         num_steps = MAX_STEPS
@@ -78,6 +91,7 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
     num_steps = _integer("num_steps", num_steps)
     if num_chunks is None:
         num_chunks = (num_steps // CONVERGE_CHUNK if converge
+                      else -(-num_steps // TIME_BUDGET_CHUNK) if time_budget
                       else min(100, max(1, num_steps // 10)))
     num_chunks = _integer("num_chunks", num_chunks)
     chunk = max(1, math.ceil(num_steps / num_chunks))
@@ -90,7 +104,7 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
                          "the best parameters.")
     if checkpoint_every is not None:
         checkpoint_every = _integer("checkpoint_every", checkpoint_every)
-    every = checkpoint_every or max(chunk, num_steps // 10)
+    every = checkpoint_every or (20 * chunk if time_budget else max(chunk, num_steps // 10))
     every = max(chunk, math.ceil(every / chunk) * chunk)
     if resume is not None and checkpoint is None and not os.path.exists(os.fspath(resume)):
         raise CheckpointError(f"{resume}: no such checkpoint to resume from.")
@@ -103,6 +117,8 @@ def resolve_settings(rng_key, *, num_steps, batch_size, learning_rate, num_simul
               "validation_size": validation_size, "num_chunks": num_chunks,
               "rng_key": np.asarray(rng_key).astype(np.uint32).tolist(),
               "keep_best": keep_best, "patience": patience, "converge": converge}
+    if time_budget is not None:  # a resumed run must have the same budget
+        record["time_budget"] = time_budget
     return Settings(rng_key, num_steps, batch_size, lr, num_simulations, num_train, held_out,
                     validation_size, num_chunks, chunk, keep_best, patience, every, record,
-                    converge)
+                    converge, time_budget)

@@ -7,9 +7,10 @@ each chunk by polling, so it can give up after a limit, say why, and keep what w
 
 from __future__ import annotations
 
+import os
 import time
 
-__all__ = ["StallWatch", "TrainingStalled"]
+__all__ = ["StallWatch", "TrainingStalled", "stall_message"]
 
 
 class TrainingStalled(RuntimeError):
@@ -52,3 +53,23 @@ class StallWatch:
         took = time.perf_counter() - started
         self.slowest = took if self.slowest is None else max(self.slowest, took)
         return True
+
+
+def stall_message(sites, step, n, limit, checkpoint, saved_step):
+    """What a stalled run says: which steps, the model's looping ``sites`` (name, description)
+    that may not end, and how to continue from ``checkpoint`` (saved at ``saved_step``)."""
+    return (
+        f"Training stalled: steps {step + 1}-{step + n} have not finished after "
+        f"{limit:.0f} s. "
+        + (f"The model's simulations sample with data-dependent loops at "
+           f"{', '.join(f'{name!r} ({d})' for name, d in sites)}; one of them may not end "
+           "for some simulated parameters (check those sites' parameters over the prior). "
+           if sites else "")
+        + "The stalled computation cannot be stopped from Python and keeps a CPU busy: "
+        "restart the process. "
+        + (f"The checkpoint {os.fspath(checkpoint)} holds the run as last saved"
+           + (f" (step {saved_step})" if saved_step is not None else "")
+           + f": continue with fit(..., resume={os.fspath(checkpoint)!r}) in a new process. "
+           if checkpoint is not None and os.path.exists(os.fspath(checkpoint)) else "")
+        + f"The error's .state holds the training state of step {step}. "
+        + "Use fit(..., stall_timeout=seconds) if a chunk can legitimately take longer.")

@@ -389,6 +389,27 @@ def test_converge_keeps_the_rate_while_the_loss_falls_then_cools_down_and_stops(
     assert run.stop == "converged" and scales[-1] == 0.01
 
 
+@pytest.mark.filterwarnings("ignore::numpyro_amortized.train.GuideCheckWarning")  # 100 steps
+def test_the_end_check_is_compiled_beside_the_training_chunk(monkeypatch):
+    from numpyro_amortized.train import check as check_module
+
+    made = []
+    original = check_module.PreparedCheck.__init__
+    monkeypatch.setattr(check_module.PreparedCheck, "__init__",
+                        lambda self, *a, **k: (made.append(self), original(self, *a, **k))[1])
+    settings = {"x": X, "num_steps": 100, "batch_size": 64, "progress_bar": False}
+    prepared = fit(small_guide(), KEY, **settings)
+    assert len(made) == 1 and made[0].used == "prepared"
+    # the same check as compiled at the end: the same figures
+    monkeypatch.setattr(check_module.PreparedCheck, "__call__",
+                        lambda self, *a: self.program(*a))
+    plain = fit(small_guide(), KEY, **settings)
+    assert len(made) == 2 and made[1].used is None
+    for field in ("pareto_k", "ess_fraction", "raw_error"):
+        np.testing.assert_array_equal(getattr(prepared.check, field), getattr(plain.check, field))
+    assert prepared.check.pareto_k.shape == (32,)
+
+
 def test_time_budget_decays_the_rate_in_time_and_stops_before_the_budget():
     from numpyro_amortized.train import Chunk, Run, TimeBudget
 

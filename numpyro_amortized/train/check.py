@@ -12,6 +12,7 @@ real data is seen.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import jax
@@ -20,7 +21,8 @@ import numpy as np
 from numpyro_amortized.losses import importance_log_weights
 from numpyro_amortized.train.sharding import host_tree
 
-__all__ = ["GuideCheckWarning", "HeldOutCheck", "data_check", "held_out_check"]
+__all__ = ["GuideCheckWarning", "HeldOutCheck", "PreparedCheck", "data_check", "held_out_check",
+           "held_out_program"]
 
 # the thresholds of compare.importance, defined apart: that module loads ArviZ (imported here
 # only when the check runs), and importing from it would make an import circle
@@ -113,13 +115,10 @@ def data_check(guide, params, rng_key, args, kwargs, num_draws=1000):
     return float(res.pareto_k), float(res.ess) / num_draws, error
 
 
-def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, num_draws=512,
-                   out_sharding=None) -> HeldOutCheck:
-    """k-hat and importance ESS of the guide's draws on the first ``num_datasets`` valid
-    simulations of ``sims`` (``num_draws`` draws each)."""
-    # ArviZ: loaded when used
-    from numpyro_amortized.compare.importance import psis_weights, raw_error
-
+def held_out_program(guide, sims, args, kwargs, num_datasets=32, num_draws=512,
+                     out_sharding=None):
+    """The jitted computation of :func:`held_out_check`: ``(params, key, sims) -> ((log
+    weights, draws), valid)`` for the first ``num_datasets`` simulations of ``sims``' size."""
     m = min(int(num_datasets), len(sims.valid))
 
     def run(params, key, sims):
@@ -127,8 +126,61 @@ def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, 
         return importance_log_weights(guide, params, key, first, num_draws, args, kwargs,
                                       return_draws=True), first.valid
 
-    (log_w, u), valid = host_tree(jax.jit(run, out_shardings=out_sharding)(params, rng_key,
-                                                                           sims))
+    return jax.jit(run, out_shardings=out_sharding)
+
+
+class PreparedCheck:
+    """:func:`held_out_program` lowered now and compiled in a thread, so that its compilation
+    overlaps other work (training, in :func:`fit`); the module that loads ArviZ is imported
+    there too. Call it as the program; arguments unlike the ones it was prepared for (or a
+    failed compilation) fall back to compiling as usual. Tracing stays in the calling thread:
+    NumPyro's effect handlers live on one global stack."""
+
+    def __init__(self, guide, params, rng_key, sims, args, kwargs, out_sharding=None):
+        self.program = held_out_program(guide, sims, args, kwargs, out_sharding=out_sharding)
+        self.compiled = self.used = None
+        try:
+            lowered = self.program.lower(params, rng_key, sims)
+        except Exception:  # noqa: BLE001 (the check raises it at the end, where it belongs)
+            lowered = None
+
+        def work():
+            if lowered is None:
+                return
+            try:
+                import numpyro_amortized.compare.importance  # noqa: F401 (loads ArviZ)
+
+                self.compiled = lowered.compile()
+            except Exception:  # noqa: BLE001 (compiled again, when the check runs)
+                self.compiled = None
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def __call__(self, params, rng_key, sims):
+        self.thread.join()
+        if self.compiled is not None:
+            try:
+                out, self.used = self.compiled(params, rng_key, sims), "prepared"
+                return out
+            except (TypeError, ValueError):  # other shapes or shardings than prepared for
+                pass
+        self.used = "compiled now"
+        return self.program(params, rng_key, sims)
+
+
+def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, num_draws=512,
+                   out_sharding=None, program=None) -> HeldOutCheck:
+    """k-hat and importance ESS of the guide's draws on the first ``num_datasets`` valid
+    simulations of ``sims`` (``num_draws`` draws each). ``program``: the computation, already
+    compiled (:func:`held_out_program`, or its compiled form for these arguments)."""
+    # ArviZ: loaded when used
+    from numpyro_amortized.compare.importance import psis_weights, raw_error
+
+    if program is None:
+        program = held_out_program(guide, sims, args, kwargs, num_datasets, num_draws,
+                                   out_sharding)
+    (log_w, u), valid = host_tree(program(params, rng_key, sims))
     ks, ess, errors = [], [], []
     valid = np.asarray(valid, bool)
     for col, draws in zip(np.asarray(log_w, np.float64).T[valid],

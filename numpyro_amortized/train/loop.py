@@ -19,17 +19,11 @@ from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.programs import simulate_in_blocks, take_rows
 from numpyro_amortized.samplers import looping_sites
-from numpyro_amortized.train.callbacks import (
-    Chunk,
-    Converge,
-    Plateau,
-    ProgressBar,
-    Run,
-    TimeBudget,
-)
+from numpyro_amortized.train.callbacks import Chunk, Converge, Plateau, ProgressBar, Run, TimeBudget
 from numpyro_amortized.train.check import (
     FAILED_SHARE,
     GuideCheckWarning,
+    PreparedCheck,
     data_check,
     held_out_check,
 )
@@ -48,6 +42,7 @@ from numpyro_amortized.train.watchdog import StallWatch, TrainingStalled, stall_
 __all__ = ["FitResult", "fit"]
 
 DEFAULT_MEMBERS = ("spline", "affine", "spline", "affine")  # ensemble_flow's default members
+CHECK_KEY = np.array([0, 1], np.uint32)  # jax.random.PRNGKey(1), without a computation
 
 
 def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optimizer=None,
@@ -167,6 +162,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         hooks.append(TimeBudget(cfg.time_budget, t_call))
     hooks += [ProgressBar(None if cfg.time_budget else cfg.num_steps, run.step,
                           not progress_bar or not is_writer), *callbacks]
+    if check and run.step < cfg.num_steps and not run.stop:
+        program.prepare_check(run.state)
     t0 = time.perf_counter()
     try:
         while run.step < cfg.num_steps and not run.stop:
@@ -223,7 +220,7 @@ class _Program:
         self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.n_devices = mesh.devices.size
         self.optimizer = optimizer
-        self.tr = None
+        self.tr = self.prepared_check = None
         # replicated: under several processes every one fits the same weights from all of val
         self.member_log_probs = jax.jit(_held_out_member_log_probs(guide),
                                         out_shardings=self.replicated)
@@ -329,10 +326,19 @@ class _Program:
             state, self.bank, self.val, jnp.float32(1.0)).compile()
         return compiled, time.perf_counter() - t0
 
+    def prepare_check(self, state):
+        """Compile the end's held-out check while training runs, on the core a training step
+        leaves idle (:class:`~numpyro_amortized.train.check.PreparedCheck`)."""
+        if jax.process_count() == 1:
+            self.prepared_check = PreparedCheck(self.guide, {self.guide.param_name: state.params},
+                                                CHECK_KEY, self.val, self.args, self.kwargs,
+                                                out_sharding=self.replicated)
+
     def check(self, result):
         """The exact-density check of the returned parameters on held-out simulations."""
-        check = held_out_check(self.guide, result.params, jax.random.PRNGKey(1), self.val,
-                               self.args, self.kwargs, out_sharding=self.replicated)
+        check = held_out_check(self.guide, result.params, CHECK_KEY, self.val, self.args,
+                               self.kwargs, out_sharding=self.replicated,
+                               program=self.prepared_check)
         on_data = None if jax.process_count() > 1 else data_check(
             self.guide, result.params, jax.random.PRNGKey(2), self.args, self.kwargs)
         if on_data is None:

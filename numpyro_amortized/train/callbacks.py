@@ -61,6 +61,12 @@ class Run:
     interrupted: bool = False
 
 
+def _half_cosine(done):
+    """The learning-rate factor at fraction ``done`` of a decay: 1 down to 1% along a half
+    cosine (``done`` clipped to [0, 1])."""
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
 class Callback:
     """Base class: override what you need. ``on_chunk`` runs after every chunk, ``on_end``
     once when training ends (also after an interruption), with ``run.interrupted`` set then."""
@@ -140,7 +146,7 @@ class Converge(Callback):
         done = (run.step - p["decay_start"]) / max(p["decay_steps"], 1)
         if done >= 1:
             run.stop = "converged"
-        run.scale = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        run.scale = _half_cosine(done)
 
 
 class TimeBudget(Callback):
@@ -177,7 +183,7 @@ class TimeBudget(Callback):
         self.last = now
         setup = p["setup_time"]
         done = (used - setup) / (self.seconds - setup) if self.seconds > setup else 1.0
-        run.scale = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+        run.scale = _half_cosine(done)
 
 
 class ProgressBar(Callback):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import log_density
 
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.simulation import observed_values
 
 __all__ = [
@@ -155,17 +156,17 @@ def simulate_in_blocks(programs, simulate, rng_key, num_simulations, args, kwarg
         return simulate(key, size, *args, **kwargs)
 
     try:
-        program = programs.get(("simulate_block", size, spec), lambda: jax.jit(block))
+        program = programs.get(("simulate_block", size, spec), lambda: jit_once(block))
     except TypeError:  # an argument that cannot be a cache key: compile for this call only
-        program = jax.jit(block)
+        program = jit_once(block)
     if program is None:
-        program = jax.jit(constants)
+        program = jit_once(constants)
     keys = [jax.random.fold_in(rng_key, i) for i in range(-(-int(num_simulations) // size))]
     try:
         blocks = [program(keys[0], dynamic)]
     except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
         programs.put(("simulate_block", size, spec), None)
-        program = jax.jit(constants)
+        program = jit_once(constants)
         blocks = [program(keys[0], dynamic)]
     blocks += [program(k, dynamic) for k in keys[1:]]
     if len(blocks) == 1:

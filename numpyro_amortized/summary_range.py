@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from numpyro_amortized.compile_options import jit_once
+
 __all__ = ["SummaryRange"]
 
 
@@ -60,7 +62,7 @@ class SummaryRange(NamedTuple):
             return embed(p, sims.data), sims.valid
 
         shardings = None if out_sharding is None else (out_sharding, out_sharding)
-        emb, valid = jax.jit(run, out_shardings=shardings)(params, sims)
+        emb, valid = jit_once(run, out_shardings=shardings)(params, sims)
         if isinstance(emb, jax.Array) and not emb.is_fully_addressable:  # replicated
             emb, valid = emb.addressable_shards[0].data, valid.addressable_shards[0].data
         emb = np.asarray(emb)[np.asarray(valid)]

@@ -83,3 +83,23 @@ def test_support_depending_on_a_latent_is_rejected():
 
     with pytest.raises(ValueError, match="support of latent site 'b'.*Reparametrize"):
         inspect_model(model, y=0.0)
+
+
+def test_programs_that_run_once_compile_with_their_options_or_fall_back(monkeypatch):
+    from numpyro_amortized import compile_options as co
+
+    f = lambda x: jnp.sin(x) * 2.0 + jnp.cumsum(x) / x.size
+    x = jnp.linspace(-3.0, 3.0, 1000)
+    assert co.once_options() == co.ONCE_OPTIONS  # the CPU, and an XLA that knows them
+    np.testing.assert_allclose(co.jit_once(f)(x), jax.jit(f)(x), rtol=1e-5, atol=1e-6)
+    # the options reach XLA: one it does not know is refused when compiling ...
+    accepted = co._accepted
+    monkeypatch.setattr(co, "ONCE_OPTIONS", {"xla_no_such_option": True})
+    monkeypatch.setattr(co, "_accepted", lambda backend: True)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        co.jit_once(f)(x)
+    # ... and the check of what XLA accepts turns them off: a plain jax.jit
+    monkeypatch.setattr(co, "_accepted", accepted)
+    monkeypatch.setattr(co, "_ACCEPTED", {})
+    assert co.once_options() is None
+    np.testing.assert_allclose(co.jit_once(f)(x), jax.jit(f)(x))

@@ -45,6 +45,7 @@ from numpyro_amortized.checkpoint.format import (
     unflatten_tree,
     write_file,
 )
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.data import DataBatch, Simulations
 from numpyro_amortized.guide import AutoAmortizedFlow
 from numpyro_amortized.networks.factories import current_description
@@ -102,8 +103,8 @@ def probe_simulations(guide, n=16):
     """A few simulations whose guide densities a checkpoint stores: loading recomputes them,
     so a guide that does not compute what was saved (other network code) is caught."""
     args, kwargs = guide.model_args
-    sims = jax.jit(lambda k: guide.simulate(k, n, *args, **kwargs))(jax.random.PRNGKey(12345))
-    return sims, jax.jit(guide.log_prob_simulations)
+    sims = jit_once(lambda k: guide.simulate(k, n, *args, **kwargs))(jax.random.PRNGKey(12345))
+    return sims, jit_once(guide.log_prob_simulations)
 
 
 def _probe(guide, params, probe):
@@ -127,7 +128,7 @@ def _check_probe(guide, params, probe, path):
                        for k in DataBatch._fields))
     sims = Simulations({}, jax.numpy.asarray(probe["u"]), jax.numpy.asarray(probe["log_det"]), {},
                        data, None, jax.numpy.asarray(probe["valid"]))
-    got = np.asarray(jax.jit(guide.log_prob_simulations)(params, sims))  # one program
+    got = np.asarray(jit_once(guide.log_prob_simulations)(params, sims))  # one program
     want = np.asarray(probe["log_q"])
     ok = np.asarray(probe["valid"], bool)
     err = float(np.max(np.abs(got[ok] - want[ok]) / (1.0 + np.abs(want[ok])), initial=0.0))

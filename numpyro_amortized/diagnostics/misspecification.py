@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.diagnostics.mmd import squared_distances
 
 __all__ = ["MisspecificationResult", "misspecification_test", "ppc_p_values"]
@@ -91,7 +91,7 @@ def misspecification_test(guide, params, rng_key, observed: dict, *args, num_obs
     """
     n = int(np.shape(next(iter(observed.values())))[0])
     total = num_reference + num_null * n
-    sims = jax.jit(lambda k: guide.simulate(k, total, *args, **kwargs))(rng_key)
+    sims = jit_once(lambda k: guide.simulate(k, total, *args, **kwargs))(rng_key)
     emb = np.asarray(guide.summary_statistics_batch(params, sims.observed, sims.num_obs))
     valid = np.asarray(sims.valid)
     ref = emb[:num_reference][valid[:num_reference]]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.diagnostics import plots
 from numpyro_amortized.diagnostics.calibration import coverage, recovery, tarp
 from numpyro_amortized.diagnostics.misspecification import misspecification_test
@@ -68,7 +69,7 @@ def calibration_draws(guide, params, rng_key, *args, num_simulations=1000,
     """
     k_sim, k_post = jax.random.split(rng_key)
     m, n = int(num_simulations), int(num_samples)
-    sims = jax.jit(lambda k: guide.simulate(k, m, *args, **kwargs))(k_sim)
+    sims = jit_once(lambda k: guide.simulate(k, m, *args, **kwargs))(k_sim)
     valid = np.asarray(sims.valid)
     post = guide.sample_posterior_batch(k_post, params, guide.simulation_data(sims),
                                         sample_shape=(n,),

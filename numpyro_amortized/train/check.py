@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.losses import importance_log_weights
 from numpyro_amortized.train.sharding import host_tree
 
@@ -126,7 +127,7 @@ def held_out_program(guide, sims, args, kwargs, num_datasets=32, num_draws=512,
         return importance_log_weights(guide, params, key, first, num_draws, args, kwargs,
                                       return_draws=True), first.valid
 
-    return jax.jit(run, out_shardings=out_sharding)
+    return jit_once(run, out_shardings=out_sharding)
 
 
 class PreparedCheck:

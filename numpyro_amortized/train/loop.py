@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from numpyro_amortized.checkpoint import CheckpointError, read_file, restore_guide
+from numpyro_amortized.compile_options import jit_once
 from numpyro_amortized.losses import NPE, masked_mean, resolve_batch_size
 from numpyro_amortized.networks import describe_factory
 from numpyro_amortized.programs import simulate_in_blocks, take_rows
@@ -216,14 +217,12 @@ class _Program:
 
     def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay):
         self.guide, self.cfg, self.loss, self.args, self.kwargs = guide, cfg, loss, args, kwargs
-        self.weight_decay = weight_decay
+        self.weight_decay, self.optimizer, self.n_devices = weight_decay, optimizer, mesh.devices.size
         self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        self.n_devices = mesh.devices.size
-        self.optimizer = optimizer
         self.tr = self.prepared_check = None
         # replicated: under several processes every one fits the same weights from all of val
-        self.member_log_probs = jax.jit(_held_out_member_log_probs(guide),
-                                        out_shardings=self.replicated)
+        self.member_log_probs = jit_once(_held_out_member_log_probs(guide),
+                                         out_shardings=self.replicated)
 
     def start(self, resume) -> Run:
         """Set the guide up (or restore it) and the initial state, then draw the simulations."""

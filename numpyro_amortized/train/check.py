@@ -155,7 +155,9 @@ class PreparedCheck:
             except Exception:  # noqa: BLE001 (compiled again, when the check runs)
                 self.compiled = None
 
-        self.thread = threading.Thread(target=work, daemon=True)
+        # not a daemon: at exit Python waits for it; a daemon thread still in XLA's compiler
+        # when the interpreter shuts down (a run interrupted early) aborts the process
+        self.thread = threading.Thread(target=work, daemon=False)
         self.thread.start()
 
     def __call__(self, params, rng_key, sims):

@@ -15,7 +15,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # 6.6 -> 4.0 s) for the same step time on small models; what it gives up is run time on large
 # workloads (a DeepSet over 1,000 rows 20% slower, a flow's sampling 2x slower), which the tests
 # have little of. The flags are tried in a subprocess first: an XLA without them aborts on start.
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+from numpyro_amortized.compile_options import ONCE_OPTIONS  # imports jax, starts no backend
+
+_FAST_COMPILE = " ".join(f"--{k}={str(v).lower()}" for k, v in ONCE_OPTIONS.items())
 if "NUMPYRO_AMORTIZED_TEST_XLA_FLAGS" not in os.environ:  # once per run; workers inherit it
     import subprocess
     import sys

@@ -91,9 +91,11 @@ class NPE(AmortizedLoss):
 
     def validation_losses(self, guide, params, rng_key, sims, *args, **kwargs):
         """``-log q(theta | x)`` of the posterior itself (a flow ensemble's mixture, not the
-        mean over its members): what :func:`~numpyro_amortized.fit` tracks on held-out
-        simulations to keep the best parameters."""
-        return -guide.log_prob_simulations(params, sims)
+        mean over its members; a flow-matching density's flow-matching loss, drawn from
+        ``rng_key``): what :func:`~numpyro_amortized.fit` tracks on held-out simulations to
+        keep the best parameters."""
+        return -(guide.posterior(params).validation_log_prob(sims.u, sims.data, rng_key)
+                 - sims.log_det)
 
 
 class AmortizedELBO(AmortizedLoss):

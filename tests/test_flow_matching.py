@@ -17,6 +17,7 @@ from flax import nnx
 from numpyro_amortized import AutoAmortizedFlow, fit, load, save
 from numpyro_amortized.examples import gaussian_linear, gaussian_linear_posterior
 from numpyro_amortized.networks import FlowMatching, flow_matching
+from numpyro_amortized.networks.flows.flow_matching import VALIDATION_DRAWS
 from numpyro_amortized.train import GuideCheckWarning
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -144,6 +145,38 @@ def test_a_flow_matching_guide_is_saved_and_loaded(tmp_path):
     theta = {"theta": jnp.ones((3, 10)) * 0.1}
     np.testing.assert_allclose(loaded.log_prob(loaded_params, theta, x=X),
                                guide.log_prob(params, theta, x=X), rtol=1e-5)
+
+
+class NoODE(FlowMatching):
+    """Fails whenever the ODE is solved (draws, log densities)."""
+
+    def _solve(self, *args):
+        raise AssertionError("the ODE was solved")
+
+
+def test_validation_is_the_held_out_flow_matching_loss_without_an_ode():
+    # fit's validation of a flow-matching guide solves no ODE (a log density would cost one solve
+    # with the divergence per held-out simulation, far more than the steps between two checks)
+    guide = AutoAmortizedFlow(
+        gaussian_linear, num_pilot_simulations=256,
+        flow=lambda dim, ctx, *, loc=None, scale=None, rngs: NoODE(dim, ctx, loc=loc,
+                                                                   scale=scale, rngs=rngs))
+    result = fit(guide, jax.random.PRNGKey(0), x=X, num_steps=20, num_chunks=2, check=False,
+                 progress_bar=False)
+    steps, losses = result.validation_losses
+    assert list(steps) == [10, 20] and np.all(np.isfinite(losses))
+    # it averages the objective over VALIDATION_DRAWS (time, noise) draws per simulation, so its
+    # noise is that of one draw over sqrt(VALIDATION_DRAWS): measured over 200 keys
+    d = FlowMatching(3, 2, rngs=nnx.Rngs(0))
+    u, c = jax.random.normal(jax.random.PRNGKey(1), (2, 256, 3))[0], jnp.ones((256, 2))
+    keys = jax.random.split(jax.random.PRNGKey(2), 200)
+    one = jax.vmap(lambda k: d.training_log_prob(u, c, k).mean())(keys)
+    many = jax.vmap(lambda k: d.validation_log_prob(u, c, k).mean())(keys)
+    ratio = float(one.std() / many.std())
+    assert ratio == pytest.approx(np.sqrt(VALIDATION_DRAWS), rel=0.25), ratio
+    assert float(abs(one.mean() - many.mean())) < 4 * float(one.std()) / np.sqrt(200)
+    np.testing.assert_array_equal(d.validation_log_prob(u, c, keys[0]),
+                                  d.validation_log_prob(u, c, keys[0]))
 
 
 def _train(flow):

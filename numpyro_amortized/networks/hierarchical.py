@@ -307,6 +307,12 @@ class HierarchicalPosterior(AmortizedPosterior):
         return (self.flow.training_log_prob(ug, cg, kg)
                 + (self.local_flow.training_log_prob(z, cl, kl) + log_det).sum(-1))
 
+    def validation_log_prob(self, u, data: DataBatch, rng_key=None):
+        ug, (z, log_det), cg, cl = self._conditions(u, data)
+        kg, kl = (None, None) if rng_key is None else jax.random.split(rng_key)
+        return (self.flow.validation_log_prob(ug, cg, kg)
+                + (self.local_flow.validation_log_prob(z, cl, kl) + log_det).sum(-1))
+
     def member_log_probs(self, u, data: DataBatch):
         ug, (z, log_det), cg, cl = self._conditions(u, data)
         members = self.flow.member_log_probs(ug, cg)

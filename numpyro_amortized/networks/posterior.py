@@ -66,6 +66,11 @@ class AmortizedPosterior(nnx.Module):
         flow-matching loss (drawn from ``rng_key``)."""
         return self.flow.training_log_prob(u, self._condition(u, data), rng_key)
 
+    def validation_log_prob(self, u, data: DataBatch, rng_key=None):
+        """What :func:`~numpyro_amortized.fit` tracks on held-out simulations: ``log q(u | x)``
+        (a flow-matching density: minus its flow-matching loss, drawn from ``rng_key``)."""
+        return self.flow.validation_log_prob(u, self._condition(u, data), rng_key)
+
     def member_log_probs(self, u, data: DataBatch):
         """``(K, B, ...)`` log densities of a flow ensemble's K members (``None`` for one flow)."""
         return self.flow.member_log_probs(u, self._condition(u, data))

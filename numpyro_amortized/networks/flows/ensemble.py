@@ -141,6 +141,11 @@ class FlowEnsemble(nnx.Module):
         lps = self.member_log_probs(u, condition)
         return jax.nn.logsumexp(jnp.reshape(lw, (-1,) + (1,) * (lps.ndim - 1)) + lps, axis=0)
 
+    def validation_log_prob(self, u, condition, rng_key=None):
+        """What :func:`~numpyro_amortized.fit` tracks on held-out simulations: the mixture's
+        ``log q``."""
+        return self.log_prob(u, condition)
+
     def training_log_prob(self, u, condition, rng_key=None):
         """The mean of the members' training objectives (``log q_k``): what NPE maximizes,
         each member on its own (``rng_key`` is not used)."""

@@ -109,6 +109,10 @@ class ConditionalFlow(nnx.Module):
         """Samples only (see :meth:`sample_and_log_prob`)."""
         return self.sample_and_log_prob(rng_key, condition, sample_shape)[0]
 
+    def validation_log_prob(self, u, condition, rng_key=None):
+        """What :func:`~numpyro_amortized.fit` tracks on held-out simulations: ``log q``."""
+        return self.log_prob(u, condition)
+
     def training_log_prob(self, u, condition, rng_key=None):
         """What NPE maximizes: for one flow, its ``log q(u | condition)``, plus the Gaussian
         likelihood of a fitted :class:`ConditionalAffine` end (``rng_key`` is not used; a

@@ -386,15 +386,15 @@ class AmortizedGuideBase(GroupsMixin):
         return self.posterior(params).log_prob(sims.u, sims.data) - sims.log_det
 
     def training_log_prob_simulations(self, params, sims: Simulations, rng_key=None):
-        """What the NPE loss maximizes for each simulation: ``log q(theta_i | x_i)``, or with a
-        :class:`~numpyro_amortized.networks.FlowEnsemble` the mean of its members' (each
-        member is trained as if alone; the posterior is their mixture); a flow-matching
-        density's objective draws from ``rng_key``."""
-        return (self.posterior(params).training_log_prob(sims.u, sims.data, rng_key)
-                - sims.log_det)
+        """What the NPE loss maximizes for each simulation (the density's ``training_log_prob``:
+        a flow ensemble's members each on its own; flow matching's objective from ``rng_key``)."""
+        return self.posterior(params).training_log_prob(sims.u, sims.data, rng_key) - sims.log_det
+
+    def validation_log_prob_simulations(self, params, sims: Simulations, rng_key=None):
+        """What ``fit`` tracks on held-out simulations (the density's ``validation_log_prob``)."""
+        return self.posterior(params).validation_log_prob(sims.u, sims.data, rng_key) - sims.log_det
 
     def member_log_prob_simulations(self, params, sims: Simulations):
-        """``(K, B)`` log densities of each member of a flow ensemble for each simulation, or
-        ``None`` when the flow is not an ensemble."""
+        """``(K, B)`` member log densities of a flow ensemble per simulation (``None`` for one)."""
         lps = self.posterior(params).member_log_probs(sims.u, sims.data)
         return None if lps is None else lps - sims.log_det

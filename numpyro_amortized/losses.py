@@ -94,8 +94,7 @@ class NPE(AmortizedLoss):
         mean over its members; a flow-matching density's flow-matching loss, drawn from
         ``rng_key``): what :func:`~numpyro_amortized.fit` tracks on held-out simulations to
         keep the best parameters."""
-        return -(guide.posterior(params).validation_log_prob(sims.u, sims.data, rng_key)
-                 - sims.log_det)
+        return -guide.validation_log_prob_simulations(params, sims, rng_key)
 
 
 class AmortizedELBO(AmortizedLoss):

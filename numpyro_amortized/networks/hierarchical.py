@@ -302,16 +302,17 @@ class HierarchicalPosterior(AmortizedPosterior):
                                              else jnp.where(present, local, 0.0)).sum(-1)
 
     def training_log_prob(self, u, data: DataBatch, rng_key=None):
-        ug, (z, log_det), cg, cl = self._conditions(u, data)
-        kg, kl = (None, None) if rng_key is None else jax.random.split(rng_key)
-        return (self.flow.training_log_prob(ug, cg, kg)
-                + (self.local_flow.training_log_prob(z, cl, kl) + log_det).sum(-1))
+        return self._objective("training_log_prob", u, data, rng_key)
 
     def validation_log_prob(self, u, data: DataBatch, rng_key=None):
+        return self._objective("validation_log_prob", u, data, rng_key)
+
+    def _objective(self, name, u, data, rng_key):
+        """The global and the local flows' ``name`` (their training or validation objective)."""
         ug, (z, log_det), cg, cl = self._conditions(u, data)
         kg, kl = (None, None) if rng_key is None else jax.random.split(rng_key)
-        return (self.flow.validation_log_prob(ug, cg, kg)
-                + (self.local_flow.validation_log_prob(z, cl, kl) + log_det).sum(-1))
+        return (getattr(self.flow, name)(ug, cg, kg)
+                + (getattr(self.local_flow, name)(z, cl, kl) + log_det).sum(-1))
 
     def member_log_probs(self, u, data: DataBatch):
         ug, (z, log_det), cg, cl = self._conditions(u, data)

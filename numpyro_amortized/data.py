@@ -9,6 +9,7 @@ log scale, unbounded counts (Poisson, negative binomial) as ``log(1 + y)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -215,6 +216,26 @@ class Simulations(NamedTuple):
     num_obs: jax.Array | None
     valid: jax.Array
     design: dict | None = None
+
+    @classmethod
+    def of(cls, latent_layout, latents, observed, data, num_obs, design):
+        """Simulations from the model's draws (``latent_layout``: a
+        :class:`~numpyro_amortized.transforms.LatentLayout`): those whose unconstrained latents
+        or encoded data are not all finite are marked invalid and zeroed, so that they add
+        nothing to a masked loss, and no NaN to its gradient."""
+        u = latent_layout.unconstrain(latents)
+        finite = [jnp.all(jnp.isfinite(u), axis=-1)]
+        for x in (data.set, data.flat, data.group_rows):
+            if x is not None:
+                finite.append(jnp.all(jnp.isfinite(x.reshape(u.shape[0], -1)), axis=-1))
+        valid = functools.reduce(jnp.logical_and, finite)
+        clean = lambda x: jnp.where(jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x,
+                                    jnp.zeros((), x.dtype))
+        u = clean(u)
+        _, log_det = latent_layout.constrain(u)
+        data = DataBatch(*(None if x is None else clean(x) for x in data))
+        return cls(jax.tree.map(clean, latents), u, log_det, jax.tree.map(clean, observed), data,
+                   num_obs, valid, design)
 
 
 def pilot_statistics(pilot: Simulations):

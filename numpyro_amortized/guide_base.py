@@ -17,7 +17,7 @@ from flax import nnx
 from numpyro.handlers import condition
 from numpyro.infer.util import log_density
 
-from numpyro_amortized.data import DataBatch, DataLayout, Simulations, pilot_statistics, raw_counts
+from numpyro_amortized.data import DataLayout, Simulations, pilot_statistics, raw_counts
 from numpyro_amortized.design import (
     covariate_values,
     draw_designs,
@@ -30,6 +30,7 @@ from numpyro_amortized.networks.factories import (
     default_flow,
     describe_factory,
     factory_from_description,
+    local_flow_factory,
 )
 from numpyro_amortized.networks.flows import mixture_log_weights
 from numpyro_amortized.networks.hierarchical import hierarchical_posterior
@@ -103,7 +104,8 @@ class AmortizedGuideBase(GroupsMixin):
             return self._build(rng_key, args, kwargs, factory)
         factory = self.flow if self.flow is not None else factory_from_description(state["flow"])
         return self._build(jnp.asarray(state["setup_key"]), args, kwargs, factory,
-                           stats=state["stats"], buffers=state["buffers"])
+                           stats=state["stats"], buffers=state["buffers"],
+                           local_flow=state.get("local_flow"))
 
     def state_dict(self) -> dict:
         """What rebuilds this guide's networks without pilot simulations (parameters apart):
@@ -116,6 +118,7 @@ class AmortizedGuideBase(GroupsMixin):
             "buffers": nnx.to_pure_dict(self._buffers),
             "fingerprint": self.structure.fingerprint(),
             "flow": describe_factory(self._flow_factory),
+            "local_flow": describe_factory(self._local_flow_factory),  # None for a flat guide
         }
 
     def load_buffers(self, buffers):
@@ -128,7 +131,8 @@ class AmortizedGuideBase(GroupsMixin):
         self.structure = None
         self.init_params = None
 
-    def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None):
+    def _build(self, rng_key, args, kwargs, flow_factory, stats=None, buffers=None,
+               local_flow=None):
         """Set-up proper; ``stats`` and ``buffers`` (from a state dict) replace the pilot."""
         structure = inspect_model(self.model, *args, observed=self.observed, rng_key=rng_key,
                                   data_plate=self.data_plate, time_series=self.time_series, **kwargs)
@@ -153,12 +157,13 @@ class AmortizedGuideBase(GroupsMixin):
                                   set_sizes=self.set_sizes, num_groups=self.num_groups)
         self.structure = structure
         try:
-            return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers)
+            return self._build_networks(rng_key, args, kwargs, flow_factory, stats, buffers,
+                                        local_flow)
         except BaseException:
             self.structure = None  # a failed set-up leaves the guide as it was
             raise
 
-    def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers):
+    def _build_networks(self, rng_key, args, kwargs, flow_factory, stats, buffers, local_flow):
         self._args, self._kwargs = args, kwargs
         given = self._covariates(args, kwargs)  # those a declared design draws are not fixed
         drawn = draw_designs(self.design, rng_key, 1, given) if self.design is not None else {}
@@ -166,7 +171,8 @@ class AmortizedGuideBase(GroupsMixin):
         self._setup_key = np.asarray(rng_key)
         k_pilot, k_net = jax.random.split(rng_key)
         self.programs = Programs()  # compiled programs on this guide (simulation, checks)
-        if stats is None:  # a fresh set-up (not from a state dict)
+        fresh = stats is None  # a fresh set-up (not from a state dict)
+        if fresh:
             if self.flow is None and self.groups is not None:  # the default, hierarchical
                 flow_factory = functools.partial(flow_factory, learned_interval=True)
             pilot = simulate_in_blocks(self.programs, self.simulate, k_pilot,
@@ -181,13 +187,16 @@ class AmortizedGuideBase(GroupsMixin):
         rngs = nnx.Rngs(k_net)
         summary = summary_cls(self.data_layout.spec, rngs=rngs)
         self._accepts_variable_size = bool(getattr(summary, "accepts_variable_size", False))
-        self._flow_factory = flow_factory
+        self._flow_factory, self._local_flow_factory = flow_factory, None
         if self.groups is None:
             flow = flow_factory(self.latent_layout.dim, summary.summary_dim,
                                 loc=stats["u_loc"], scale=stats["u_scale"], rngs=rngs)
             posterior = AmortizedPosterior(summary, flow, stats["data"])
-        else:
-            posterior = hierarchical_posterior(summary, flow_factory, self.groups, stats, rngs)
+        else:  # the local flow a state names; for a state naming none, the flow's own layers
+            local = (factory_from_description(local_flow) if local_flow else local_flow_factory(
+                flow_factory, len(self.groups.local_idx[0]) if fresh else None))
+            self._local_flow_factory = local
+            posterior = hierarchical_posterior(summary, flow_factory, self.groups, stats, rngs, local)
         self._graphdef, params, self._buffers = nnx.split(posterior, nnx.Param, ...)
         if buffers is not None:
             nnx.replace_by_pure_dict(self._buffers, buffers)
@@ -269,19 +278,7 @@ class AmortizedGuideBase(GroupsMixin):
             else:
                 num_obs = jnp.full((num_simulations,), self.structure.data_plate_size)
         data = self._encode({**observed, **design}, num_obs)
-        u = self.latent_layout.unconstrain(latents)
-        finite = [jnp.all(jnp.isfinite(u), axis=-1)]
-        for x in (data.set, data.flat, data.group_rows):
-            if x is not None:
-                finite.append(jnp.all(jnp.isfinite(x.reshape(num_simulations, -1)), axis=-1))
-        valid = functools.reduce(jnp.logical_and, finite)
-        clean = lambda x: jnp.where(jnp.reshape(valid, valid.shape + (1,) * (x.ndim - 1)), x,
-                                    jnp.zeros((), x.dtype))
-        u = clean(u)
-        _, log_det = self.latent_layout.constrain(u)
-        data = DataBatch(*(None if x is None else clean(x) for x in data))
-        return Simulations(jax.tree.map(clean, latents), u, log_det,
-                           jax.tree.map(clean, observed), data, num_obs, valid, drawn)
+        return Simulations.of(self.latent_layout, latents, observed, data, num_obs, drawn)
 
     def model_log_density(self, latents, observed, num_obs, *args, group_mask=None, **kwargs):
         """``log p(theta, x)`` of the model for one dataset (masked beyond ``num_obs``, and

@@ -2,6 +2,7 @@
 densities, checkpoints, and (slow) the exact eight-schools posterior."""
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from numpyro_amortized import (
     posterior,
     save,
 )
-from numpyro_amortized.checkpoint import CheckpointError
+from numpyro_amortized.checkpoint import CheckpointError, read_file, write_file
 from numpyro_amortized.compare import compare_with_nuts, importance, posterior_batch
 from numpyro_amortized.diagnostics import c2st, calibration_draws, sbc_ranks, sbc_test
 from numpyro_amortized.examples.hierarchical import (
@@ -40,6 +41,7 @@ from numpyro_amortized.examples.hierarchical import (
     varying_slopes_locals,
 )
 from numpyro_amortized.networks import HierarchicalPosterior, spline_flow
+from numpyro_amortized.networks.flows import SplineCoupling
 from numpyro_amortized.networks.hierarchical import POOL_RATIOS, GroupEncoder, pool_groups
 from numpyro_amortized.networks.posterior import AmortizedPosterior
 
@@ -371,6 +373,44 @@ def test_default_splines_learn_their_interval_and_older_checkpoints_keep_theirs(
     a, b = (g.sample_posterior(KEY, p, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y, sample_shape=(5,))
             for g, p in ((old, params), (loaded, loaded_params)))
     np.testing.assert_allclose(np.asarray(a["theta"]), np.asarray(b["theta"]), rtol=1e-5)
+
+
+def _splines(flow):
+    return [b for b in flow.layers() if isinstance(b, SplineCoupling)]
+
+
+def test_one_dimensional_locals_get_a_lighter_local_flow_and_older_checkpoints_keep_theirs(
+        tmp_path):
+    """The default local flow of one-dimensional locals has two spline layers of 16 bins (five
+    of 8 for more dimensions), named in the state and the checkpoint; a checkpoint that names
+    no local flow (written before it was named) loads with the five-layer one, with the same
+    draws."""
+    guide, params = _setup(eight_schools, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)
+    local = guide.posterior(params).local_flow
+    assert [s.num_bins for s in _splines(local)] == [16, 16]
+    assert guide.state_dict()["local_flow"] == {"name": "spline_flow", "kwargs": {
+        "conditional_affine": True, "learned_interval": True, "num_layers": 2, "num_bins": 16}}
+    slopes, slopes_params = _setup(varying_slopes, GROUP, jnp.zeros(30), 6, y=jnp.zeros(30))
+    assert [s.num_bins for s in _splines(slopes.posterior(slopes_params).local_flow)] == [8] * 5
+    # a guide rebuilt from a state that names no local flow: the five-layer one
+    old = AutoAmortizedFlow(eight_schools, num_pilot_simulations=256)
+    params = jitter(old.initialize(KEY, (EIGHT_SCHOOLS_SIGMA,), {"y": EIGHT_SCHOOLS_Y},
+                                   state={**guide.state_dict(), "local_flow": None,
+                                          "buffers": None}), 0.05)
+    assert [s.num_bins for s in _splines(old.posterior(params).local_flow)] == [8] * 5
+    save(tmp_path / "old.ckpt", old, params)
+    body = read_file(tmp_path / "old.ckpt")
+    assert "num_layers" not in json.loads(body.pop("local_flow"))["kwargs"]
+    write_file(tmp_path / "old.ckpt", body)
+    loaded, loaded_params = load(tmp_path / "old.ckpt", eight_schools)
+    assert len(_splines(loaded.posterior(loaded_params).local_flow)) == 5
+    a, b = (g.sample_posterior(KEY, p, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y, sample_shape=(5,))
+            for g, p in ((old, params), (loaded, loaded_params)))
+    np.testing.assert_allclose(np.asarray(a["theta"]), np.asarray(b["theta"]), rtol=1e-5)
+    # and one that names it loads as it was trained
+    save(tmp_path / "new.ckpt", guide, jitter(guide.init_params, 0.05))
+    loaded, loaded_params = load(tmp_path / "new.ckpt", eight_schools)
+    assert [s.num_bins for s in _splines(loaded.posterior(loaded_params).local_flow)] == [16, 16]
 
 
 def test_batches_take_the_group_arguments():

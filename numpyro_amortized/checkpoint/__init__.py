@@ -79,6 +79,7 @@ def checkpoint_body(guide, params, *, train=None, probe=None) -> dict:
         },
         "guide": json.dumps(guide_config(guide)),
         "flow": json.dumps(state["flow"]),
+        **({"local_flow": json.dumps(state["local_flow"])} if state["local_flow"] else {}),
         "model_args": model_args if model_args is not None else {},
         "model_args_missing": why or "",
         "stats": {
@@ -266,6 +267,7 @@ def _state_of(body):
             **({"log_counts": True} if body["stats"].get("log_counts") else {}),  # see raw_counts
         },
         "flow": current_description(json.loads(body["flow"])),
+        "local_flow": json.loads(body["local_flow"]) if "local_flow" in body else None,
     }
 
 

@@ -85,8 +85,8 @@ def check_sizes(body, path):
     size of 20,000 with a valid checksum) would otherwise allocate for minutes."""
     try:
         shapes = [np.shape(v) for v in body["params"].values()]
-        descs = [json.loads(body["flow"])] + [json.loads(body["guide"])[role]
-                                              for role in ("summary_net", "flow")]
+        descs = [json.loads(body[k]) for k in ("flow", "local_flow") if k in body] + [
+            json.loads(body["guide"])[role] for role in ("summary_net", "flow")]
     except (AttributeError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: the checkpoint's networks are malformed.") from None
     bound = max([len(shapes), *(d for shape in shapes for d in shape)], default=0)

@@ -26,6 +26,9 @@ REGISTRY = {
 }
 
 
+LOCAL_1D = {"num_layers": 2, "num_bins": 16}  # the default local flow of one-dimensional locals
+
+
 def default_flow(num_train_simulations=None):
     """The flow a guide built without ``flow=`` gets: a
     :func:`~numpyro_amortized.networks.spline_flow` for online training (``None``), and an
@@ -38,15 +41,20 @@ def default_flow(num_train_simulations=None):
     return spline_flow if num_train_simulations is None else ensemble_flow
 
 
-def local_flow_factory(flow_factory):
+def local_flow_factory(flow_factory, dim=None):
     """The factory of a hierarchical guide's local flow: for the defaults (a spline flow or a
     flow ensemble, with or without ``learned_interval``) one spline flow ending in a
-    conditional affine layer; any other factory is used as it is."""
+    conditional affine layer: of two spline layers of 16 bins (:data:`LOCAL_1D`) for
+    one-dimensional locals (``dim=1``: each layer is a monotone map of the local given its
+    condition), of the flow's own five layers of 8 bins for more dimensions or when ``dim`` is
+    ``None``. Any other factory is used as it is."""
     func, kwargs = flow_factory, {}
     if isinstance(flow_factory, functools.partial) and not flow_factory.args:
         func, kwargs = flow_factory.func, dict(flow_factory.keywords)
     if func not in (ensemble_flow, spline_flow) or set(kwargs) - {"learned_interval"}:
         return flow_factory
+    if dim == 1:
+        kwargs.update(LOCAL_1D)
     return functools.partial(spline_flow, conditional_affine=True, **kwargs)
 
 

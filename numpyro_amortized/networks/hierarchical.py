@@ -351,13 +351,14 @@ class HierarchicalPosterior(AmortizedPosterior):
         return self._from_standard(ug, self.local_flow.sample(rng_key, cl), cl, 0.0)[0]
 
 
-def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
+def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs, local_factory=None):
     """A :class:`HierarchicalPosterior` for ``groups``
-    (:func:`~numpyro_amortized.group_data.group_setup`): the global flow from ``flow_factory``;
-    the local flow from it too, except for the defaults (a spline flow or a flow ensemble),
-    whose local part is one spline flow ending in a conditional affine layer
-    (:func:`~numpyro_amortized.networks.factories.local_flow_factory`: the ensemble's mixture
-    over the globals stays one mixture; the affine end keeps rare draws in the splines' bulk)."""
+    (:func:`~numpyro_amortized.group_data.group_setup`): the global flow from ``flow_factory``,
+    the local flow from ``local_factory``; by default
+    :func:`~numpyro_amortized.networks.factories.local_flow_factory` of ``flow_factory`` for
+    the locals' dimension (for the defaults, a spline flow or a flow ensemble, one spline flow
+    ending in a conditional affine layer: the ensemble's mixture over the globals stays one
+    mixture; the affine end keeps rare draws in the splines' bulk)."""
     layout, gidx, lidx = groups.layout, groups.global_idx, groups.local_idx
     u_loc, u_scale = np.asarray(stats["u_loc"]), np.asarray(stats["u_scale"])
     s_dim = summary_net.summary_dim
@@ -365,7 +366,8 @@ def hierarchical_posterior(summary_net, flow_factory, groups, stats, rngs):
     encoder = GroupEncoder(layout.row_features, layout.num_groups,
                            responses=layout.response_features,
                            covariates=layout.covariate_features, rngs=rngs)
-    local_factory = local_flow_factory(flow_factory)
+    if local_factory is None:
+        local_factory = local_flow_factory(flow_factory, lidx.shape[1])
     cond = local_flow_condition_dim(s_dim, encoder, len(gidx))
     loc, scale = u_loc[lidx].mean(0), u_scale[lidx].mean(0)
     stats_local = (loc, scale)

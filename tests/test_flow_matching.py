@@ -54,8 +54,8 @@ def test_ode_log_density_is_exact_for_a_linear_field():
     u, log_q = d.sample_and_log_prob(jax.random.PRNGKey(0), c, (5000,))
     sd = np.array([2.0, 1.0, 0.5]) * np.exp(LinearField.a)
     exact = dist.Normal(jnp.array([1.0, -2.0, 0.5]), sd).to_event(1).log_prob(u)
-    np.testing.assert_allclose(log_q, exact, atol=2e-3)  # Heun, 32 steps
-    np.testing.assert_allclose(d.log_prob(u, c), exact, atol=2e-3)  # backwards from u
+    np.testing.assert_allclose(log_q, exact, atol=3e-3)  # Heun, 32 steps on the default grid
+    np.testing.assert_allclose(d.log_prob(u, c), exact, atol=3e-3)  # backwards from u
     np.testing.assert_allclose(np.asarray(u).reshape(-1, 3).std(0), sd, rtol=0.03)
     draws = d.sample(jax.random.PRNGKey(0), c, (5000,))
     np.testing.assert_allclose(draws, u, atol=1e-5)  # the same path without the divergence
@@ -126,9 +126,40 @@ def test_training_times_have_density_proportional_to_t_to_the_exponent(exponent)
     assert t.mean() == pytest.approx((1 + exponent) / (2 + exponent), abs=0.01)
 
 
+class NarrowTarget(FlowMatching):
+    """The exact velocity of straight paths from a standard normal to ``N(0, s^2)``:
+    ``z_t = sd_t z_0`` with ``sd_t^2 = (1 - t)^2 + t^2 s^2``, so the time-1 law is ``N(0, s^2)``
+    and the field changes as ``1 / ((1 - t) + s)`` near ``t = 1``."""
+
+    s = 0.01
+
+    def velocity(self, z, t, c):
+        s2 = self.s**2
+        return z * (t * s2 - (1 - t)) / ((1 - t) ** 2 + t**2 * s2)
+
+
+def test_a_grid_finer_toward_the_data_end_resolves_a_narrow_target():
+    """32 Heun steps on a uniform grid draw a target of sd 0.01 1.8 times too wide, with log
+    densities off by about 1 (median over the draws); on the grid with exponent 2 the sd is
+    within 8% (measured 1.06) and the log density (forwards, and backwards from the draws)
+    within 0.1 in median (measured .05)."""
+    c, exact = jnp.zeros((1, 2)), dist.Normal(0.0, NarrowTarget.s).expand([2]).to_event(1)
+    sd, err = {}, {}
+    for g in (1.0, 2.0):
+        d = NarrowTarget(2, 2, grid_exponent=g, rngs=nnx.Rngs(0))
+        u, log_q = d.sample_and_log_prob(jax.random.PRNGKey(0), c, (4000,))
+        sd[g] = float(np.asarray(u).std()) / NarrowTarget.s
+        err[g] = [np.median(np.abs(np.asarray(lq - exact.log_prob(u))))
+                  for lq in (log_q, d.log_prob(u, c))]
+    assert sd[1.0] > 1.5 and abs(sd[2.0] - 1) < 0.08, sd
+    assert max(err[2.0]) < 0.1 and min(err[1.0]) > 0.8, err
+
+
 def test_options_are_checked_and_the_objective_needs_a_key():
     with pytest.raises(ValueError, match="solver must be one of"):
         FlowMatching(2, 3, solver="rk4", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="grid_exponent=0.5"):
+        FlowMatching(2, 3, grid_exponent=0.5, rngs=nnx.Rngs(0))
     d = FlowMatching(2, 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="pass rng_key"):
         d.training_log_prob(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
@@ -136,12 +167,12 @@ def test_options_are_checked_and_the_objective_needs_a_key():
 
 def test_a_flow_matching_guide_is_saved_and_loaded(tmp_path):
     # a step count larger than any stored array is an option, not a forged size
-    fm = functools.partial(flow_matching, num_steps=200, solver="midpoint")
+    fm = functools.partial(flow_matching, num_steps=200, solver="midpoint", grid_exponent=2.0)
     guide = AutoAmortizedFlow(gaussian_linear, flow=fm, num_pilot_simulations=256)
     params = guide.setup(jax.random.PRNGKey(0), x=X)
     save(tmp_path / "fm.ckpt", guide, params)
     loaded, loaded_params = load(tmp_path / "fm.ckpt", gaussian_linear)
-    assert loaded.flow.keywords == {"num_steps": 200, "solver": "midpoint"}
+    assert loaded.flow.keywords == {"num_steps": 200, "solver": "midpoint", "grid_exponent": 2.0}
     theta = {"theta": jnp.ones((3, 10)) * 0.1}
     np.testing.assert_allclose(loaded.log_prob(loaded_params, theta, x=X),
                                guide.log_prob(params, theta, x=X), rtol=1e-5)

@@ -8,7 +8,7 @@ straight path's velocity, ``|| v(z_t, t, c) - (z1 - (1 - s) z0) ||^2`` with
 ``z_t = (1 - (1 - s) t) z0 + t z1``. No ODE is solved during training.
 
 Draws integrate the ODE from 0 to 1 with a fixed-step solver (diffrax, ``num_steps`` steps of
-Heun's method by default). The log density integrates the divergence of the velocity along the
+Heun's method by default, on a grid finer toward the data end: ``grid_exponent``). The log density integrates the divergence of the velocity along the
 same path (the instantaneous change of variables, Chen et al. 2018):
 ``log q(z1) = log N(z0) - int_0^1 div v(z_t, t, c) dt``, so ``log_prob``, PSIS k-hat and the
 package's exact-density checks work as with a coupling flow. The divergence is computed
@@ -35,6 +35,7 @@ import math
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from numpyro_amortized.networks.flows.flow import flatten_batch, standard_normal_log_prob
@@ -62,6 +63,11 @@ class FlowMatching(nnx.Module):
     :param hidden: widths of the velocity network (an :class:`~numpyro_amortized.networks.MLP`
         of ``[z, time features, condition]``).
     :param num_steps: solver steps from time 0 to 1 for draws and log densities.
+    :param grid_exponent: the solver's times are ``t_k = 1 - (1 - k / num_steps)^grid_exponent``:
+        1 is a uniform grid; above 1 (2, the default) the steps shrink toward the data end
+        (``t = 1``), where the velocity of a narrow posterior changes fastest (for a posterior of
+        sd ``s`` in standardized units, at a rate of about ``1 / ((1 - t) + s)``: 32 uniform Heun
+        steps draw one of ``s = 0.01`` 1.8 times too wide, 32 steps with exponent 2 within 6%).
     :param solver: the fixed-step solver: ``"heun"`` (second order, the default),
         ``"midpoint"``, ``"euler"`` or ``"ralston"`` (diffrax's).
     :param sigma_min: the noise left at time 1 of the straight paths.
@@ -81,7 +87,7 @@ class FlowMatching(nnx.Module):
 
     def __init__(self, dim, context_dim, *, hidden=(128, 128, 128, 128), num_steps=32,
                  solver="heun", sigma_min=1e-3, time_exponent=0.0, divergence="auto",
-                 num_probes=4, loc=None, scale=None, rngs: nnx.Rngs):
+                 num_probes=4, grid_exponent=2.0, loc=None, scale=None, rngs: nnx.Rngs):
         self.net = MLP(dim + 1 + 2 * _FREQUENCIES + context_dim, hidden, dim, rngs=rngs)
         self.loc = Buffer(jnp.zeros(dim) if loc is None else jnp.asarray(loc))
         self.scale = Buffer(jnp.ones(dim) if scale is None else jnp.asarray(scale))
@@ -102,6 +108,10 @@ class FlowMatching(nnx.Module):
         self.num_probes = int(num_probes)
         self.sigma_min = float(sigma_min)
         self.time_exponent = float(time_exponent)
+        if not float(grid_exponent) >= 1.0:
+            raise ValueError(f"grid_exponent={grid_exponent}: the solver's grid needs an exponent "
+                             ">= 1 (1: uniform; above 1: finer toward the data end).")
+        self.grid_exponent = float(grid_exponent)
 
     def velocity(self, z, t, c):
         """``v(z, t, c)`` for ``z (N, D)``, ``t`` a scalar or ``(N,)``, ``c (N, C)``."""
@@ -144,10 +154,14 @@ class FlowMatching(nnx.Module):
             return v, div
 
         y0 = (z, jnp.zeros(z.shape[0], z.dtype))
+        n, steps = self.num_steps, {"dt0": (t1 - t0) / self.num_steps}
+        if self.grid_exponent != 1.0:  # finer toward t = 1, in either direction
+            grid = 1.0 - (1.0 - np.arange(n + 1) / n) ** self.grid_exponent
+            grid = jnp.asarray(grid if t0 < t1 else grid[::-1], z.dtype)
+            steps = {"dt0": None, "stepsize_controller": diffrax.StepTo(grid)}
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), _SOLVERS[self.solver](), t0=t0, t1=t1,
-            dt0=(t1 - t0) / self.num_steps, y0=y0, stepsize_controller=diffrax.ConstantStepSize(),
-            saveat=diffrax.SaveAt(t1=True), max_steps=self.num_steps + 1)
+            diffrax.ODETerm(field), _SOLVERS[self.solver](), t0=t0, t1=t1, y0=y0,
+            saveat=diffrax.SaveAt(t1=True), max_steps=n + 1, **steps)
         zt, integral = sol.ys
         return zt[0], integral[0]
 

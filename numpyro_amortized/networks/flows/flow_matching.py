@@ -8,8 +8,9 @@ straight path's velocity, ``|| v(z_t, t, c) - (z1 - (1 - s) z0) ||^2`` with
 ``z_t = (1 - (1 - s) t) z0 + t z1``. No ODE is solved during training.
 
 Draws integrate the ODE from 0 to 1 with a fixed-step solver (diffrax, ``num_steps`` steps of
-Heun's method by default, on a grid finer toward the data end: ``grid_exponent``). The log density integrates the divergence of the velocity along the
-same path (the instantaneous change of variables, Chen et al. 2018):
+Heun's method by default, on a grid finer toward the data end: ``grid_exponent``). The log
+density integrates the divergence of the velocity along the same path (the instantaneous change
+of variables, Chen et al. 2018):
 ``log q(z1) = log N(z0) - int_0^1 div v(z_t, t, c) dt``, so ``log_prob``, PSIS k-hat and the
 package's exact-density checks work as with a coupling flow. The divergence is computed
 exactly (one forward-mode derivative per latent dimension) up to ``EXACT_DIVERGENCE_MAX_DIM``

@@ -43,7 +43,9 @@ if _WORKERS > 1:
 
     threadpool_limits(_THREADS)  # also if numpy's BLAS was loaded before this file
 
+import collections
 import functools
+import json
 
 import jax
 import numpy as np
@@ -102,3 +104,63 @@ def perturb(module, scale=0.1, seed=0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------ the order of the tests
+# pytest-xdist's worksteal gives each worker a contiguous share of the collected tests and
+# lets an idle worker take the tail of another's queue. Collected in file order, one worker got
+# the multilevel binomial (7 minutes) next to eight schools and the variable-size regression,
+# and whichever long test started last set the tier's end. The tests whose seconds (on 2 cores)
+# tests/durations.json records run first, longest first, each to the share with the fewest
+# seconds so far; the rest follow in file order, filling the shares to xdist's sizes, so the
+# idle worker takes short tests at the end. `--store-durations` rewrites the file from the run.
+DURATIONS = pathlib.Path(__file__).resolve().parent / "durations.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test's seconds (setup, call and teardown) to "
+                          "tests/durations.json, which orders the longest tests first")
+
+
+def worker_shares(items, seconds, workers):
+    """``items`` reordered for ``workers`` contiguous shares: the timed ones longest first,
+    each to the share with the fewest seconds so far; then the others in their order, each
+    share filled to the size xdist gives it (``len(left) // workers_left``)."""
+    timed = sorted((i for i in items if seconds.get(i.nodeid, 0) > 0),
+                   key=lambda i: -seconds[i.nodeid])
+    rest = [i for i in items if seconds.get(i.nodeid, 0) <= 0]
+    shares, totals = [[] for _ in range(workers)], [0.0] * workers
+    for item in timed:
+        w = totals.index(min(totals))
+        shares[w].append(item)
+        totals[w] += seconds[item.nodeid]
+    left = len(items)
+    for w, share in enumerate(shares):
+        need = max(left // (workers - w) - len(share), 0)
+        share += rest[:need]
+        del rest[:need]
+        left -= len(share)
+    shares[-1] += rest
+    return [i for share in shares for i in share]
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    if DURATIONS.exists():
+        seconds = json.loads(DURATIONS.read_text())
+        items[:] = worker_shares(items, seconds, max(1, _WORKERS))
+
+
+_SECONDS = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] += report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("store_durations") and not hasattr(session.config, "workerinput"):
+        stored = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        stored.update({k: round(v, 1) for k, v in _SECONDS.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(stored.items())), indent=0) + "\n")

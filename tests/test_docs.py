@@ -1,5 +1,7 @@
-"""The documentation site builds with warnings as errors, with the API pages and notebooks."""
+"""The documentation site builds with warnings as errors, with the API pages and notebooks;
+the order in which the suite runs its tests."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,3 +25,20 @@ def test_docs_build_without_warnings(tmp_path):
         assert (tmp_path / "notebooks" / f"{book.stem}.html").exists(), book.name
     for page in ("getting_started", "concepts", "benchmarks", "scaling"):
         assert (tmp_path / f"{page}.html").exists(), page
+
+
+def test_the_longest_recorded_tests_run_first_and_shares_keep_xdists_sizes():
+    from types import SimpleNamespace
+
+    from conftest import DURATIONS, worker_shares
+
+    items = [SimpleNamespace(nodeid=f"t{i}") for i in range(9)]
+    seconds = {"t2": 50.0, "t7": 300.0, "t4": 100.0, "t5": 120.0}
+    order = [i.nodeid for i in worker_shares(items, seconds, 2)]
+    # t7 alone outweighs the rest: the first share (4 = 9 // 2 tests) holds it and the first
+    # untimed ones; the second share starts with the other timed tests, longest first
+    assert order == ["t7", "t0", "t1", "t3", "t5", "t4", "t2", "t6", "t8"]
+    assert [i.nodeid for i in worker_shares(items, {}, 2)] == [f"t{i}" for i in range(9)]
+    recorded = json.loads(DURATIONS.read_text())
+    assert all(v > 0 for v in recorded.values())
+    assert all((ROOT / k.split("::")[0]).exists() for k in recorded), recorded

@@ -738,14 +738,14 @@ def test_multilevel_binomial_matches_nuts():
     # the groups given the globals against their exact conditional (a grid), for sigma from
     # .001 to 3: right however small sigma is (a local flow of the centred log-odds was off by
     # up to 40 conditional sds at sigma = .001 and 2 at .01)
-    post = guide.posterior(result.params)
+    sample_locals = jit_call(guide.posterior(result.params), "sample_locals")
     for (args, kw), sigma in itertools.product([datasets[0], datasets[2]],
                                                [0.001, 0.01, 0.1, 1.0, 3.0]):
         n, y = np.asarray(args[0])[:, None], np.asarray(kw["successes"])[:, None]
         batch = _batch(guide, successes=kw["successes"], trials=args[0])
         for a_bar in (-1.0, 0.0):
             ug = jnp.broadcast_to(jnp.asarray([a_bar, np.log(sigma)]), (2000, 1, 2))
-            a = np.asarray(post.sample_locals(KEY, batch, ug))[:, 0, :len(n), 0]
+            a = np.asarray(sample_locals(KEY, batch, ug))[:, 0, :len(n), 0]
             grid = np.linspace(a_bar - 8 * sigma, a_bar + 8 * sigma, 20001)
             lp = (-0.5 * ((grid - a_bar) / sigma) ** 2 + y * log_expit(grid)
                   + (n - y) * log_expit(-grid))

@@ -127,7 +127,9 @@ def main():
         return
     obs = observations()
     flows = {"defaults": (None, None), "flow_matching": (flow_matching, 40_000)}
-    res = {name: run_flow(name, *flows[name], obs) for name in opts.flows}
+    res = json.loads(OUT.read_text())["results"] if OUT.exists() else {}  # keep the others
+    res.update({name: run_flow(name, *flows[name], obs) for name in opts.flows})
+    res = {name: res[name] for name in flows if name in res}
     info = machine()
     OUT.write_text(json.dumps({"machine": info, "results": res}, indent=1))
     write_markdown("BOUNDED", markdown(res, info))

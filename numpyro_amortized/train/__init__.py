@@ -2,7 +2,8 @@
 
 - :func:`trainer`: ``Trainer(init, update)``, pure and jittable (also under ``jax.pmap``).
 - :func:`default_optimizer`: Adam with cosine decay, clipping and per-parameter weight decay
-  (:func:`flow_weight_decay`: a flow's, or one per member of a flow ensemble).
+  (:func:`flow_weight_decay`: a flow's, or one per member of a flow ensemble);
+  :func:`averaged` adds a moving average of the parameters (:func:`average_params`).
 - :func:`held_out_check`, :func:`data_check`: the guide against the model's exact density on
   held-out simulations and on the data given to :func:`fit` (what it checks at the end).
 - :func:`fit`: a loop over compiled chunks of steps with :class:`Callback` objects
@@ -29,6 +30,9 @@ from numpyro_amortized.train.checkpointing import Checkpointer
 from numpyro_amortized.train.loop import FitResult, fit
 from numpyro_amortized.train.optim import (
     ENSEMBLE_WEIGHT_DECAY,
+    AveragedState,
+    average_params,
+    averaged,
     default_optimizer,
     fixed_budget_weight_decay,
     flow_weight_decay,
@@ -39,6 +43,7 @@ from numpyro_amortized.train.watchdog import TrainingStalled
 
 __all__ = [
     "ENSEMBLE_WEIGHT_DECAY",
+    "AveragedState",
     "Callback",
     "Checkpointer",
     "Chunk",
@@ -54,6 +59,8 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingStalled",
+    "average_params",
+    "averaged",
     "data_check",
     "data_mesh",
     "default_optimizer",

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from numpyro_amortized.train.optim import with_params
 from numpyro_amortized.train.sharding import host_value
 
 __all__ = ["Callback", "Chunk", "Converge", "Plateau", "ProgressBar", "Run", "TimeBudget"]
@@ -107,7 +108,7 @@ class Plateau(Callback):
         else:
             p["halvings"] += 1
             run.scale *= self.factor
-            run.state = run.state._replace(params=run.best_params)
+            run.state = with_params(run.state, run.best_params)
 
 
 class Converge(Callback):

@@ -16,6 +16,7 @@ import threading
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from numpyro_amortized.compile_options import jit_once
@@ -23,7 +24,7 @@ from numpyro_amortized.losses import importance_log_weights
 from numpyro_amortized.train.sharding import host_tree
 
 __all__ = ["GuideCheckWarning", "HeldOutCheck", "PreparedCheck", "data_check", "held_out_check",
-           "held_out_program"]
+           "held_out_member_log_probs", "held_out_program"]
 
 # the thresholds of compare.importance, defined apart: that module loads ArviZ (imported here
 # only when the check runs), and importing from it would make an import circle
@@ -197,3 +198,13 @@ def held_out_check(guide, params, rng_key, sims, args, kwargs, num_datasets=32, 
         ess.append(e / num_draws)
         errors.append(error)
     return HeldOutCheck(np.asarray(ks), np.asarray(ess), raw_error=np.asarray(errors))
+
+
+def held_out_member_log_probs(guide):
+    """``(params, val) -> (K, n_val)``: each flow-ensemble member's log density of the held-out
+    simulations, NaN where a simulation is invalid (``None`` for a single flow)."""
+    def member_log_probs(params, val):
+        lps = guide.member_log_prob_simulations(params, val)
+        return None if lps is None else jnp.where(val.valid[None], lps, jnp.nan)
+
+    return member_log_probs

@@ -27,9 +27,12 @@ from numpyro_amortized.train.check import (
     PreparedCheck,
     data_check,
     held_out_check,
+    held_out_member_log_probs,
 )
 from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import (
+    average_params,
+    averaged,
     default_optimizer,
     fixed_budget_weight_decay,
     flow_weight_decay,
@@ -50,7 +53,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         learning_rate=2e-3, num_simulations=None, validation_size=1024, progress_bar=True,
         num_chunks=None, devices=None, keep_best=None, patience=None, checkpoint=None,
         checkpoint_every=None, resume=None, callbacks=(), stall_timeout=None, check=True,
-        weight_decay=None, time_budget=None, **kwargs) -> FitResult:
+        weight_decay=None, time_budget=None, ema_decay=None, **kwargs) -> FitResult:
     """Train an amortized guide on simulations from its model.
 
     :param guide: an :class:`~numpyro_amortized.AutoAmortizedFlow`. It is set up here if it is
@@ -85,6 +88,10 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         fixed-budget ensemble (a spline and an affine flow, each twice),
         :func:`~numpyro_amortized.train.fixed_budget_weight_decay` (the second of each kind
         decayed, less for larger banks); 0 otherwise. Reported in ``result.config``.
+    :param ema_decay: validate, keep and return an exponential moving average of the
+        parameters over about the last ``1 / (1 - ema_decay)`` steps
+        (:func:`~numpyro_amortized.train.averaged`) instead of each step's own; ``None``
+        (default): no average. ``result.state`` holds the last step's parameters and the average.
     :param num_simulations: ``None`` (default) simulates fresh data every step, inside the jitted
         step (online); an integer fixes a simulation budget: that many simulations are drawn once
         and minibatches are sampled from them, 10% (at most ``validation_size``) held out.
@@ -147,7 +154,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the "
                          f"{mesh.devices.size} devices; use a multiple, or fewer (devices=...).")
     loss = NPE() if loss is None else loss
-    program = _Program(guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay)
+    program = _Program(guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay, ema_decay)
     make_result = lambda r: program.result(r, compile_time, t0)
     is_writer = jax.process_index() == 0
     hooks = [Plateau(cfg.patience)] if cfg.patience else []
@@ -169,8 +176,8 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
     try:
         while run.step < cfg.num_steps and not run.stop:
             started = time.perf_counter()
-            new_state, losses, dropped, v = compiled(run.state, program.bank, program.val,
-                                                     jnp.float32(run.scale))
+            new_state, judged, losses, dropped, v = compiled(
+                run.state, program.bank, program.val, jnp.float32(run.scale))
             n = min(cfg.chunk, cfg.num_steps - run.step)
             if not watch.wait(v, started):  # no device work from here: it would queue behind
                 run.stop = "stalled"
@@ -187,7 +194,7 @@ def fit(guide, rng_key, *args, num_steps=None, batch_size=None, loss=None, optim
             run.val_steps.append(run.step)
             run.val_losses.append(float(v))
             if float(v) < run.best_loss:  # tracked always; returned only with keep_best
-                run.best_step, run.best_loss, run.best_params = run.step, float(v), new_state.params
+                run.best_step, run.best_loss, run.best_params = run.step, float(v), judged
             for hook in hooks:
                 hook.on_chunk(run, Chunk(losses, dropped, float(v), n))
     except KeyboardInterrupt:
@@ -215,13 +222,14 @@ class _Program:
     """The parts of one run: the step, the simulations it trains and validates on, the
     compiled chunk, and the result."""
 
-    def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay):
+    def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay, ema_decay):
         self.guide, self.cfg, self.loss, self.args, self.kwargs = guide, cfg, loss, args, kwargs
+        self.ema_decay = ema_decay
         self.weight_decay, self.optimizer, self.n_devices = weight_decay, optimizer, mesh.devices.size
         self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.tr = self.prepared_check = None
         # replicated: under several processes every one fits the same weights from all of val
-        self.member_log_probs = jit_once(_held_out_member_log_probs(guide),
+        self.member_log_probs = jit_once(held_out_member_log_probs(guide),
                                          out_shardings=self.replicated)
 
     def start(self, resume) -> Run:
@@ -254,6 +262,9 @@ class _Program:
             raise ValueError("weight_decay is a setting of the default optimizer; with an "
                              "optimizer of your own, give it default_optimizer(..., "
                              "weight_decay=flow_weight_decay(guide, ...)) or add decay there.")
+        cfg.record["ema_decay"] = self.ema_decay
+        if self.ema_decay is not None:
+            optimizer = averaged(optimizer, self.ema_decay)
         self.tr = trainer(guide, loss=self.loss, optimizer=optimizer,
                           batch_size=cfg.batch_size,
                           data_sharding=self.batched if self.n_devices > 1 else None)
@@ -315,12 +326,13 @@ class _Program:
                 return new_state, (info.loss, info.num_dropped)
 
             state, (losses, dropped) = jax.lax.scan(step, state, length=cfg.chunk)
-            val_losses = loss.validation_losses(guide, state.params, jax.random.PRNGKey(0), val,
+            judged = average_params(state)
+            val_losses = loss.validation_losses(guide, judged, jax.random.PRNGKey(0), val,
                                                 *args, **kwargs)
-            return state, losses, dropped, masked_mean(val_losses, val.valid)
+            return state, judged, losses, dropped, masked_mean(val_losses, val.valid)
 
         t0 = time.perf_counter()
-        out = (self.replicated,) * 4
+        out = (self.replicated,) * 5
         compiled = jax.jit(run_chunk, out_shardings=out).lower(
             state, self.bank, self.val, jnp.float32(1.0)).compile()
         return compiled, time.perf_counter() - t0
@@ -355,7 +367,7 @@ class _Program:
     def result(self, run, compile_time, t0) -> FitResult:
         guide, cfg = self.guide, self.cfg
         chosen = run.best_params if cfg.keep_best and run.best_params is not None else \
-            run.state.params
+            average_params(run.state)
         params = chosen
         member_lps = self.member_log_probs(chosen, self.val)
         if member_lps is not None:  # a flow ensemble's weights, fitted on held-out simulations
@@ -363,7 +375,8 @@ class _Program:
             params = jax.device_put(jax.tree.map(np.asarray, params), self.replicated)
         # sample_posterior warns on data outside the range of the held-out simulations
         guide.set_summary_range(params, self.val, out_sharding=self.replicated)
-        config = dict(cfg.record, flow=_describe(guide),
+        flow = describe_factory(guide.flow_factory) or repr(guide.flow_factory)
+        config = dict(cfg.record, flow=flow,
                       plateau={**run.plateau, "scale": run.scale,
                                "stopped": run.stop if run.stop in (
                                    "validation plateau", "converged", "time budget") else False})
@@ -384,16 +397,3 @@ class _Program:
             stopped_early=run.stop is not None and run.step < cfg.num_steps,
             config=config,
         )
-
-
-def _held_out_member_log_probs(guide):
-    def member_log_probs(params, val):  # (K, n_val), NaN where invalid; None for one flow
-        lps = guide.member_log_prob_simulations(params, val)
-        return None if lps is None else jnp.where(val.valid[None], lps, jnp.nan)
-
-    return member_log_probs
-
-
-def _describe(guide):
-    desc = describe_factory(guide.flow_factory)
-    return desc if desc is not None else repr(guide.flow_factory)

@@ -3,14 +3,16 @@ and the weight decay of flows, per parameter (one value per member of a flow ens
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-__all__ = ["ENSEMBLE_WEIGHT_DECAY", "default_optimizer", "fixed_budget_weight_decay",
-           "flow_weight_decay"]
+__all__ = ["ENSEMBLE_WEIGHT_DECAY", "AveragedState", "average_params", "averaged",
+           "default_optimizer", "fixed_budget_weight_decay", "flow_weight_decay"]
 
 ENSEMBLE_WEIGHT_DECAY = (0.0, 0.0, 2.0, 2.0)  # of ensemble_flow's default members, in order
 
@@ -107,3 +109,63 @@ def flow_weight_decay(guide, weight_decay):
         return out
 
     return decay_tree
+
+
+class AveragedState(NamedTuple):
+    """The state of :func:`averaged`: the inner optimizer's, and the moving average of the
+    parameters (raveled, not yet divided by ``weight``, the total weight so far)."""
+
+    inner: optax.OptState
+    average: jax.Array
+    weight: jax.Array
+
+
+def averaged(optimizer, decay):
+    """``optimizer``, also keeping an exponential moving average of the parameters after each
+    update (Polyak averaging): ``a <- decay a + (1 - decay) params``, divided by ``1 - decay^t``
+    as Adam's moments are, so it does not start at zero. The updates are the inner optimizer's,
+    unchanged; the average, of about the last ``1 / (1 - decay)`` steps, is less noisy than the
+    last step's parameters. :func:`average_params` reads it from a
+    :class:`~numpyro_amortized.train.TrainState`; :func:`~numpyro_amortized.fit` validates,
+    keeps and returns it (``fit(..., ema_decay=...)``).
+    """
+    decay = float(decay)
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay={decay}: the moving average's decay lies in (0, 1), e.g. "
+                         "0.999 for an average over about the last 1,000 steps.")
+
+    def init(params):
+        flat = ravel_pytree(params)[0]
+        return AveragedState(optimizer.init(params), jnp.zeros_like(flat),
+                             jnp.zeros((), flat.dtype))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("averaged(...) needs the parameters: call update(updates, state, "
+                             "params).")
+        updates, inner = optimizer.update(updates, state.inner, params)
+        new = ravel_pytree(optax.apply_updates(params, updates))[0]
+        return updates, AveragedState(inner, decay * state.average + (1 - decay) * new,
+                                      decay * state.weight + (1 - decay))
+
+    return optax.GradientTransformation(init, update)
+
+
+def average_params(state):
+    """The parameters a run is judged by: the moving average of an :func:`averaged`
+    optimizer's state (``state.params`` before the first update), else ``state.params``."""
+    opt = state.opt_state
+    if not isinstance(opt, AveragedState):
+        return state.params
+    flat, unravel = ravel_pytree(state.params)
+    return unravel(jnp.where(opt.weight > 0, opt.average / jnp.maximum(opt.weight, 1e-30), flat))
+
+
+def with_params(state, params):
+    """``state`` with ``params`` (a run going back to its best parameters), and an
+    :func:`averaged` optimizer's average restarted at them."""
+    opt = state.opt_state
+    if isinstance(opt, AveragedState):
+        flat = ravel_pytree(params)[0]
+        opt = opt._replace(average=flat * opt.weight)
+    return state._replace(params=params, opt_state=opt)

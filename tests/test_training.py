@@ -142,6 +142,8 @@ def test_fit_with_ema_trains_the_same_steps_and_validates_and_returns_the_averag
     assert jax.tree.all(jax.tree.map(jnp.array_equal, mine, average_params(ema.state)))
     assert not jax.tree.all(jax.tree.map(jnp.array_equal, mine, ema.state.params))
     assert ema.config["ema_decay"] == 0.95 and plain.config["ema_decay"] is None
+    with pytest.raises(ValueError, match="ema_decay=0.0"):
+        run(ema_decay=0)
 
 
 def normal_mean(y=None):

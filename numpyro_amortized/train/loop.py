@@ -33,6 +33,7 @@ from numpyro_amortized.train.checkpointing import Checkpointer, resume_run
 from numpyro_amortized.train.optim import (
     average_params,
     averaged,
+    check_ema_decay,
     default_optimizer,
     fixed_budget_weight_decay,
     flow_weight_decay,
@@ -224,7 +225,7 @@ class _Program:
 
     def __init__(self, guide, cfg, loss, optimizer, mesh, args, kwargs, weight_decay, ema_decay):
         self.guide, self.cfg, self.loss, self.args, self.kwargs = guide, cfg, loss, args, kwargs
-        self.ema_decay = ema_decay
+        self.ema_decay = None if ema_decay is None else check_ema_decay(ema_decay)
         self.weight_decay, self.optimizer, self.n_devices = weight_decay, optimizer, mesh.devices.size
         self.replicated, self.batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.tr = self.prepared_check = None

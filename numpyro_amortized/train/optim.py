@@ -120,6 +120,15 @@ class AveragedState(NamedTuple):
     weight: jax.Array
 
 
+def check_ema_decay(decay):
+    """``decay`` as a float, or a ``ValueError`` unless it lies in (0, 1)."""
+    decay = float(decay)
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay={decay}: the moving average's decay lies in (0, 1), e.g. "
+                         "0.999 for an average over about the last 1,000 steps.")
+    return decay
+
+
 def averaged(optimizer, decay):
     """``optimizer``, also keeping an exponential moving average of the parameters after each
     update (Polyak averaging): ``a <- decay a + (1 - decay) params``, divided by ``1 - decay^t``
@@ -129,10 +138,7 @@ def averaged(optimizer, decay):
     :class:`~numpyro_amortized.train.TrainState`; :func:`~numpyro_amortized.fit` validates,
     keeps and returns it (``fit(..., ema_decay=...)``).
     """
-    decay = float(decay)
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"ema_decay={decay}: the moving average's decay lies in (0, 1), e.g. "
-                         "0.999 for an average over about the last 1,000 steps.")
+    decay = check_ema_decay(decay)
 
     def init(params):
         flat = ravel_pytree(params)[0]

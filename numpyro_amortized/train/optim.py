@@ -1,5 +1,6 @@
 """The default optimizer: Adam on one raveled vector, cosine decay, clipping, weight decay;
-and the weight decay of flows, per parameter (one value per member of a flow ensemble)."""
+the weight decay of flows, per parameter (one value per member of a flow ensemble); and a
+moving average of the parameters around any optimizer (``averaged``)."""
 
 from __future__ import annotations
 

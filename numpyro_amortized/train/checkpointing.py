@@ -90,7 +90,7 @@ def resume_run(path, guide, optimizer, args, kwargs, run_config):
         raise CheckpointError(
             f"{path}: the checkpoint is of a run with other settings {diff} (saved, now); resume "
             "with the same rng_key, num_steps, batch_size, num_simulations, validation_size, "
-            "num_chunks, keep_best and patience to continue that run."
+            "num_chunks, keep_best, patience and ema_decay to continue that run."
         )
     flow = saved.get("flow")  # a description, or the repr of a factory of the user's own
     legacy = ((flow.get("kwargs") or {}) if isinstance(flow, dict) else {}).get("weight_decay",

@@ -165,21 +165,22 @@ def test_a_declared_design_amortizes_over_covariates():
     X0 = jax.random.normal(jax.random.PRNGKey(1), (20, 2))
     design = lambda k: {"X": jax.random.normal(k, (20, 2))}
     guide = AutoAmortizedFlow(_regression, design=design)
-    params = fit(guide, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=2000,
+    # training keys 0-2: .32-.44 (NPE), .28-.37 (AmortizedELBO), 1.55-2.19 (the broken guide)
+    params = fit(guide, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=1000,
                  progress_bar=False).params
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "differs from the trained design"
         warnings.filterwarnings("ignore", message="This dataset lies outside")
-        assert _design_errors(guide, params) < 0.6  # measured .44
+        assert _design_errors(guide, params) < 0.6
 
     # AmortizedELBO evaluates the model's density with each simulation's own design
     elbo = AutoAmortizedFlow(_regression, design=design)
-    elbo_params = fit(elbo, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=1500,
+    elbo_params = fit(elbo, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=800,
                       loss=AmortizedELBO(), progress_bar=False).params
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="This dataset lies outside")
-        assert _design_errors(elbo, elbo_params) < 0.6  # measured .39
+        assert _design_errors(elbo, elbo_params) < 0.6
 
     # the same model trained on the one design given: new designs are extrapolation (and
     # warn). With the DeepSet's least-squares fit, a sufficient statistic of this model for any
@@ -187,10 +188,10 @@ def test_a_declared_design_amortizes_over_covariates():
     # it is far off
     fixed = AutoAmortizedFlow(_regression, summary_net=functools.partial(DeepSet,
                                                                         max_regressors=0))
-    fixed_params = fit(fixed, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=2000,
+    fixed_params = fit(fixed, jax.random.PRNGKey(0), X=X0, y=jnp.zeros(20), num_steps=1000,
                        progress_bar=False).params
     with pytest.warns(UserWarning, match="Covariate 'X' differs"):
-        assert _design_errors(fixed, fixed_params) > 1.0  # measured 1.79
+        assert _design_errors(fixed, fixed_params) > 1.0
 
 
 def test_a_design_bank_is_sampled_and_bad_designs_are_refused():

@@ -134,10 +134,12 @@ def test_a_flow_that_drops_a_log_det_fails_the_check(monkeypatch):
 @pytest.mark.slow
 def test_variable_size_regression_against_the_exact_posterior():
     """One guide, trained on N from 5 to 15, against the exact posterior (which agrees with
-    NUTS: tests/test_examples.py) on datasets of five sizes."""
+    NUTS: tests/test_examples.py) on datasets of five sizes. The largest C2ST (always N = 5)
+    at training keys 0, 1, 2: .540/.565/.583 after 4,000 steps, .547/.576/.576 after 6,000,
+    key 2 .562 after 8,000: the length is not what sets it."""
     guide = AutoAmortizedFlow(linear_regression, set_sizes=(5, 15))
     result = fit(guide, jax.random.PRNGKey(0), x=jnp.zeros(15), y=jnp.zeros(15),
-                 num_steps=8_000, progress_bar=False)
+                 num_steps=4_000, progress_bar=False)
     rng = np.random.default_rng(1)
     scores = {}
     for n in (5, 7, 10, 12, 15):

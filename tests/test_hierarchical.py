@@ -624,14 +624,16 @@ def _errors(draws, exact):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*outside the data the guide was trained on")
 def test_eight_schools_matches_the_exact_posterior():
-    """One guide trained once (online, 3,000 steps, 3 to 8 schools), against the exact posterior
+    """One guide trained once (online, 2,000 steps, 3 to 8 schools), against the exact posterior
     on the classic data, on a prior-predictive dataset with spread-out schools and on its first
     four schools: each theta_j's mean within 0.2 and sd within 20% of the exact one, C2ST <= 0.6
     on (mu, log tau) and on each theta_j; SBC on 300 prior-predictive datasets inside the 95%
     bands for mu, tau and the thetas pooled. A guide whose schools read each other's data
     (embeddings rolled by one school) fails."""
     guide = AutoAmortizedFlow(eight_schools, num_groups=(3, 8))
-    result = fit(guide, KEY, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y, num_steps=3000,
+    # training keys 0 and 1: largest mean error .08 and .12 sds, |log sd ratio| .11 and .09,
+    # C2ST .53 and .54 (passing at key 2 too)
+    result = fit(guide, KEY, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y, num_steps=2000,
                  progress_bar=False)
     rng = np.random.default_rng(0)
     spread = jnp.asarray([-25.0, 30.0, 2.0, 45.0, -8.0, 12.0, 60.0, -40.0])

@@ -381,15 +381,15 @@ def _splines(flow):
 
 def test_one_dimensional_locals_get_a_lighter_local_flow_and_older_checkpoints_keep_theirs(
         tmp_path):
-    """The default local flow of one-dimensional locals has two spline layers of 16 bins (five
+    """The default local flow of one-dimensional locals has one spline layer of 32 bins (five
     of 8 for more dimensions), named in the state and the checkpoint; a checkpoint that names
     no local flow (written before it was named) loads with the five-layer one, with the same
-    draws."""
+    draws, and one that names the earlier default (two layers of 16 bins) loads with it."""
     guide, params = _setup(eight_schools, EIGHT_SCHOOLS_SIGMA, y=EIGHT_SCHOOLS_Y)
     local = guide.posterior(params).local_flow
-    assert [s.num_bins for s in _splines(local)] == [16, 16]
+    assert [s.num_bins for s in _splines(local)] == [32]
     assert guide.state_dict()["local_flow"] == {"name": "spline_flow", "kwargs": {
-        "conditional_affine": True, "learned_interval": True, "num_layers": 2, "num_bins": 16}}
+        "conditional_affine": True, "learned_interval": True, "num_layers": 1, "num_bins": 32}}
     slopes, slopes_params = _setup(varying_slopes, GROUP, jnp.zeros(30), 6, y=jnp.zeros(30))
     assert [s.num_bins for s in _splines(slopes.posterior(slopes_params).local_flow)] == [8] * 5
     # a guide rebuilt from a state that names no local flow: the five-layer one
@@ -410,6 +410,16 @@ def test_one_dimensional_locals_get_a_lighter_local_flow_and_older_checkpoints_k
     # and one that names it loads as it was trained
     save(tmp_path / "new.ckpt", guide, jitter(guide.init_params, 0.05))
     loaded, loaded_params = load(tmp_path / "new.ckpt", eight_schools)
+    assert [s.num_bins for s in _splines(loaded.posterior(loaded_params).local_flow)] == [32]
+    # one trained with the earlier default, two layers of 16 bins, loads as it was trained
+    two = {"conditional_affine": True, "learned_interval": True, "num_layers": 2, "num_bins": 16}
+    earlier = AutoAmortizedFlow(eight_schools, num_pilot_simulations=256)
+    params = jitter(earlier.initialize(KEY, (EIGHT_SCHOOLS_SIGMA,), {"y": EIGHT_SCHOOLS_Y},
+                                       state={**guide.state_dict(), "buffers": None,
+                                              "local_flow": {"name": "spline_flow",
+                                                             "kwargs": two}}), 0.05)
+    save(tmp_path / "two.ckpt", earlier, params)
+    loaded, loaded_params = load(tmp_path / "two.ckpt", eight_schools)
     assert [s.num_bins for s in _splines(loaded.posterior(loaded_params).local_flow)] == [16, 16]
 
 

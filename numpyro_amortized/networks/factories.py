@@ -26,7 +26,7 @@ REGISTRY = {
 }
 
 
-LOCAL_1D = {"num_layers": 2, "num_bins": 16}  # the default local flow of one-dimensional locals
+LOCAL_1D = {"num_layers": 1, "num_bins": 32}  # the default local flow of one-dimensional locals
 
 
 def default_flow(num_train_simulations=None):
@@ -44,8 +44,8 @@ def default_flow(num_train_simulations=None):
 def local_flow_factory(flow_factory, dim=None):
     """The factory of a hierarchical guide's local flow: for the defaults (a spline flow or a
     flow ensemble, with or without ``learned_interval``) one spline flow ending in a
-    conditional affine layer: of two spline layers of 16 bins (:data:`LOCAL_1D`) for
-    one-dimensional locals (``dim=1``: each layer is a monotone map of the local given its
+    conditional affine layer: of one spline layer of 32 bins (:data:`LOCAL_1D`) for
+    one-dimensional locals (``dim=1``: a spline is then a monotone map of the local given its
     condition), of the flow's own five layers of 8 bins for more dimensions or when ``dim`` is
     ``None``. Any other factory is used as it is."""
     func, kwargs = flow_factory, {}

@@ -15,7 +15,7 @@ from numpyro_amortized.networks import (
     MLPSummary,
     default_summary_net,
 )
-from numpyro_amortized.networks.layers import least_squares
+from numpyro_amortized.networks.layers import MLP, least_squares, map_sets
 
 
 def batch(n_set=6, features=2, flat=3, seed=0, sizes=(6, 4)):
@@ -53,6 +53,29 @@ def test_deepset_is_permutation_invariant_and_ignores_padding(moments, covariate
     # while real rows do matter
     changed = DataBatch(data.set.at[1, 0].set(3.0), data.mask, data.flat)
     assert float(jnp.abs(net(changed)[1] - out[1]).max()) > 1e-4
+
+
+@pytest.mark.parametrize("num_sets,rows", [(12, 40), (97, 5), (3, 5)])
+def test_map_sets_in_chunks_equals_one_pass(num_sets, rows):
+    # 12 sets of 40 rows in chunks of about 100 rows: 6 chunks of 2 sets (every 6th set);
+    # 97 sets (no divisor near 5 chunks) and 15 rows run in one pass. Values and gradients
+    # are those of one pass.
+    net = MLP(3, (16,), 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (num_sets, rows, 3))
+    w = (jax.random.uniform(jax.random.PRNGKey(2), (num_sets, rows)) > 0.3).astype(x.dtype)
+    pooled = lambda x, w: (jnp.sum(jax.nn.silu(net(x)) * w[..., None], axis=1), w.sum(1))
+    loss = lambda x, f: jnp.sum(jnp.sin(f(x)[0]) * f(x)[1][:, None])
+    chunked = lambda x: map_sets(pooled, x, w, rows_per_chunk=100)
+    (a, na), (b, nb) = chunked(x), pooled(x, w)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(na, nb)
+    ga = jax.jit(jax.grad(lambda x: loss(x, chunked)))(x)
+    gb = jax.jit(jax.grad(lambda x: loss(x, lambda x: pooled(x, w))))(x)
+    np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(chunked)(x))
+    assert ("scan" in jaxpr) == (num_sets == 12)
+    if num_sets == 12:
+        assert "length=6" in jaxpr
 
 
 def test_least_squares_matches_numpy_on_each_masked_set():

@@ -12,6 +12,8 @@ group's data, which a summary pooled over all groups cannot tell apart.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,13 @@ from flax import nnx
 
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.networks.factories import local_flow_factory
-from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value, least_squares
+from numpyro_amortized.networks.layers import (
+    MLP,
+    Buffer,
+    buffer_value,
+    least_squares,
+    map_sets,
+)
 from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_tails
 
 __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior", "pool_groups"]
@@ -65,15 +73,8 @@ class GroupEncoder(nnx.Module):
 
     def __call__(self, rows, group, mask):
         b, r = group.shape
-        ids = jnp.reshape(group + self.num_groups * jnp.arange(b)[:, None], -1)
         weight = mask.astype(rows.dtype)
-
-        def total(h):  # (B, R, ...) summed over each group's rows: (B, J, ...)
-            h = h * jnp.reshape(weight, weight.shape + (1,) * (h.ndim - 2))
-            out = jax.ops.segment_sum(jnp.reshape(h, (b * r,) + h.shape[2:]), ids,
-                                      num_segments=b * self.num_groups)
-            return jnp.reshape(out, (b, self.num_groups) + h.shape[2:])
-
+        total = functools.partial(self._total, group=group, weight=weight)
         count = total(jnp.ones((b, r, 1), rows.dtype))  # (B, J, 1)
         n = jnp.maximum(count, 1.0)
         pool = lambda h: total(h) / n
@@ -88,10 +89,20 @@ class GroupEncoder(nnx.Module):
             stats += least_squares(y, rows[..., self.responses:self.responses + self.covariates],
                                    total, n)
         stats = jnp.concatenate(stats, axis=-1) * (count > 0)
-        h = pool(jax.nn.silu(self.phi(rows)))
+        phi = lambda rows, group, weight: self._total(jax.nn.silu(self.phi(rows)), group, weight)
+        h = map_sets(phi, rows, group, weight) / n  # chunked on many rows
         panel = (self._panel(rows, group, weight, mean) if self.responses
                  else jnp.zeros((b, 0), rows.dtype))
         return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats, panel
+
+    def _total(self, h, group, weight):
+        """``h`` ``(B, R, ...)`` summed over each group's rows: ``(B, J, ...)``."""
+        b, r = group.shape
+        ids = jnp.reshape(group + self.num_groups * jnp.arange(b)[:, None], -1)
+        h = h * jnp.reshape(weight, weight.shape + (1,) * (h.ndim - 2))
+        out = jax.ops.segment_sum(jnp.reshape(h, (b * r,) + h.shape[2:]), ids,
+                                  num_segments=b * self.num_groups)
+        return jnp.reshape(out, (b, self.num_groups) + h.shape[2:])
 
     def _panel(self, rows, group, weight, mean):
         """The fits over all rows and within groups (class docstring), ``(B, panel_dim)``."""

@@ -10,9 +10,10 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["MLP", "Buffer", "compress_tails", "host_lecun_normal", "least_squares",
-           "masked_moments", "stack_modules", "stack_on_host"]
+           "map_sets", "masked_moments", "stack_modules", "stack_on_host"]
 
 TAIL = 5.0
+ROWS_PER_CHUNK = 4096
 
 
 def compress_tails(z, tail=TAIL):
@@ -101,6 +102,29 @@ class MLP(nnx.Module):
         for layer in self.hidden:
             h = jax.nn.silu(layer(h))
         return self.out(h) + self.skip(x)
+
+
+def map_sets(fn, *sets, rows_per_chunk=ROWS_PER_CHUNK):
+    """``fn(*sets)`` for a function that treats each set on its own, with the sets on the
+    leading axis of every array (``(B, N, ...)``: ``B`` sets of ``N`` rows) and of its output.
+
+    On many rows (four chunks' worth or more) the sets go through ``fn`` in chunks of about
+    ``rows_per_chunk`` rows, one chunk after the other, and the backward pass recomputes each
+    chunk's forward pass instead of storing it: a per-row network's activations (sets x rows x
+    width) then stay in the processor's cache instead of going out to memory whole. On a CPU
+    this made the gradient of a DeepSet of width 64 on 256 sets of 200 rows 1.8-2x faster; on
+    fewer rows, whose activations fit in the cache anyway, chunks only add work. A chunk takes
+    every ``count``-th set (the leading axis is split as ``(B / count, count)`` and the loop
+    runs over ``count``), so a batch sharded over devices stays sharded.
+    """
+    b, n = sets[0].shape[:2]
+    want = -(-b * n // rows_per_chunk)  # chunks of rows_per_chunk rows
+    count = next((c for c in range(want, 4 * want + 1) if b % c == 0), None)
+    if want < 4 or count is None:
+        return fn(*sets)
+    split = lambda a: jnp.swapaxes(jnp.reshape(a, (b // count, count) + a.shape[1:]), 0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(map(split, sets)))
+    return jax.tree.map(lambda o: jnp.reshape(jnp.swapaxes(o, 0, 1), (b,) + o.shape[2:]), out)
 
 
 def buffer_value(b: Buffer):

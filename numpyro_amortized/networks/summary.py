@@ -17,6 +17,7 @@ from numpyro_amortized.networks.layers import (
     MLP,
     host_lecun_normal,
     least_squares,
+    map_sets,
     masked_moments,
 )
 
@@ -158,8 +159,8 @@ class DeepSet(nnx.Module):
         if self.moments:
             x, stats = masked_moments(x, data.mask, max_corr_features=16 if self.num_corr else 0)
             parts += stats
-        h = jax.nn.silu(self.inner(x))
-        parts = [jnp.sum(h * m, axis=-2) / n_safe, jnp.log(n_safe)] + parts
+        h = map_sets(lambda x, m: jnp.sum(jax.nn.silu(self.inner(x)) * m, axis=-2), x, m)
+        parts = [h / n_safe, jnp.log(n_safe)] + parts
         if data.flat is not None:
             parts.append(data.flat)
         return self.outer(jnp.concatenate(parts, axis=-1))

@@ -65,7 +65,7 @@ def test_map_sets_in_chunks_equals_one_pass(num_sets, rows):
     w = (jax.random.uniform(jax.random.PRNGKey(2), (num_sets, rows)) > 0.3).astype(x.dtype)
     pooled = lambda x, w: (jnp.sum(jax.nn.silu(net(x)) * w[..., None], axis=1), w.sum(1))
     loss = lambda x, f: jnp.sum(jnp.sin(f(x)[0]) * f(x)[1][:, None])
-    chunked = lambda x: map_sets(pooled, x, w, rows_per_chunk=100)
+    chunked = lambda x: map_sets(pooled, x, w, width=16, chunk_values=1600)
     (a, na), (b, nb) = chunked(x), pooled(x, w)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(na, nb)

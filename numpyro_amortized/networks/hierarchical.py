@@ -90,7 +90,7 @@ class GroupEncoder(nnx.Module):
                                    total, n)
         stats = jnp.concatenate(stats, axis=-1) * (count > 0)
         phi = lambda rows, group, weight: self._total(jax.nn.silu(self.phi(rows)), group, weight)
-        h = map_sets(phi, rows, group, weight) / n  # chunked on many rows
+        h = map_sets(phi, rows, group, weight, width=self.phi.out.out_features) / n
         panel = (self._panel(rows, group, weight, mean) if self.responses
                  else jnp.zeros((b, 0), rows.dtype))
         return self.rho(jnp.concatenate([h, stats], axis=-1)), count, stats, panel

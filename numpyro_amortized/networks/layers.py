@@ -13,7 +13,7 @@ __all__ = ["MLP", "Buffer", "compress_tails", "host_lecun_normal", "least_square
            "map_sets", "masked_moments", "stack_modules", "stack_on_host"]
 
 TAIL = 5.0
-ROWS_PER_CHUNK = 4096
+CHUNK_VALUES = 2**18  # one activation of a chunk: 1 MB in float32
 
 
 def compress_tails(z, tail=TAIL):
@@ -104,21 +104,24 @@ class MLP(nnx.Module):
         return self.out(h) + self.skip(x)
 
 
-def map_sets(fn, *sets, rows_per_chunk=ROWS_PER_CHUNK):
+def map_sets(fn, *sets, width=64, chunk_values=CHUNK_VALUES):
     """``fn(*sets)`` for a function that treats each set on its own, with the sets on the
     leading axis of every array (``(B, N, ...)``: ``B`` sets of ``N`` rows) and of its output.
 
-    On many rows (four chunks' worth or more) the sets go through ``fn`` in chunks of about
-    ``rows_per_chunk`` rows, one chunk after the other, and the backward pass recomputes each
-    chunk's forward pass instead of storing it: a per-row network's activations (sets x rows x
-    width) then stay in the processor's cache instead of going out to memory whole. On a CPU
-    this made the gradient of a DeepSet of width 64 on 256 sets of 200 rows 1.8-2x faster; on
-    fewer rows, whose activations fit in the cache anyway, chunks only add work. A chunk takes
+    :param width: the widest per-row activation of ``fn`` (a per-row network's width).
+    :param chunk_values: the size of one such activation in a chunk, in values.
+
+    When the per-row activations of all sets (``B N width`` values) are four chunks or more,
+    the sets go through ``fn`` in chunks of ``chunk_values / width`` rows, one after the other,
+    and the backward pass recomputes each chunk's forward pass instead of storing it: the
+    activations then stay in the processor's cache instead of going out to memory whole. On a
+    CPU this made the gradient of a DeepSet of width 64 on 256 sets of 200 rows 1.8-2x faster;
+    on smaller activations, which fit in the cache anyway, chunks only add work. A chunk takes
     every ``count``-th set (the leading axis is split as ``(B / count, count)`` and the loop
     runs over ``count``), so a batch sharded over devices stays sharded.
     """
     b, n = sets[0].shape[:2]
-    want = -(-b * n // rows_per_chunk)  # chunks of rows_per_chunk rows
+    want = -(-b * n * width // chunk_values)  # the number of chunks
     count = next((c for c in range(want, 4 * want + 1) if b % c == 0), None)
     if want < 4 or count is None:
         return fn(*sets)

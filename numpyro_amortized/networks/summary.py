@@ -137,7 +137,7 @@ class DeepSet(nnx.Module):
         if spec.set_features == 0:
             raise ValueError("DeepSet needs observations in a plate; use MLPSummary instead.")
         f, k = spec.set_features, spec.set_covariates
-        self.moments = moments
+        self.moments, self.width = moments, hidden
         self.inner = MLP(f, (hidden,) * depth, hidden, rngs=rngs)
         self.num_corr = f * (f - 1) // 2 if moments and f <= 16 else 0
         self.responses = f - k if 0 < k <= max_regressors and k < f <= 16 else 0
@@ -147,23 +147,25 @@ class DeepSet(nnx.Module):
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):
-        x = data.set
-        m = data.mask[..., None].astype(x.dtype)
-        n = jnp.sum(m, axis=-2)
-        n_safe = jnp.maximum(n, 1.0)
+        features = map_sets(self._set_features, data.set, data.mask, width=self.width)
+        if data.flat is not None:
+            features = jnp.concatenate([features, data.flat], axis=-1)
+        return self.outer(features)
+
+    def _set_features(self, x, mask):
+        """Each set's pooled inner network, ``log n``, moments and fits, ``(B, outer_in)``."""
+        m = mask[..., None].astype(x.dtype)
+        n_safe = jnp.maximum(jnp.sum(m, axis=-2), 1.0)
         parts = []
         if self.responses:
             total = lambda h: jnp.sum(h * jnp.reshape(m, m.shape + (1,) * (h.ndim - 3)), axis=1)
             parts += least_squares(x[..., :self.responses], x[..., self.responses:], total,
                                    n_safe)
         if self.moments:
-            x, stats = masked_moments(x, data.mask, max_corr_features=16 if self.num_corr else 0)
+            x, stats = masked_moments(x, mask, max_corr_features=16 if self.num_corr else 0)
             parts += stats
-        h = map_sets(lambda x, m: jnp.sum(jax.nn.silu(self.inner(x)) * m, axis=-2), x, m)
-        parts = [h / n_safe, jnp.log(n_safe)] + parts
-        if data.flat is not None:
-            parts.append(data.flat)
-        return self.outer(jnp.concatenate(parts, axis=-1))
+        h = jnp.sum(jax.nn.silu(self.inner(x)) * m, axis=-2)
+        return jnp.concatenate([h / n_safe, jnp.log(n_safe)] + parts, axis=-1)
 
 
 def default_summary_net(spec: DataSpec, *, time_series=False):

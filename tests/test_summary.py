@@ -78,6 +78,38 @@ def test_map_sets_in_chunks_equals_one_pass(num_sets, rows):
         assert "length=6" in jaxpr
 
 
+@pytest.mark.parametrize("net", ["deepset", "set_transformer", "time_series", "group_encoder"])
+def test_networks_in_chunks_equal_one_pass(net, monkeypatch):
+    # The networks' per-set work in chunks (map_sets, made to chunk at this size) gives the
+    # outputs and parameter gradients of one pass, with covariates, moments and padding.
+    from numpyro_amortized.networks import SetTransformer, TimeSeriesNet, layers
+    from numpyro_amortized.networks.hierarchical import GroupEncoder
+
+    b, n = 12, 70
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, n, 3))
+    mask = jnp.arange(n)[None] < jax.random.randint(jax.random.PRNGKey(1), (b, 1), 1, n + 1)
+    data = DataBatch(jnp.where(mask[..., None], x, 0.0), mask, x[:, 0, :2])
+    spec, rngs, call = DataSpec(3, n, 2, 2), nnx.Rngs(0), lambda m: m(data)
+    if net == "deepset":
+        module, width = DeepSet(spec, hidden=8, rngs=rngs), 8
+    elif net == "set_transformer":
+        module, width = SetTransformer(spec, dim=8, num_heads=2, num_inducing=4, rngs=rngs), 8
+    elif net == "time_series":
+        module, width = TimeSeriesNet(spec, channels=8, rngs=rngs), 24  # 3 taps of 8
+    else:
+        module, width = GroupEncoder(3, 4, responses=1, covariates=2, width=8, rngs=rngs), 8
+        group = jax.random.randint(jax.random.PRNGKey(2), (b, n), 0, 4)
+        call = lambda m: m(x, group, mask)
+    graphdef, state = nnx.split(module)
+    loss = lambda st: sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(call(nnx.merge(graphdef, st))))
+    one = jax.jit(jax.value_and_grad(loss))(state)
+    monkeypatch.setattr(layers, "CHUNK_VALUES", width * 2 * n)  # chunks of two sets
+    assert "length=6" in str(jax.make_jaxpr(loss)(state))
+    chunked = jax.jit(jax.value_and_grad(loss))(state)
+    for a, c in zip(jax.tree.leaves(one), jax.tree.leaves(chunked), strict=True):
+        np.testing.assert_allclose(c, a, rtol=2e-5, atol=2e-5)
+
+
 def test_least_squares_matches_numpy_on_each_masked_set():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 20, 2))

@@ -104,12 +104,13 @@ class MLP(nnx.Module):
         return self.out(h) + self.skip(x)
 
 
-def map_sets(fn, *sets, width=64, chunk_values=CHUNK_VALUES):
+def map_sets(fn, *sets, width=64, chunk_values=None):
     """``fn(*sets)`` for a function that treats each set on its own, with the sets on the
     leading axis of every array (``(B, N, ...)``: ``B`` sets of ``N`` rows) and of its output.
 
     :param width: the widest per-row activation of ``fn`` (a per-row network's width).
-    :param chunk_values: the size of one such activation in a chunk, in values.
+    :param chunk_values: the size of one such activation in a chunk, in values (default
+        ``CHUNK_VALUES``, 2**18).
 
     When the per-row activations of all sets (``B N width`` values) are four chunks or more,
     the sets go through ``fn`` in chunks of ``chunk_values / width`` rows, one after the other,
@@ -121,7 +122,7 @@ def map_sets(fn, *sets, width=64, chunk_values=CHUNK_VALUES):
     runs over ``count``), so a batch sharded over devices stays sharded.
     """
     b, n = sets[0].shape[:2]
-    want = -(-b * n * width // chunk_values)  # the number of chunks
+    want = -(-b * n * width // (chunk_values or CHUNK_VALUES))  # the number of chunks
     count = next((c for c in range(want, 4 * want + 1) if b % c == 0), None)
     if want < 4 or count is None:
         return fn(*sets)

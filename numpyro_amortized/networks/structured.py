@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
+from numpyro_amortized.networks.layers import MLP, host_lecun_normal, map_sets, masked_moments
 
 __all__ = ["SetTransformer", "TimeSeriesNet"]
 
@@ -73,6 +73,7 @@ class SetTransformer(nnx.Module):
                              "instead.")
         f = spec.set_features
         self.moments = moments
+        self.width = max(dim, num_heads * num_inducing)  # embeddings; attention to the rows
         self.embed = nnx.Linear(f, dim, kernel_init=host_lecun_normal(), rngs=rngs)
         init = jax.nn.initializers.normal(1.0)
         self.inducing = nnx.List([
@@ -89,7 +90,13 @@ class SetTransformer(nnx.Module):
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):
-        x, mask = data.set, data.mask
+        features = map_sets(self._set_features, data.set, data.mask, width=self.width)
+        if data.flat is not None:
+            features = jnp.concatenate([features, data.flat], axis=-1)
+        return self.outer(features)
+
+    def _set_features(self, x, mask):
+        """Each set's pooled attention output, ``log n`` and moments."""
         n_safe = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True).astype(x.dtype), 1.0)
         parts = [jnp.log(n_safe)]
         if self.moments:
@@ -104,10 +111,7 @@ class SetTransformer(nnx.Module):
             h = up(h, summary)
         seeds = jnp.broadcast_to(self.seeds[...], batch + self.seeds.shape)
         pooled = self.pool(seeds, h, key_mask=mask)
-        parts.insert(0, pooled.reshape(batch + (-1,)))
-        if data.flat is not None:
-            parts.append(data.flat)
-        return self.outer(jnp.concatenate(parts, axis=-1))
+        return jnp.concatenate([pooled.reshape(batch + (-1,))] + parts, axis=-1)
 
 
 def _causal_shift(h, steps):
@@ -165,7 +169,14 @@ class TimeSeriesNet(nnx.Module):
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):
-        x, mask = data.set, data.mask
+        width = self.kernel_size * self.input.out_features  # the convolutions' inputs
+        features = map_sets(self._set_features, data.set, data.mask, width=width)
+        if data.flat is not None:
+            features = jnp.concatenate([features, data.flat], axis=-1)
+        return self.outer(features)
+
+    def _set_features(self, x, mask):
+        """Each series' features at its last step, their mean over time and ``log n``."""
         batch, steps = x.shape[:-2], x.shape[-2]
         m = mask[..., None].astype(x.dtype)
         t = jnp.broadcast_to(jnp.arange(steps)[:, None] / self.time_scale, batch + (steps, 1))
@@ -177,7 +188,4 @@ class TimeSeriesNet(nnx.Module):
         last = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[..., None, None], axis=-2)[..., 0, :]
         n_safe = jnp.maximum(n.astype(x.dtype), 1.0)[..., None]
         pooled = jnp.sum(h * m, axis=-2) / n_safe
-        parts = [last, pooled, jnp.log(n_safe)]
-        if data.flat is not None:
-            parts.append(data.flat)
-        return self.outer(jnp.concatenate(parts, axis=-1))
+        return jnp.concatenate([last, pooled, jnp.log(n_safe)], axis=-1)

@@ -21,13 +21,8 @@ from flax import nnx
 
 from numpyro_amortized.data import DataBatch
 from numpyro_amortized.networks.factories import local_flow_factory
-from numpyro_amortized.networks.layers import (
-    MLP,
-    Buffer,
-    buffer_value,
-    least_squares,
-    map_sets,
-)
+from numpyro_amortized.networks.flows import ConditionalFlow
+from numpyro_amortized.networks.layers import MLP, Buffer, buffer_value, least_squares, map_sets
 from numpyro_amortized.networks.posterior import AmortizedPosterior, compress_tails
 
 __all__ = ["GroupEncoder", "HierarchicalPosterior", "hierarchical_posterior", "pool_groups"]
@@ -322,8 +317,11 @@ class HierarchicalPosterior(AmortizedPosterior):
         """The global and the local flows' ``name`` (their training or validation objective)."""
         ug, (z, log_det), cg, cl = self._conditions(u, data)
         kg, kl = (None, None) if rng_key is None else jax.random.split(rng_key)
-        return (getattr(self.flow, name)(ug, cg, kg)
-                + (getattr(self.local_flow, name)(z, cl, kl) + log_det).sum(-1))
+        local = lambda z, cl, ld: (getattr(self.local_flow, name)(z, cl, kl) + ld).sum(-1)
+        if isinstance(self.local_flow, ConditionalFlow):  # draws nothing: chunks of datasets
+            return getattr(self.flow, name)(ug, cg, kg) + map_sets(local, z, cl, log_det,
+                                                                   width=cl.shape[-1])
+        return getattr(self.flow, name)(ug, cg, kg) + local(z, cl, log_det)
 
     def member_log_probs(self, u, data: DataBatch):
         ug, (z, log_det), cg, cl = self._conditions(u, data)

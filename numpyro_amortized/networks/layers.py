@@ -116,12 +116,17 @@ def map_sets(fn, *sets, width=64, chunk_values=None):
     the sets go through ``fn`` in chunks of about ``chunk_values / width`` rows (at least one
     set), one after the other, and the backward pass recomputes each chunk's forward pass
     instead of storing it: the activations then stay in the processor's cache instead of going
-    out to memory whole. On a CPU this made the gradient of a DeepSet of width 64 on 256 sets
-    of 200 rows 1.8-2x faster; on smaller activations, which fit in the cache anyway, chunks
-    only add work. A chunk takes every ``count``-th set (the leading axis is split as
+    out to memory whole. On a CPU the gradient of a DeepSet of width 64 on 256 sets of 200
+    rows is then about twice as fast; on smaller activations, which fit in the cache anyway,
+    chunks only add work. A chunk takes every ``count``-th set (the leading axis is split as
     ``(B / count, count)`` and the loop runs over ``count``), so a batch sharded over devices
     stays sharded. On accelerators (JAX's default backend not the CPU), whose many cores a
     loop of chunks would leave idle, always one pass.
+
+    **Example** (a per-row network's mean over each set's unmasked rows)::
+
+        pooled = map_sets(lambda x, m: (net(x) * m[..., None]).sum(1) / m.sum(1, keepdims=True),
+                          x, mask.astype(x.dtype), width=64)
     """
     b, n = sets[0].shape[:2]
     want = -(-b * n * width // (chunk_values or CHUNK_VALUES))  # the number of chunks

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, host_lecun_normal, map_sets, masked_moments
+from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
+from numpyro_amortized.networks.summary import summarize_sets
 
 __all__ = ["SetTransformer", "TimeSeriesNet"]
 
@@ -90,10 +91,7 @@ class SetTransformer(nnx.Module):
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):
-        features = map_sets(self._set_features, data.set, data.mask, width=self.width)
-        if data.flat is not None:
-            features = jnp.concatenate([features, data.flat], axis=-1)
-        return self.outer(features)
+        return summarize_sets(self._set_features, self.outer, data, self.width)
 
     def _set_features(self, x, mask):
         """Each set's pooled attention output, ``log n`` and moments."""
@@ -170,10 +168,7 @@ class TimeSeriesNet(nnx.Module):
 
     def __call__(self, data: DataBatch):
         width = self.kernel_size * self.input.out_features  # the convolutions' inputs
-        features = map_sets(self._set_features, data.set, data.mask, width=width)
-        if data.flat is not None:
-            features = jnp.concatenate([features, data.flat], axis=-1)
-        return self.outer(features)
+        return summarize_sets(self._set_features, self.outer, data, width)
 
     def _set_features(self, x, mask):
         """Each series' features at its last step, their mean over time and ``log n``."""

@@ -34,6 +34,15 @@ def _flatten_all(data: DataBatch):
     return jnp.concatenate(parts, axis=-1)
 
 
+def summarize_sets(set_features, outer, data: DataBatch, width):
+    """``outer`` of each set's features (``set_features(x, mask)``, by :func:`map_sets`: in
+    chunks of sets on many rows) and the fixed-size data: a set summary network's call."""
+    features = map_sets(set_features, data.set, data.mask, width=width)
+    if data.flat is not None:
+        features = jnp.concatenate([features, data.flat], axis=-1)
+    return outer(features)
+
+
 class Identity(nnx.Module):
     """The (standardized) data themselves are the summary: for small fixed-size data.
 
@@ -147,10 +156,7 @@ class DeepSet(nnx.Module):
         self.summary_dim = summary_dim
 
     def __call__(self, data: DataBatch):
-        features = map_sets(self._set_features, data.set, data.mask, width=self.width)
-        if data.flat is not None:
-            features = jnp.concatenate([features, data.flat], axis=-1)
-        return self.outer(features)
+        return summarize_sets(self._set_features, self.outer, data, self.width)
 
     def _set_features(self, x, mask):
         """Each set's pooled inner network, ``log n``, moments and fits, ``(B, outer_in)``."""

@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["MLP", "Buffer", "compress_tails", "host_lecun_normal", "least_squares",
-           "map_sets", "masked_moments", "stack_modules", "stack_on_host"]
+           "map_sets", "masked_moments", "stack_modules", "stack_on_host",
+           "summarize_sets"]
 
 TAIL = 5.0
 CHUNK_VALUES = 2**18  # one activation of a chunk: 1 MB in float32
@@ -136,6 +137,16 @@ def map_sets(fn, *sets, width=64, chunk_values=None):
     split = lambda a: jnp.swapaxes(jnp.reshape(a, (b // count, count) + a.shape[1:]), 0, 1)
     out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(map(split, sets)))
     return jax.tree.map(lambda o: jnp.reshape(jnp.swapaxes(o, 0, 1), (b,) + o.shape[2:]), out)
+
+
+def summarize_sets(set_features, outer, data, width):
+    """``outer`` of each set's features (``set_features(x, mask)``, by :func:`map_sets`: in
+    chunks of sets on many rows) and the fixed-size data of a ``DataBatch``: a set summary
+    network's call."""
+    features = map_sets(set_features, data.set, data.mask, width=width)
+    if data.flat is not None:
+        features = jnp.concatenate([features, data.flat], axis=-1)
+    return outer(features)
 
 
 def buffer_value(b: Buffer):

@@ -12,8 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from numpyro_amortized.data import DataBatch, DataSpec
-from numpyro_amortized.networks.layers import MLP, host_lecun_normal, masked_moments
-from numpyro_amortized.networks.summary import summarize_sets
+from numpyro_amortized.networks.layers import (
+    MLP,
+    host_lecun_normal,
+    masked_moments,
+    summarize_sets,
+)
 
 __all__ = ["SetTransformer", "TimeSeriesNet"]
 

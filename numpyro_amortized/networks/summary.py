@@ -17,8 +17,8 @@ from numpyro_amortized.networks.layers import (
     MLP,
     host_lecun_normal,
     least_squares,
-    map_sets,
     masked_moments,
+    summarize_sets,
 )
 
 __all__ = ["DeepSet", "Identity", "LinearSummary", "MLPSummary"]
@@ -32,15 +32,6 @@ def _flatten_all(data: DataBatch):
     if data.flat is not None:
         parts.append(data.flat)
     return jnp.concatenate(parts, axis=-1)
-
-
-def summarize_sets(set_features, outer, data: DataBatch, width):
-    """``outer`` of each set's features (``set_features(x, mask)``, by :func:`map_sets`: in
-    chunks of sets on many rows) and the fixed-size data: a set summary network's call."""
-    features = map_sets(set_features, data.set, data.mask, width=width)
-    if data.flat is not None:
-        features = jnp.concatenate([features, data.flat], axis=-1)
-    return outer(features)
 
 
 class Identity(nnx.Module):

@@ -279,8 +279,12 @@ def _feature_moments(x, valid, mask=None):
 
 
 def _weighted_quantiles(x, w, qs):
-    """Quantiles ``qs`` of each column of ``x`` (N, F) under row weights ``w`` (sum 1)."""
-    order = np.argsort(x, axis=0)
-    xs = np.take_along_axis(x, order, axis=0)
-    cw = np.cumsum(w[order], axis=0)
-    return [xs[np.minimum((cw < q).sum(0), len(x) - 1), np.arange(x.shape[1])] for q in qs]
+    """Quantiles ``qs`` of each column of ``x`` (N, F) under row weights ``w`` (sum 1) that are
+    equal where they are not zero (valid, unmasked rows): for each ``q`` the first value in
+    sorted order whose cumulative weight reaches ``q``, found by a partition of each column
+    (linear in the rows; a full sort of a pilot's ten million rows took a minute)."""
+    kept = x[w > 0]
+    cw = np.cumsum(w[w > 0])  # the same partial sums as over the sorted rows
+    ks = [min(int(np.count_nonzero(cw < q)), len(kept) - 1) for q in qs]
+    columns = np.partition(np.ascontiguousarray(kept.T), sorted(set(ks)), axis=1)
+    return [columns[:, k] for k in ks]

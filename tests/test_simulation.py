@@ -103,3 +103,14 @@ def test_programs_that_run_once_compile_with_their_options_or_fall_back(monkeypa
     monkeypatch.setattr(co, "_ACCEPTED", {})
     assert co.once_options() is None
     np.testing.assert_allclose(co.jit_once(f)(x), jax.jit(f)(x))
+
+
+def test_pilot_quartiles_are_those_of_the_valid_unmasked_rows():
+    from numpyro_amortized.data import _weighted_quantiles
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(501, 3)), 1)  # ties
+    keep = rng.uniform(size=501) > 0.4
+    w = keep / keep.sum()
+    for got, q in zip(_weighted_quantiles(x, w, (0.25, 0.5, 0.75)), (0.25, 0.5, 0.75)):
+        np.testing.assert_array_equal(got, np.quantile(x[keep], q, axis=0, method="inverted_cdf"))
